@@ -1,0 +1,167 @@
+"""Turns any method's outputs into decisions and metrics, the same way for every method.
+
+Inputs are plain arrays over the test set: class ``logits`` (N, K), ``agent_scores``
+(N, E+1), ground truth ``y`` (N,) and the experts' test annotations ``t`` (N, E).
+Decisions are agent indices (classifier = E). Metric names and directions are fixed in
+``METRICS``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmark.spec import WorkloadBounds, agent_names
+
+# metric name (or prefix ending in "/") -> "higher" | "lower" | None (no direction)
+METRICS: dict[str, str | None] = {
+    "accuracy": "higher",
+    "coverage": None,
+    "workload/": None,
+    "workload_violation": "lower",
+    "human_workload_cv": "lower",
+    "classifier_accuracy": "higher",
+    "expert_accuracy/": "higher",
+    "classifier_ece": "lower",
+    "deferral_auc": "higher",
+    "imputation_accuracy": "higher",
+    "train_seconds": "lower",
+    "samples_per_second": "higher",
+}
+
+CURVE_POINTS = 101
+ECE_BINS = 15
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def final_predictions(agent: np.ndarray, class_pred: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The label the system outputs: the classifier's or the chosen expert's annotation."""
+    num_experts = t.shape[1]
+    if num_experts == 0:
+        return class_pred
+    human = np.take_along_axis(t, np.minimum(agent, num_experts - 1)[:, None], axis=1)[:, 0]
+    return np.where(agent == num_experts, class_pred, human)
+
+
+def workload_shares(agent: np.ndarray, num_agents: int) -> np.ndarray:
+    """Share of samples routed to each agent."""
+    return np.bincount(agent, minlength=num_agents) / max(len(agent), 1)
+
+
+def workload_violation(shares: np.ndarray, bounds: WorkloadBounds) -> float:
+    """max_k max(0, share_k - hi_k, lo_k - share_k)."""
+    lo, hi = np.asarray(bounds.lo), np.asarray(bounds.hi)
+    return float(np.max(np.maximum(0.0, np.maximum(shares - hi, lo - shares))))
+
+
+def coefficient_of_variation(values: np.ndarray) -> float:
+    """std / mean (population std); 0 when every value is 0."""
+    mean = float(np.mean(values)) if len(values) else 0.0
+    return 0.0 if mean == 0.0 else float(np.std(values) / mean)
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE with equal-width confidence bins: sum_b |acc_b - conf_b| * n_b / N."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += abs(correct[in_bin].mean() - confidence[in_bin].mean()) * in_bin.mean()
+    return float(ece)
+
+
+def accuracy_coverage_curve(
+    scores: np.ndarray, class_pred: np.ndarray, y: np.ndarray, t: np.ndarray,
+    points: int = CURVE_POINTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """System accuracy when the top-c fraction (by classifier-vs-best-human score) goes to
+    the classifier and the rest to the best-scored human, for c on a grid of ``points``."""
+    num_experts = t.shape[1]
+    coverage = np.linspace(0.0, 1.0, points)
+    classifier_correct = class_pred == y
+    if num_experts == 0:
+        return coverage, np.full(points, classifier_correct.mean())
+    best_human = scores[:, :num_experts].argmax(axis=1)
+    human_correct = t[np.arange(len(y)), best_human] == y
+    margin = scores[:, num_experts] - scores[:, :num_experts].max(axis=1)
+    order = np.argsort(-margin, kind="stable")
+    # prefix[c] = correct answers when the first c samples (by margin) go to the classifier
+    gain = (classifier_correct[order].astype(float) - human_correct[order].astype(float))
+    prefix = np.concatenate([[0.0], np.cumsum(gain)]) + human_correct.sum()
+    counts = np.round(coverage * len(y)).astype(int)
+    return coverage, prefix[counts] / len(y)
+
+
+def area_under_curve(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoidal area under y(x)."""
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def decision_metrics(
+    agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds
+) -> dict[str, float]:
+    """Metrics of one set of decisions (``agent`` per sample)."""
+    num_experts = t.shape[1]
+    class_pred = logits.argmax(axis=1)
+    shares = workload_shares(agent, num_experts + 1)
+    metrics = {
+        "accuracy": float((final_predictions(agent, class_pred, t) == y).mean()),
+        "coverage": float(shares[num_experts]),
+    }
+    for name, share in zip(agent_names(num_experts), shares):
+        metrics[f"workload/{name}"] = float(share)
+    metrics["workload_violation"] = workload_violation(shares, bounds)
+    metrics["human_workload_cv"] = coefficient_of_variation(shares[:num_experts])
+    return metrics
+
+
+def evaluate(
+    logits: np.ndarray, scores: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds,
+    assignment_batch: int | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """All metrics for argmax and capacity-constrained decisions, plus the curve.
+
+    Returns ``({"argmax": {...}, "constrained": {...}}, {"coverage": [...], "accuracy": [...]})``.
+    ``assignment_batch`` solves the constrained assignment per chunk of that many test
+    samples (as a deployed system would per batch); None solves it over the whole set.
+    """
+    from benchmark.workload import capacity_assignment
+
+    num_experts = t.shape[1]
+    class_pred = logits.argmax(axis=1)
+    shared = {
+        "classifier_accuracy": float((class_pred == y).mean()),
+        "classifier_ece": expected_calibration_error(softmax(logits), y),
+    }
+    for j in range(num_experts):
+        shared[f"expert_accuracy/{j}"] = float((t[:, j] == y).mean())
+    coverage, curve = accuracy_coverage_curve(scores, class_pred, y, t)
+    shared["deferral_auc"] = area_under_curve(coverage, curve)
+
+    argmax_agent = scores.argmax(axis=1)
+    chunk = assignment_batch or len(y)
+    constrained_agent = np.concatenate([
+        capacity_assignment(scores[i : i + chunk], np.asarray(bounds.lo), np.asarray(bounds.hi))
+        for i in range(0, len(y), chunk)
+    ])
+    metrics = {
+        "argmax": {**decision_metrics(argmax_agent, logits, y, t, bounds), **shared},
+        "constrained": {**decision_metrics(constrained_agent, logits, y, t, bounds), **shared},
+    }
+    return metrics, {"coverage": coverage.tolist(), "accuracy": curve.tolist()}
+
+
+def imputation_accuracy(q_t: np.ndarray, t_observed: np.ndarray, t_complete: np.ndarray) -> float | None:
+    """Accuracy of argmax q(t_j) on annotations that were withheld (observed -1, complete known)."""
+    withheld = (t_observed < 0) & (t_complete >= 0)
+    if not withheld.any():
+        return None
+    return float((q_t.argmax(axis=-1)[withheld] == t_complete[withheld]).mean())

@@ -1,0 +1,57 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One MLflow run per grid cell: params (cell, method, training), metrics per decision rule
+(``argmax/accuracy``, ``constrained/accuracy``...), the accuracy-coverage curve and the
+provenance as JSON artifacts, and the result record itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+
+class Tracker:
+    """Logs result records to MLflow (``enabled: false`` makes it a no-op)."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.enabled = bool(cfg.get("enabled", False))
+        self.uri = cfg.get("uri")
+        self.experiment = cfg.get("experiment", "l2d-bench")
+        self._ready = False
+
+    def _setup(self) -> None:
+        import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        if self.uri:
+            mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        self._ready = True
+
+    def log(self, record: dict, params: Mapping[str, Any]) -> str | None:
+        """Log one cell's record; returns the MLflow run id (None when disabled)."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        if not self._ready:
+            self._setup()
+        cell = record["cell"]
+        name = "-".join(str(cell[k]) for k in ("method", "dataset", "missing_rate", "workload", "seed"))
+        with mlflow.start_run(run_name=name) as run:
+            mlflow.log_params({**cell, **params})
+            metrics = {}
+            for rule, values in (record.get("metrics") or {}).items():
+                metrics.update({f"{rule}/{k}": v for k, v in values.items() if v is not None})
+            metrics.update({k: v for k, v in (record.get("run_metrics") or {}).items() if v is not None})
+            if metrics:
+                mlflow.log_metrics(metrics)
+            mlflow.set_tags({"status": record["status"], **{k: str(v) for k, v in cell.items()}})
+            if record.get("error"):
+                mlflow.set_tag("error", record["error"][:5000])
+            if record.get("curves"):
+                mlflow.log_dict(record["curves"], "curves.json")
+            mlflow.log_dict(record.get("provenance") or {}, "provenance.json")
+            return run.info.run_id

@@ -1,0 +1,199 @@
+"""The one training loop shared by every method: pure jitted steps, host-side loop.
+
+A method's NNX model is split into ``(graphdef, params, rest)``; the jitted step merges
+it, takes the gradient of ``method.loss``, applies an optax update and returns the new
+state with scalar metrics. ``method``, ``graphdef`` and ``OptimConfig`` are hashable
+static arguments, so each (method config, shape) compiles once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmark.spec import Batch, Method, TaskSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum, decoupled-from-bias weight decay and a cosine schedule."""
+
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    total_steps: int = 1000
+    warmup_steps: int = 0
+
+
+def _decay_mask(params):
+    """Weight decay on kernels only (biases, norms and scales are excluded)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernel" in str(path[-2] if len(path) > 1 else path[-1]), params
+    )
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """The optax transformation described by ``config``."""
+    if config.warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            decay_steps=max(config.total_steps, config.warmup_steps + 1),
+        )
+    else:
+        schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.total_steps, 1))
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+        optax.sgd(schedule, momentum=config.momentum),
+    )
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Arrays of one model under training (a pytree of params, other state, optimiser)."""
+
+    params: Any
+    rest: Any
+    opt_state: Any
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["params", "rest", "opt_state"], meta_fields=[])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def train_step(
+    method: Method, graphdef: Any, optim: OptimConfig, state: TrainState, batch: Batch, aux: dict
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on ``method.loss``; returns the new state and scalar metrics."""
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state.rest)
+        loss, metrics = method.loss(model, batch, aux)
+        return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = make_optimizer(optim).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, rest, opt_state), {"loss": loss, **metrics}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def predict(method: Method, graphdef: Any, params: Any, rest: Any, x: jax.Array):
+    """(logits (B, K), agent scores (B, E+1)) in evaluation mode."""
+    model = nnx.merge(graphdef, params, rest)
+    return method.classify(model, x), method.agent_scores(model, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def impute_step(method: Method, graphdef: Any, params: Any, rest: Any, batch: Batch, aux: dict):
+    """(B, E, K) inferred expert-label distribution, or None if the method has none."""
+    model = nnx.merge(graphdef, params, rest)
+    return method.impute(model, batch, aux)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model in evaluation mode plus what training measured."""
+
+    method: Method
+    graphdef: Any  # evaluation-mode graph
+    params: Any
+    rest: Any
+    train_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    samples_seen: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def model(self):
+        """The NNX model (evaluation mode)."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def predict(self, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and agent scores for every row of ``x``, batched."""
+        logits, scores = [], []
+        for start in range(0, len(x), batch_size):
+            chunk = jnp.asarray(x[start : start + batch_size])
+            out = predict(self.method, self.graphdef, self.params, self.rest, chunk)
+            logits.append(np.asarray(out[0]))
+            scores.append(np.asarray(out[1]))
+        return np.concatenate(logits), np.concatenate(scores)
+
+    def impute(self, batches: list[Batch], aux: dict[str, Any]) -> np.ndarray | None:
+        """Inferred (N, E, K) expert-label distributions over ``batches`` (None if unmodelled)."""
+        aux = {**{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}, "progress": jnp.float32(1.0)}
+        out = []
+        for batch in batches:
+            batch = Batch(*(jnp.asarray(a) for a in batch))
+            q_t = impute_step(self.method, self.graphdef, self.params, self.rest, batch, aux)
+            if q_t is None:
+                return None
+            out.append(np.asarray(q_t))
+        return np.concatenate(out)
+
+
+def init_model(method: Method, spec: TaskSpec, seed: int):
+    """Build the method's model from ``seed``; returns the NNX model."""
+    return method.init_model(spec, nnx.Rngs(params=seed, default=seed))
+
+
+def fit(
+    method: Method,
+    model: Any,
+    epoch_batches: Callable[[int], Iterator[Batch]],
+    *,
+    epochs: int,
+    optim: OptimConfig,
+    aux: dict[str, Any],
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainedModel:
+    """Train ``model`` for ``epochs`` (``epoch_batches(e)`` yields epoch e's batches).
+
+    ``aux`` holds traced inputs of the loss (e.g. workload bounds); the trainer adds
+    ``progress`` (fraction of training done). The first step, which compiles, is timed
+    apart as ``compile_seconds`` and left out of ``train_seconds``.
+    """
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = TrainState(params, rest, make_optimizer(optim).init(params))
+    aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+    total_steps = max(optim.total_steps, 1)
+    step, seen, train_seconds, compile_seconds, history = 0, 0, 0.0, 0.0, []
+    for epoch in range(epochs):
+        epoch_metrics: list[dict[str, jax.Array]] = []
+        start = time.perf_counter()
+        for batch in epoch_batches(epoch):
+            batch = Batch(*(jnp.asarray(a) for a in batch))
+            step_aux = {**aux, "progress": jnp.float32(step / total_steps)}
+            state, metrics = train_step(method, graphdef, optim, state, batch, step_aux)
+            if step == 0:
+                jax.block_until_ready(state.params)
+                compile_seconds = time.perf_counter() - start
+                start = time.perf_counter()
+            epoch_metrics.append(metrics)
+            step += 1
+            seen += int(batch.y.shape[0])
+        jax.block_until_ready(state.params)
+        train_seconds += time.perf_counter() - start
+        means = {k: float(np.mean([m[k] for m in epoch_metrics])) for k in epoch_metrics[0]}
+        if not all(np.isfinite(v) for v in means.values()):
+            raise FloatingPointError(
+                f"{method.name}: non-finite training metrics at epoch {epoch}: {means}"
+            )
+        history.append(means)
+        if progress is not None:
+            progress(epoch, means)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    model.eval()
+    eval_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return TrainedModel(
+        method, eval_graphdef, params, rest, train_seconds, compile_seconds, seen, history
+    )

@@ -1,0 +1,190 @@
+"""The only module that opens image files: a Grain data source and the batch loaders.
+
+``ManifestSource`` is a Grain ``RandomAccessDataSource`` over a joined split: item ``i``
+is the decoded image with its ground truth and expert labels. Small datasets are decoded
+once into memory (``decode_all``, cached on disk as ``.npz`` keyed by the manifests) and
+batched by gathering rows; large ones stream through Grain with per-sample decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grain
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from benchmark.spec import Batch
+from datasets.layout import SplitData
+from datasets.manifest import ManifestError
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How images are decoded: target (H, W) and channels (1 = grayscale, 3 = RGB)."""
+
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentations, applied per batch: random crop with padding, h-flip."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+
+def decode_image(path: Path, fmt: ImageFormat) -> np.ndarray:
+    """Decode one image file to (H, W, C) uint8, resized to ``fmt`` when needed."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if fmt.channels == 1 else "RGB")
+            if image.size != (fmt.width, fmt.height):
+                image = image.resize((fmt.width, fmt.height), Image.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ManifestError(f"{path}: image file cannot be decoded ({err}).") from None
+    return pixels.reshape(fmt.height, fmt.width, fmt.channels)
+
+
+class ManifestSource(grain.sources.RandomAccessDataSource):
+    """Grain random-access source: item i = {"image", "y", "t"} of a joined split."""
+
+    def __init__(self, split: SplitData, fmt: ImageFormat):
+        self.split = split
+        self.fmt = fmt
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        return {
+            "image": decode_image(self.split.root / self.split.files[index], self.fmt),
+            "y": self.split.y[index],
+            "t": self.split.t[index],
+        }
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    """A split decoded into memory: images (N, H, W, C) uint8, y (N,), t (N, E)."""
+
+    images: np.ndarray
+    y: np.ndarray
+    t: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _cache_key(split: SplitData, fmt: ImageFormat) -> str:
+    digest = hashlib.sha256(repr(fmt).encode())
+    for file in split.files:
+        digest.update(file.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def decode_all(
+    split: SplitData, fmt: ImageFormat, cache_dir: str | Path | None = None, progress: bool = True
+) -> ArraySplit:
+    """Decode every image of ``split`` once (cached as .npz under ``cache_dir`` if given)."""
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"images-{_cache_key(split, fmt)}.npz"
+        if cache_path.is_file():
+            with np.load(cache_path) as cached:
+                return ArraySplit(images=cached["images"], y=split.y, t=split.t)
+    source = ManifestSource(split, fmt)
+    indices = range(len(source))
+    if progress and len(source) > 2000:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc=f"decoding {split.root.name}", unit="img", leave=False)
+    images = np.stack([decode_image(split.root / split.files[i], fmt) for i in indices])
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images)
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(cache_path)
+    return ArraySplit(images=images, y=split.y, t=split.t)
+
+
+def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """uint8 (..., C) -> float32 ``(x / 255 - mean) / std``."""
+    return ((images.astype(np.float32) / 255.0) - mean) / std
+
+
+def augment_batch(images: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.ndarray:
+    """Random crop (zero padding) and horizontal flip of a (B, H, W, C) batch."""
+    b, h, w, _ = images.shape
+    pad = augment.crop_padding
+    if pad > 0:
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        dy = rng.integers(0, 2 * pad + 1, size=b)
+        dx = rng.integers(0, 2 * pad + 1, size=b)
+        rows = dy[:, None] + np.arange(h)[None, :]
+        cols = dx[:, None] + np.arange(w)[None, :]
+        images = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if augment.hflip:
+        flip = rng.random(b) < 0.5
+        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Batching and preprocessing of one split."""
+
+    batch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: Augment = Augment()
+    drop_remainder: bool = False
+
+
+def epoch_batches(
+    data: ArraySplit, config: LoaderConfig, *, seed: int, epoch: int, shuffle: bool = True
+) -> Iterator[Batch]:
+    """Batches of one epoch from an in-memory split, shuffled by Grain under (seed, epoch)."""
+    indices = grain.MapDataset.range(len(data))
+    if shuffle:
+        indices = indices.shuffle(seed=_epoch_seed(seed, epoch))
+    batches = indices.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    rng = np.random.default_rng([seed, epoch, 1])
+    mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
+    for rows in batches:
+        rows = np.asarray(rows)
+        images = data.images[rows]
+        if shuffle:
+            images = augment_batch(images, config.augment, rng)
+        yield Batch(x=normalise(images, mean, std), y=data.y[rows], t=data.t[rows])
+
+
+def stream_batches(
+    source: ManifestSource, config: LoaderConfig, *, seed: int, epoch: int, num_threads: int = 4
+) -> Iterator[Batch]:
+    """Batches of one epoch decoded on the fly (large datasets), prefetched by Grain."""
+    mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
+    rng = np.random.default_rng([seed, epoch, 2])
+    dataset = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=_epoch_seed(seed, epoch))
+        .batch(config.batch_size, drop_remainder=config.drop_remainder)
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+    )
+    for batch in dataset:
+        images = augment_batch(batch["image"], config.augment, rng)
+        yield Batch(x=normalise(images, mean, std), y=batch["y"], t=batch["t"])
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch]).integers(0, 2**31 - 1))

@@ -1,0 +1,169 @@
+"""Shared network backbones (Flax NNX) and the heads methods put on them.
+
+Backbones map (B, H, W, C) images to (B, D) features:
+- ``small_cnn``: three 3x3 conv layers + global average pool, for small images (default).
+- ``preact_resnet18``: PreAct-ResNet18 with a 3x3 stem, for 32x32 images (CIFAR).
+- ``resnet18``: ResNet18 with a 7x7 stride-2 stem and max-pool, for 224x224 images.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmark.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+
+
+@BACKBONES.register("small_cnn")
+class SmallCNN(nnx.Module):
+    """conv(w)-conv(2w)-avgpool-conv(2w)-global pool-dense(64); w = 16 by default."""
+
+    def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 16):
+        self.conv1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
+        self.conv3 = nnx.Conv(2 * width, 2 * width, (3, 3), rngs=rngs)
+        self.dense = nnx.Linear(2 * width, 64, rngs=rngs)
+        self.features = 64
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.conv1(x))
+        x = nnx.relu(self.conv2(x))
+        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        x = nnx.relu(self.conv3(x))
+        return nnx.relu(self.dense(x.mean(axis=(1, 2))))
+
+
+class _PreActBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.bn1 = nnx.BatchNorm(cin, momentum=0.9, rngs=rngs)
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.shortcut = nnx.data(
+            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def __call__(self, x):
+        out = nnx.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(nnx.relu(self.bn2(out)))
+        return out + skip
+
+
+class _BasicBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        needs_projection = stride != 1 or cin != cout
+        self.shortcut = nnx.data(
+            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            if needs_projection
+            else None
+        )
+        self.shortcut_bn = nnx.data(
+            nnx.BatchNorm(cout, momentum=0.9, rngs=rngs) if needs_projection else None
+        )
+
+    def __call__(self, x):
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = self.shortcut_bn(self.shortcut(x)) if self.shortcut is not None else x
+        return nnx.relu(out + skip)
+
+
+def _stages(block, widths: Sequence[int], rngs: nnx.Rngs) -> nnx.List:
+    layers, cin = [], widths[0]
+    for stage, cout in enumerate(widths):
+        for i in range(2):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layers.append(block(cin, cout, stride, rngs=rngs))
+            cin = cout
+    return nnx.List(layers)
+
+
+@BACKBONES.register("preact_resnet18")
+class PreActResNet18(nnx.Module):
+    """PreAct-ResNet18 (3x3 stem, no max-pool) for 32x32 inputs."""
+
+    def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 64):
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
+        self.blocks = _stages(_PreActBlock, widths, rngs)
+        self.bn = nnx.BatchNorm(widths[-1], momentum=0.9, rngs=rngs)
+        self.features = widths[-1]
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return nnx.relu(self.bn(x)).mean(axis=(1, 2))
+
+
+@BACKBONES.register("resnet18")
+class ResNet18(nnx.Module):
+    """ResNet18 (7x7 stride-2 stem + max-pool) for 224x224 inputs."""
+
+    def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 64):
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = nnx.Conv(in_channels, width, (7, 7), strides=2, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        self.blocks = _stages(_BasicBlock, widths, rngs)
+        self.features = widths[-1]
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.stem(x)))
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(axis=(1, 2))
+
+
+class Network(nnx.Module):
+    """A backbone followed by a linear head with ``num_outputs`` logits."""
+
+    def __init__(self, backbone: str, in_channels: int, num_outputs: int, *, rngs: nnx.Rngs):
+        self.backbone = BACKBONES.get(backbone)(in_channels, rngs=rngs)
+        self.head = nnx.Linear(self.backbone.features, num_outputs, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.backbone(x))
+
+
+class NetworkStack(nnx.Module):
+    """``count`` independent networks of the same shape, evaluated together with vmap.
+
+    Calling it on (B, H, W, C) returns (count, B, num_outputs).
+    """
+
+    def __init__(
+        self, count: int, backbone: str, in_channels: int, num_outputs: int, *, rngs: nnx.Rngs
+    ):
+        @nnx.split_rngs(splits=count)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def create(rngs: nnx.Rngs) -> Network:
+            return Network(backbone, in_channels, num_outputs, rngs=rngs)
+
+        self.count = count
+        self.nets = create(rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        @nnx.vmap(in_axes=(0, None), out_axes=0)
+        def forward(net: Network, x: jax.Array) -> jax.Array:
+            return net(x)
+
+        return forward(self.nets, x)
+
+
+def log_softmax(logits: jax.Array) -> jax.Array:
+    """Numerically stable log-softmax over the last axis."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
