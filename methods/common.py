@@ -25,12 +25,15 @@ class MethodBase:
     - ``workload_in_training``: True if the workload bounds change training (then the
       runner cannot reuse one trained model across workload presets).
     - ``missing_policies``: the ``missing_policy`` values the method accepts.
+    - ``sees_test_labels``: True only for reference rows (the oracle) whose test-time
+      scores are ``scores_from_labels(logits, scores, y, t)``, computed on the host.
     """
 
     name: ClassVar[str] = ""
     trains: ClassVar[bool] = True
     workload_in_training: ClassVar[bool] = False
     missing_policies: ClassVar[tuple[str, ...]] = ()
+    sees_test_labels: ClassVar[bool] = False
 
     missing_policy: str = "as_incorrect"
 
@@ -43,6 +46,10 @@ class MethodBase:
 
     def prepare(self, model: Any, train_split: Any) -> None:
         """Hook run before training with the in-memory training split (default: nothing)."""
+
+    def scores_from_labels(self, logits, scores, y, t):
+        """Test-time scores for reference rows that may look at the labels (default: as is)."""
+        return scores
 
     def impute(self, model: Any, batch: Any, aux: Any) -> jax.Array | None:
         """(B, E, K) inferred distribution of expert labels, or None if not modelled."""
