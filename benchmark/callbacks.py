@@ -77,11 +77,11 @@ class SweepCallback(Callback):
             sys.exit(1)
         results_dir = resolve_path(config.results_dir, REPO_ROOT)
         report_dir = resolve_path(config.report_dir, REPO_ROOT)
-        from reports import build_report, format_console
+        from reports import build_report
 
         written = build_report(results_dir, report_dir)
-        print(format_console(results_dir))
-        print(f"\nReport: {written.get('report.html', report_dir)}")
+        print("\n" + written["leaderboard.txt"].read_text())
+        print(f"Report: {written['report.html']}")
         if failed:
             print(f"\n{len(failed)} of {len(self.outcomes)} cells failed:", file=sys.stderr)
             for outcome in failed[:10]:

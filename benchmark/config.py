@@ -33,6 +33,18 @@ class DatasetFiles:
     test_experts: tuple[str, ...]
 
 
+MANAGED_DATA_DIR = "data"  # builders write only below <repo>/data; other roots are user data
+
+
+def _is_managed(root: Path, managed: Path) -> bool:
+    """Whether the harness may (re)build a dataset at ``root``."""
+    try:
+        root.resolve().relative_to(managed.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_path(path: str | Path, base: Path) -> Path:
     """``path`` as is if absolute, else relative to ``base`` (the repository root)."""
     path = Path(path).expanduser()
@@ -53,17 +65,28 @@ def missing_manifest_dir(rate: float, seed: int) -> str:
 
 
 def dataset_files(cfg: Mapping[str, Any], missing_rate: float, base: Path) -> DatasetFiles:
-    """Dataset config + missing rate -> manifest paths (missing manifests generated here)."""
+    """Dataset config + missing rate -> manifest paths (missing manifests generated here).
+
+    A dataset with a ``builder`` is materialised on first use when its root lies below
+    the repository's ``data/`` folder; a root elsewhere is the user's and is only read.
+    """
     from datasets.generators import write_missing_manifests
     from datasets.manifest import read_manifest
 
     if not 0.0 <= float(missing_rate) <= 1.0:
         raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
     root = resolve_path(cfg["root"], base)
-    if cfg.get("builder"):
+    if cfg.get("builder") and _is_managed(root, base / MANAGED_DATA_DIR):
         from datasets.builders import BUILDERS
 
         BUILDERS.get(cfg["builder"])(root, **dict(cfg.get("builder_args") or {}))
+    if not root.is_dir():
+        from datasets.manifest import ManifestError
+
+        raise ManifestError(
+            f"{root}: dataset root does not exist or is not a directory (dataset.root="
+            f"{cfg['root']!r}; relative roots are resolved against {base})."
+        )
     train, test = cfg["train"], cfg["test"]
     experts = _names(train["experts"], "dataset.train.experts")
     complete = _names(train.get("complete_experts"), "dataset.train.complete_experts") or None

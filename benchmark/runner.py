@@ -2,7 +2,7 @@
 
 A cell is (dataset, method, missing rate, workload, seed). Its record is written
 atomically to ``<results_dir>/<dataset>/<method>/mr<rate>/<workload>/seed<seed>/result.json``;
-a cell whose record says "ok" is skipped unless ``force``. Test predictions of a trained
+a cell whose record says "ok" for the same settings is skipped unless ``force``. Test predictions of a trained
 model are cached under a key of everything that affects training, so methods whose
 training ignores the workload train once per (missing rate, seed) and are evaluated
 under every workload preset.
@@ -238,6 +238,13 @@ def cached_predictions(cfg, method, spec, data, bounds, cache_dir: Path) -> dict
 # ----------------------------------------------------------------------------- the cell
 
 
+def config_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """Hash of the settings that define a cell's result (a changed setting reruns it)."""
+    relevant = {k: cfg.get(k) for k in ("dataset", "method", "workload", "train", "eval",
+                                         "missing_rate", "seed")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_cell(cfg: Mapping[str, Any], base: Path = REPO_ROOT) -> dict:
     """Run one grid cell and write its record; never raises for a failing cell.
 
@@ -249,10 +256,12 @@ def run_cell(cfg: Mapping[str, Any], base: Path = REPO_ROOT) -> dict:
     results_dir = config_lib.resolve_path(cfg["results_dir"], base)
     path = cell.path(results_dir)
     existing = read_record(path)
-    if existing and existing.get("status") == "ok" and not cfg.get("force", False):
+    fingerprint = config_fingerprint(cfg)
+    if (existing and existing.get("status") == "ok" and not cfg.get("force", False)
+            and existing.get("config_fingerprint") == fingerprint):
         return {**existing, "status": "skipped"}
     record: dict[str, Any] = {"schema": SCHEMA, "status": "failed", "error": None,
-                              "cell": dataclasses.asdict(cell)}
+                              "cell": dataclasses.asdict(cell), "config_fingerprint": fingerprint}
     params: dict[str, Any] = {}
     try:
         data = load_data(cfg, base)

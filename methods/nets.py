@@ -21,21 +21,33 @@ BACKBONES: Registry = Registry("backbone")
 
 @BACKBONES.register("small_cnn")
 class SmallCNN(nnx.Module):
-    """conv(w)-conv(2w)-avgpool-conv(2w)-global pool-dense(64); w = 16 by default."""
+    """conv(w)-conv(2w)-pool-conv(2w)-pool to 4x4-dense(64); w = 16 by default.
+
+    Pooling to a fixed 4x4 grid (not a global mean) keeps where strokes are, which small
+    images such as 8x8 digits need.
+    """
+
+    grid = 4
 
     def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 16):
         self.conv1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
         self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
         self.conv3 = nnx.Conv(2 * width, 2 * width, (3, 3), rngs=rngs)
-        self.dense = nnx.Linear(2 * width, 64, rngs=rngs)
+        self.dense = nnx.Linear(self.grid * self.grid * 2 * width, 64, rngs=rngs)
         self.features = 64
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.conv1(x))
         x = nnx.relu(self.conv2(x))
-        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        if x.shape[1] >= 2 * self.grid:
+            x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
         x = nnx.relu(self.conv3(x))
-        return nnx.relu(self.dense(x.mean(axis=(1, 2))))
+        window = (max(x.shape[1] // self.grid, 1), max(x.shape[2] // self.grid, 1))
+        x = nnx.avg_pool(x, window, strides=window)
+        if x.shape[1] != self.grid or x.shape[2] != self.grid:
+            raise ValueError(f"small_cnn needs inputs of at least {self.grid}x{self.grid} "
+                             f"with sides a multiple of {self.grid}; got {x.shape[1:3]} after pooling.")
+        return nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
 
 
 class _PreActBlock(nnx.Module):

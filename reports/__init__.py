@@ -1,0 +1,113 @@
+"""Reports: result records -> tidy frame -> aggregate over seeds -> leaderboard and figures.
+
+Typical use (the runner, at the end of a sweep)::
+
+    from reports import build_report, format_console, load_leaderboard
+    paths = build_report(run_dir)               # leaderboard.md/.csv/.txt, report.html, figures/
+    print(paths["leaderboard.txt"].read_text())   # or format_console(load_leaderboard(run_dir))
+    print("report:", paths["report.html"])
+
+or from a shell: ``python -m reports <run dir> [--out DIR] [--primary-metric accuracy]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from reports.figures import all_figures, save_figures
+from reports.frames import (
+    RECORD_NAME,
+    NoRecordsError,
+    aggregate,
+    bounds_frame,
+    curves_frame,
+    failures,
+    load_records,
+    provenance_frame,
+    tidy,
+)
+from reports.html import render_html
+from reports.leaderboard import (
+    all_columns,
+    format_console,
+    leaderboard_table,
+    rank_methods,
+    write_csv,
+    write_markdown,
+)
+from reports.metrics import METRIC_DIRECTIONS, direction
+
+__all__ = [
+    "METRIC_DIRECTIONS", "NoRecordsError", "aggregate", "build_report", "direction",
+    "failures", "format_console", "leaderboard_from_records", "leaderboard_table",
+    "load_leaderboard", "load_records", "rank_methods", "tidy", "write_report",
+]
+
+
+def _records_or_raise(run_dir: str | Path) -> list[dict]:
+    records = load_records(run_dir)
+    if not records:
+        raise NoRecordsError(f"no {RECORD_NAME} records found under {run_dir}")
+    return records
+
+
+def leaderboard_from_records(records: list[dict], primary_metric: str = "accuracy",
+                             decision: str = "constrained") -> pd.DataFrame:
+    """The compact leaderboard table (see ``leaderboard_table``) of loaded records."""
+    return leaderboard_table(aggregate(tidy(records)), primary_metric, decision)
+
+
+def load_leaderboard(run_dir: str | Path, primary_metric: str = "accuracy",
+                     decision: str = "constrained") -> pd.DataFrame:
+    """The compact leaderboard table of a run directory (for ``format_console``)."""
+    return leaderboard_from_records(_records_or_raise(run_dir), primary_metric, decision)
+
+
+def write_report(records: list[dict], out_dir: str | Path, primary_metric: str = "accuracy",
+                 decision: str = "constrained") -> dict[str, Path]:
+    """Write every report file for ``records`` into ``out_dir``.
+
+    Files: leaderboard.md (compact), leaderboard.csv (every aggregated metric, numeric),
+    leaderboard.txt (the console table), report.html (self-contained) and figures/*.png.
+    Returns {path relative to ``out_dir``: path}, e.g. ``paths["report.html"]``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(tidy(records))
+    failed = failures(records)
+    table = leaderboard_table(agg, primary_metric, decision)
+    full_table = leaderboard_table(agg, primary_metric, decision,
+                                   columns=all_columns(agg, primary_metric, decision))
+    paths = {
+        "leaderboard.md": write_markdown(table, out_dir / "leaderboard.md", failed),
+        "leaderboard.csv": write_csv(full_table, out_dir / "leaderboard.csv"),
+    }
+    text_path = out_dir / "leaderboard.txt"
+    text_path.write_text(format_console(table, failed) + "\n", encoding="utf-8")
+    paths["leaderboard.txt"] = text_path
+
+    figures = all_figures(agg, curves_frame(records), bounds_frame(records))
+    figure_paths = save_figures(figures, out_dir / "figures")
+    paths.update({f"figures/{path.name}": path for path in figure_paths})
+
+    images = {path.stem: path.read_bytes() for path in figure_paths}
+    page = render_html(table, failed, provenance_frame(records), images)
+    html_path = out_dir / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    paths["report.html"] = html_path
+    return paths
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
+                 primary_metric: str = "accuracy", decision: str = "constrained") -> dict[str, Path]:
+    """Load the records below ``run_dir`` and write the report (default ``<run_dir>/report``).
+
+    Raises ``NoRecordsError`` when there are no records, ``ValueError`` / ``KeyError`` for a
+    malformed record or an unknown primary metric. Returns the written paths (see
+    ``write_report``).
+    """
+    records = _records_or_raise(run_dir)
+    out_dir = Path(run_dir) / "report" if out_dir is None else Path(out_dir)
+    return write_report(records, out_dir, primary_metric, decision)

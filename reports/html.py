@@ -1,0 +1,127 @@
+"""A self-contained HTML report: inline CSS, figures embedded as base64 PNG data URIs.
+
+``render_html`` is a pure function of frames and PNG bytes; the caller writes the file.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+from html import escape
+
+import pandas as pd
+
+from reports.leaderboard import failure_summary, format_leaderboard, primary_caption
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1400px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
+th { background: #f3f3f3; }
+tr:nth-child(even) td { background: #fafafa; }
+td.error { white-space: pre-wrap; font-family: monospace; max-width: 60em; }
+figure { margin: 1.2em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+.note { color: #555; }
+"""
+
+
+def png_data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` for PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, escape=True, border=0, na_rep="–")
+
+
+def _distinct(values: pd.Series, format_value=str) -> str:
+    return ", ".join(format_value(value) for value in sorted(values.unique()))
+
+
+def _summary_html(provenance: pd.DataFrame) -> str:
+    ok = int((provenance["status"] == "ok").sum())
+    failed = len(provenance) - ok
+    items = [
+        f"{len(provenance)} cells: {ok} ok, {failed} failed",
+        f"datasets: {_distinct(provenance['dataset'])}",
+        f"methods: {_distinct(provenance['method'])}",
+        f"missing rates: {_distinct(provenance['missing_rate'], '{:g}'.format)}",
+        f"workloads: {_distinct(provenance['workload'])}",
+        f"seeds: {_distinct(provenance['seed'])}",
+    ]
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+
+
+def _leaderboard_html(table: pd.DataFrame) -> str:
+    caption = (f"{primary_caption(table)} per (missing rate, workload). Cells are mean ± 95% CI "
+               "half-width over seeds (Student t; – where a single seed); n = seeds; ★ = best.")
+    parts = [f'<p class="note">{escape(caption)}</p>']
+    if table.empty:
+        return parts[0] + "<p>No successful cells.</p>"
+    shown = format_leaderboard(table, best_format="{} ★")
+    for dataset, rows in shown.groupby("dataset", sort=False):
+        parts += [f"<h3>{escape(dataset)}</h3>", _table_html(rows.drop(columns="dataset"))]
+    return "\n".join(parts)
+
+
+def _figures_html(images: dict[str, bytes]) -> str:
+    if not images:
+        return "<p>No figures (no successful cells).</p>"
+    return "\n".join(
+        f'<figure><img alt="{escape(name)}" src="{png_data_uri(png)}">'
+        f"<figcaption>{escape(name)}</figcaption></figure>"
+        for name, png in images.items()
+    )
+
+
+def _failures_html(failures: pd.DataFrame) -> str:
+    if failures.empty:
+        return "<p>No failed cells.</p>"
+    rows = []
+    for failure in failures.itertuples(index=False):
+        cells = [failure.dataset, failure.method, f"{failure.missing_rate:g}", failure.workload,
+                 failure.seed]
+        rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells)
+                    + f'<td class="error">{escape(failure.error)}</td>'
+                    + f"<td>{escape(failure.path)}</td></tr>")
+    header = "".join(f"<th>{name}</th>" for name in
+                     ["dataset", "method", "missing rate", "workload", "seed", "error", "record"])
+    return (f"<p>{escape(failure_summary(failures))}.</p>"
+            f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _provenance_html(provenance: pd.DataFrame) -> str:
+    columns = ["git_sha", "backend", "devices", "versions"]
+    summary = provenance.groupby(columns).size().reset_index(name="cells")
+    note = ('<p class="note">Distinct environments the cells ran in; more than one row means '
+            "the results come from different code or software versions.</p>")
+    return note + _table_html(summary)
+
+
+def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.DataFrame,
+                images: dict[str, bytes], title: str = "l2d-bench report") -> str:
+    """The whole report page as a string.
+
+    ``table`` is a leaderboard table (``leaderboard_table``), ``failures`` and
+    ``provenance`` come from ``reports.frames``, ``images`` maps figure names to PNG bytes.
+    """
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        ("Summary", _summary_html(provenance)),
+        ("Leaderboard", _leaderboard_html(table)),
+        ("Figures", _figures_html(images)),
+        ("Failures", _failures_html(failures)),
+        ("Provenance", _provenance_html(provenance)),
+    ]
+    body = "\n".join(f"<h2>{name}</h2>\n{content}" for name, content in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{escape(title)}</h1>\n<p class=\"note\">Generated {generated}.</p>\n"
+        f"{body}\n</body>\n</html>\n"
+    )

@@ -1,0 +1,318 @@
+"""Rank methods and lay the aggregate out as a leaderboard (Markdown, CSV, console text).
+
+Methods are ranked per (dataset, missing_rate, workload) on one primary metric under one
+decision rule. The default is constrained accuracy: under workload bounds the constrained
+decisions are the ones that honour them, so they are the fair comparison. The direction
+registry (``reports.metrics``) decides whether higher or lower ranks first.
+
+A leaderboard table holds numbers (``<column>`` = mean, ``<column>_ci95`` = 95% CI
+half-width, ``n`` = seeds of the primary metric); ``format_leaderboard`` turns it into
+"mean ± ci" strings for display. Per-decision metric columns are named
+``<decision>/<metric>`` (``constrained/accuracy``), run metrics by their bare name
+(``train_seconds``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from reports.frames import RUN_DECISION
+from reports.metrics import LOWER, METRIC_DIRECTIONS, direction
+
+ROW_KEYS = ["dataset", "method", "missing_rate", "workload"]
+GROUP_KEYS = ["dataset", "missing_rate", "workload"]
+# metrics shown per primary decision rule, beside argmax and constrained accuracy
+DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv", "deferral_auc",
+                    "classifier_ece"]
+RUN_METRICS = ["imputation_accuracy", "train_seconds"]
+MISSING_TEXT = "–"
+RANK_DECIMALS = 12
+CSV_FLOAT_FORMAT = "%.10g"
+
+
+def column_name(decision: str, metric: str) -> str:
+    """Leaderboard column of a (decision, metric): ``decision/metric``, or ``metric`` for run metrics."""
+    return metric if decision == RUN_DECISION else f"{decision}/{metric}"
+
+
+# ---------------------------------------------------------------------------- ranking
+
+
+def resolve_decision(agg: pd.DataFrame, metric: str, decision: str) -> str:
+    """``decision``, or ``"run"`` when ``metric`` is a run metric (e.g. train_seconds)."""
+    if not _has_values(agg, decision, metric) and _has_values(agg, RUN_DECISION, metric):
+        return RUN_DECISION
+    return decision
+
+
+def _has_values(agg: pd.DataFrame, decision: str, metric: str) -> bool:
+    return bool(((agg["decision"] == decision) & (agg["metric"] == metric)).any())
+
+
+def rank_methods(agg: pd.DataFrame, metric: str = "accuracy",
+                 decision: str = "constrained") -> pd.DataFrame:
+    """Rank methods per (dataset, missing_rate, workload) on the mean of ``metric``.
+
+    Returns columns dataset, missing_rate, workload, method, mean, ci95, n, rank (1 = best,
+    ties share the best rank). Raises ``ValueError`` for a metric without a direction or
+    absent from the aggregate, ``KeyError`` for an unregistered metric.
+    """
+    better = direction(metric)
+    if better is None:
+        ranked = [name for name, value in METRIC_DIRECTIONS.items() if value is not None]
+        raise ValueError(f"metric {metric!r} has no better side; rank on one of {', '.join(ranked)}")
+    decision = resolve_decision(agg, metric, decision)
+    decisions = sorted(agg["decision"].unique())
+    if decisions and decision not in decisions:
+        raise ValueError(f"unknown decision {decision!r}; available: {', '.join(decisions)}")
+    rows = agg[(agg["decision"] == decision) & (agg["metric"] == metric)]
+    if rows.empty and not agg.empty:
+        available = sorted(agg.loc[agg["decision"] == decision, "metric"].unique())
+        raise ValueError(
+            f"no values of {metric!r} under decision {decision!r}; available: {', '.join(available)}"
+        )
+    rows = rows[[*GROUP_KEYS, "method", "mean", "ci95", "n"]].copy()
+    # round away float noise so that equal results tie instead of ranking by the last bit
+    score = rows["mean"].round(RANK_DECIMALS)
+    rows["rank"] = (
+        score.groupby([rows[key] for key in GROUP_KEYS])
+        .rank(method="min", ascending=(better == LOWER))
+        .astype("Int64")
+    )
+    return rows.sort_values([*GROUP_KEYS, "rank", "method"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- table
+
+
+def default_columns(metric: str = "accuracy", decision: str = "constrained") -> list[tuple[str, str]]:
+    """(decision, metric) pairs of the compact leaderboard, the primary one first.
+
+    Per-decision metrics follow the primary decision (constrained when ranking on a run metric).
+    """
+    shown_decision = _shown_decision(decision)
+    columns = [(decision, metric), ("constrained", "accuracy"), ("argmax", "accuracy")]
+    columns += [(shown_decision, name) for name in DECISION_METRICS]
+    columns += [(RUN_DECISION, name) for name in RUN_METRICS]
+    return list(dict.fromkeys(columns))  # drop repeats, keep order
+
+
+def _shown_decision(decision: str) -> str:
+    return "constrained" if decision == RUN_DECISION else decision
+
+
+def _metric_order(metric: str) -> tuple[int, str]:
+    for position, key in enumerate(METRIC_DIRECTIONS):
+        if metric == key or (key.endswith("/") and metric.startswith(key)):
+            return position, metric
+    return len(METRIC_DIRECTIONS), metric
+
+
+def all_columns(agg: pd.DataFrame, metric: str = "accuracy",
+                decision: str = "constrained") -> list[tuple[str, str]]:
+    """Every (decision, metric) pair in the aggregate, primary first, in a readable order."""
+    pairs = agg[["decision", "metric"]].drop_duplicates().itertuples(index=False, name=None)
+    ordered = sorted(pairs, key=lambda pair: (_decision_order(pair[0]), pair[0], _metric_order(pair[1])))
+    return list(dict.fromkeys([(decision, metric), *ordered]))
+
+
+def _decision_order(decision: str) -> int:
+    """constrained, argmax, any other decision rule, then run metrics."""
+    known = {"constrained": 0, "argmax": 1, RUN_DECISION: 3}
+    return known.get(decision, 2)
+
+
+def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str = "constrained",
+                      columns: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """One row per (dataset, method, missing_rate, workload) with its rank and metric columns.
+
+    ``columns`` lists (decision, metric) pairs (default: ``default_columns``; pass
+    ``all_columns(agg)`` for everything); each gives a mean column and a ``_ci95`` column,
+    and columns without any value are dropped. ``n`` counts the seeds of the primary
+    metric. The primary metric and decision are kept in ``table.attrs``.
+    """
+    decision = resolve_decision(agg, metric, decision)
+    columns = columns if columns is not None else default_columns(metric, decision)
+    ranked = rank_methods(agg, metric, decision)
+    table = agg[ROW_KEYS].drop_duplicates().merge(
+        ranked[[*ROW_KEYS, "rank", "n"]], on=ROW_KEYS, how="left"
+    )
+    for column_decision, column_metric in columns:
+        name = column_name(column_decision, column_metric)
+        part = agg[(agg["decision"] == column_decision) & (agg["metric"] == column_metric)]
+        if part.empty:
+            continue
+        part = part[[*ROW_KEYS, "mean", "ci95"]].rename(columns={"mean": name, "ci95": f"{name}_ci95"})
+        table = table.merge(part, on=ROW_KEYS, how="left")
+    table["n"] = table["n"].astype("Int64")
+    metric_columns = [c for c in table.columns if c not in [*ROW_KEYS, "rank", "n"]]
+    table = table[[*GROUP_KEYS, "rank", "method", *metric_columns, "n"]]
+    table = table.sort_values([*GROUP_KEYS, "rank", "method"], na_position="last")
+    table = table.reset_index(drop=True)
+    table.attrs.update(primary_metric=metric, primary_decision=decision,
+                       primary_column=column_name(decision, metric))
+    return table
+
+
+def mean_columns(table: pd.DataFrame) -> list[str]:
+    """The metric (mean) columns of a leaderboard table, in order."""
+    return [c for c in table.columns if f"{c}_ci95" in table.columns]
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def decimals_for(values: pd.Series) -> int:
+    """Decimals to show for a column: 3 below 10, 1 below 100, else 0 (by the largest |value|)."""
+    magnitude = values.abs().max()
+    if pd.isna(magnitude) or magnitude < 10:
+        return 3
+    return 1 if magnitude < 100 else 0
+
+
+def format_mean_ci(mean: float, ci95: float, decimals: int = 3) -> str:
+    """``"0.912 ± 0.013"``; a missing CI (one seed) shows as "–", a missing mean as "–"."""
+    if mean is None or pd.isna(mean):
+        return MISSING_TEXT
+    ci_text = MISSING_TEXT if ci95 is None or pd.isna(ci95) else f"{ci95:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {ci_text}"
+
+
+def format_leaderboard(table: pd.DataFrame, best_format: str = "{}") -> pd.DataFrame:
+    """Display strings: one "mean ± ci" column per metric; best methods via ``best_format``.
+
+    ``best_format`` is applied to the method name of every rank-1 row (e.g. "**{}**").
+    """
+    shown = pd.DataFrame({
+        "dataset": table["dataset"].astype(str),
+        "missing_rate": table["missing_rate"].map(lambda rate: f"{rate:g}"),
+        "workload": table["workload"].astype(str),
+        "rank": table["rank"].map(lambda rank: MISSING_TEXT if pd.isna(rank) else str(int(rank))),
+        "method": [
+            best_format.format(method) if rank == 1 else method
+            for method, rank in zip(table["method"], table["rank"].fillna(0))
+        ],
+    })
+    for name in mean_columns(table):
+        decimals = decimals_for(table[name])
+        shown[name] = [format_mean_ci(mean, ci95, decimals)
+                       for mean, ci95 in zip(table[name], table[f"{name}_ci95"])]
+    shown["n"] = table["n"].map(lambda n: MISSING_TEXT if pd.isna(n) else str(int(n)))
+    return shown
+
+
+def primary_caption(table: pd.DataFrame) -> str:
+    """"Ranked by constrained accuracy (higher is better)", from the table's attrs."""
+    metric = table.attrs.get("primary_metric", "accuracy")
+    decision = table.attrs.get("primary_decision", "constrained")
+    better = direction(metric)
+    rule = "" if decision == RUN_DECISION else f"{decision} "
+    return f"Ranked by {rule}{metric} ({better} is better)"
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def markdown_row(cells) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [markdown_row(frame.columns), "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += [markdown_row(row) for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
+    """The leaderboard as Markdown: one section and table per dataset, best methods in bold.
+
+    ``failed`` (``reports.frames.failures``) adds a section listing the failed cells.
+    """
+    lines = [
+        "# Leaderboard",
+        "",
+        f"{primary_caption(table)} per (missing rate, workload). Cells are mean ± 95% CI "
+        "half-width over seeds (Student t; – where a single seed); n = seeds; best in bold.",
+    ]
+    if table.empty:
+        lines += ["", "No successful cells."]
+    shown = format_leaderboard(table, best_format="**{}**")
+    for dataset, rows in shown.groupby("dataset", sort=False):
+        lines += ["", f"## {dataset}", "", _markdown_table(rows.drop(columns="dataset"))]
+    if failed is not None and not failed.empty:
+        shown_failed = failed.drop(columns="path").assign(
+            missing_rate=failed["missing_rate"].map(lambda rate: f"{rate:g}"),
+            error=failed["error"].map(_one_line),
+        )
+        lines += ["", "## Failed cells", "", failure_summary(failed) + ".", "",
+                  _markdown_table(shown_failed)]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None) -> Path:
+    """Write ``markdown_leaderboard(table, failed)`` to ``path``."""
+    path = Path(path)
+    path.write_text(markdown_leaderboard(table, failed), encoding="utf-8")
+    return path
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write the numeric table: one row per (dataset, method, missing_rate, workload)."""
+    path = Path(path)
+    table.to_csv(path, index=False, float_format=CSV_FLOAT_FORMAT)
+    return path
+
+
+def _text_table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)).rstrip()
+
+    return [line(header), line(["-" * width for width in widths]), *map(line, rows)]
+
+
+def failure_summary(failed: pd.DataFrame) -> str:
+    """One line: "18 failed cells (oracle: 17, random: 1), left out of the leaderboard"."""
+    counts = failed["method"].value_counts().sort_index()
+    per_method = ", ".join(f"{method}: {count}" for method, count in counts.items())
+    noun = "cell" if len(failed) == 1 else "cells"
+    return f"{len(failed)} failed {noun} ({per_method}), left out of the leaderboard"
+
+
+def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
+    """Compact text leaderboard for the end of a run; the best method per group is starred.
+
+    ``failed`` (``reports.frames.failures``) adds a line counting failed cells per method.
+    """
+    decision = _shown_decision(table.attrs.get("primary_decision", "constrained"))
+    title = (f"Leaderboard. {primary_caption(table)}; mean ± 95% CI over seeds; * = best; "
+             f"columns are {decision} decisions unless named")
+    if failed is not None and not failed.empty:
+        title += "\n" + failure_summary(failed)
+    if table.empty:
+        return f"{title}\n(no successful cells)"
+    primary = table.attrs.get("primary_column", "constrained/accuracy")
+    wanted = [primary, "constrained/accuracy", "argmax/accuracy",
+              f"{decision}/workload_violation", f"{decision}/coverage"]
+    metric_names = [name for name in dict.fromkeys(wanted) if name in table.columns]
+    shown = format_leaderboard(table)
+    shown["method"] = [("*" if rank == 1 else " ") + method
+                       for method, rank in zip(table["method"], table["rank"].fillna(0))]
+    labels = [name.removeprefix(f"{decision}/").replace("/", " ") for name in metric_names]
+    header = ["missing", "workload", "rank", "method", *labels, "n"]
+    lines = [title]
+    for dataset, rows in shown.groupby("dataset", sort=False):
+        body, previous_group = [], None
+        for _, row in rows.iterrows():
+            group = (row["missing_rate"], row["workload"])
+            if previous_group is not None and group != previous_group:
+                body.append([""] * len(header))
+            previous_group = group
+            body.append([row[name] for name in ["missing_rate", "workload", "rank", "method",
+                                                 *metric_names, "n"]])
+        lines += ["", f"[{dataset}]", *_text_table(body, header)]
+    return "\n".join(lines)
