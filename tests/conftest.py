@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny on-disk dataset in the digits preset's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+NUM_EXPERTS = 3
+
+
+def write_tiny_dataset(root: Path, num_train: int = 48, num_test: int = 24, seed: int = 0) -> Path:
+    """8x8 grayscale PNGs whose brightness pattern encodes the class, plus manifests named
+    as in conf/dataset/digits.yaml. Expert j is right on classes with c % 3 == j, else
+    answers (c + 1) % 10; training annotations of expert 2 are missing on every 3rd image."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", num_train), ("test", num_test)):
+        files, labels = [], []
+        for i in range(count):
+            label = i % NUM_CLASSES
+            image = rng.integers(0, 60, size=(8, 8)).astype(np.uint8)
+            image[label % 8, :] = 255
+            file = f"{split}/{label}/{i:03d}.png"
+            (root / file).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / file)
+            files.append(file)
+            labels.append(label)
+        (root / f"{split}_ground_truth.json").write_text(
+            json.dumps([{"file": f, "label": y} for f, y in zip(files, labels)])
+        )
+        for j in range(NUM_EXPERTS):
+            records = []
+            for i, (f, y) in enumerate(zip(files, labels)):
+                if split == "train" and j == 2 and i % 3 == 0:
+                    continue
+                records.append({"file": f, "label": y if y % 3 == j else (y + 1) % NUM_CLASSES})
+            (root / f"{split}_expert_{j}.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    return write_tiny_dataset(tmp_path / "tiny")
+
+
+def tiny_overrides(root: Path, output_dir: Path) -> list[str]:
+    """Hydra overrides pointing the digits preset at a tiny dataset, fast and untracked."""
+    return [
+        f"dataset.root={root}",
+        "dataset.builder=null",
+        "tracking=none",
+        "train.epochs=2",
+        "train.batch_size=16",
+        f"output_dir={output_dir}",
+    ]

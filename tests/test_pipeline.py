@@ -1,0 +1,109 @@
+"""End to end: the real pipeline on a tiny dataset (single cells, a smoke sweep, errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from benchmark.runner import run_cell
+from tests.conftest import REPO_ROOT, tiny_overrides
+
+
+def compose_cfg(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["experiment=single", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def flat(text: str) -> str:
+    """Collapse the wrapping of printed paragraphs."""
+    return " ".join(text.split())
+
+
+def test_single_cell_writes_a_complete_record(tiny_root, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["missing_rate=0.5", "workload=paper"])
+    record = run_cell(cfg)
+    assert record["status"] == "ok", record.get("error")
+    path = tmp_path / "runs/single/digits/classifier_only/mr0.5/paper/seed0/result.json"
+    saved = json.loads(path.read_text())
+    assert saved["agents"] == ["expert_0", "expert_1", "expert_2", "classifier"]
+    assert saved["workload_bounds"]["hi"][-1] == pytest.approx(0.2)
+    for rule in ("argmax", "constrained"):
+        metrics = saved["metrics"][rule]
+        assert {"accuracy", "coverage", "workload/classifier", "workload_violation",
+                "deferral_auc", "classifier_ece"} <= set(metrics)
+    # the constrained decisions honour the classifier cap; argmax sends everything to it
+    assert saved["metrics"]["constrained"]["coverage"] <= 0.2 + 1e-9
+    assert saved["metrics"]["argmax"]["coverage"] == 1.0
+    assert len(saved["curves"]["coverage"]) == 101
+    assert saved["provenance"]["backend"] == "cpu"
+    assert set(saved["provenance"]["manifests"]) >= {"train/ground_truth", "test/expert_2"}
+    # missing manifests were generated under the dataset root, nested by rate folder
+    assert (tiny_root / "missing/rate_0.5/seed_0/train_expert_0.json").is_file()
+
+
+def test_rerun_skips_and_force_redoes(tiny_root, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    assert run_cell(cfg)["status"] == "ok"
+    assert run_cell(cfg)["status"] == "skipped"
+    assert run_cell({**cfg, "force": True})["status"] == "ok"
+    changed = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["train.epochs=1"])
+    assert run_cell(changed)["status"] == "ok"  # a changed setting is not skipped
+
+
+def test_failed_cell_is_recorded_not_raised(tiny_root, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["workload.classifier.hi=0.0",
+                                                             "workload.humans.hi=0.1"])
+    record = run_cell(cfg)
+    assert record["status"] == "failed"
+    assert "workload preset 'none'" in record["error"]
+    saved = json.loads((tmp_path / "runs/single/digits/classifier_only/mr0/none/seed0/result.json").read_text())
+    assert saved["status"] == "failed" and saved["error"] == record["error"]
+    # a failed cell is retried on the next run
+    fixed = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    assert run_cell(fixed)["status"] == "ok"
+
+
+def test_cli_bad_root_exits_with_one_paragraph(tmp_path):
+    result = run_cli("experiment=single", "tracking=none", f"output_dir={tmp_path}",
+                     f"dataset.root={tmp_path / 'nonexistent'}")
+    assert result.returncode == 1
+    assert "dataset root does not exist" in flat(result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_label_out_of_range(tiny_root, tmp_path):
+    records = json.loads((tiny_root / "test_ground_truth.json").read_text())
+    records[5]["label"] = 12
+    (tiny_root / "test_ground_truth.json").write_text(json.dumps(records))
+    result = run_cli("experiment=single", *tiny_overrides(tiny_root, tmp_path))
+    assert result.returncode == 1
+    assert "test_ground_truth.json, record 5: label 12 is outside [0, 10)" in flat(result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_smoke_sweep_writes_report(tiny_root, tmp_path):
+    result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
+                     "method=classifier_only,multi_l2d_softmax")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = tmp_path / "runs/smoke/report"
+    for name in ("leaderboard.md", "leaderboard.csv", "report.html"):
+        assert (report / name).is_file()
+    assert "Leaderboard" in result.stdout and "multi_l2d_softmax" in result.stdout
+    records = list((tmp_path / "runs/smoke").rglob("result.json"))
+    assert len(records) == 4  # 2 methods x 1 missing rate x 2 workloads x 1 seed
+    again = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
+                    "method=classifier_only,multi_l2d_softmax")
+    assert again.returncode == 0 and "skipped=4" in again.stderr
