@@ -34,10 +34,12 @@ class ImageFormat:
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentations, applied per batch: random crop with padding, h-flip."""
+    """Training augmentations, applied per batch: random crop with padding, h-flip and
+    additive Gaussian pixel noise (std in units of the intensity range, then clipped)."""
 
     crop_padding: int = 0
     hflip: bool = False
+    noise_std: float = 0.0
 
 
 def decode_image(path: Path, fmt: ImageFormat) -> np.ndarray:
@@ -118,9 +120,21 @@ def decode_all(
     return ArraySplit(images=images, y=split.y, t=split.t)
 
 
-def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """uint8 (..., C) -> float32 ``(x / 255 - mean) / std``."""
-    return ((images.astype(np.float32) / 255.0) - mean) / std
+def normalise(
+    images: np.ndarray, mean: np.ndarray, std: np.ndarray, noise: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 (..., C) -> float32 ``(clip(x / 255 + noise, 0, 1) - mean) / std``."""
+    pixels = images.astype(np.float32) / 255.0
+    if noise is not None:
+        pixels = np.clip(pixels + noise, 0.0, 1.0)
+    return (pixels - mean) / std
+
+
+def pixel_noise(shape, augment: Augment, rng: np.random.Generator) -> np.ndarray | None:
+    """The additive noise of ``augment`` for a batch of ``shape`` (None when off)."""
+    if augment.noise_std <= 0:
+        return None
+    return (augment.noise_std * rng.standard_normal(shape)).astype(np.float32)
 
 
 def augment_batch(images: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.ndarray:
@@ -163,10 +177,11 @@ def epoch_batches(
     mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
     for rows in batches:
         rows = np.asarray(rows)
-        images = data.images[rows]
+        images, noise = data.images[rows], None
         if shuffle:
             images = augment_batch(images, config.augment, rng)
-        yield Batch(x=normalise(images, mean, std), y=data.y[rows], t=data.t[rows])
+            noise = pixel_noise(images.shape, config.augment, rng)
+        yield Batch(x=normalise(images, mean, std, noise), y=data.y[rows], t=data.t[rows])
 
 
 def stream_batches(
@@ -183,7 +198,8 @@ def stream_batches(
     )
     for batch in dataset:
         images = augment_batch(batch["image"], config.augment, rng)
-        yield Batch(x=normalise(images, mean, std), y=batch["y"], t=batch["t"])
+        noise = pixel_noise(images.shape, config.augment, rng)
+        yield Batch(x=normalise(images, mean, std, noise), y=batch["y"], t=batch["t"])
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -1,0 +1,120 @@
+"""``prob_l2d``: Probabilistic L2D (Nguyen, Do & Carneiro, ICLR 2025).
+
+Model per sample: a gating network ``p(z | x)`` over the E+1 agents, one annotator model
+``p(t_j | x)`` per human (it imitates expert j and fills in missing labels) and the
+classifier ``p(t_E | x)``; ``p(y | t, z = k) = Cat(y; (1-a) onehot(t_k) + a/K)``.
+Each train step is one EM iteration on the batch: the E-step (``estep``: exact,
+meanfield or reference; ``methods/estep.py``) gives ``q(z)`` and ``q(t)``, the workload
+constraint projects ``q(z)`` onto the bounds (``benchmark.workload.constrain_posterior``)
+and the M-step takes one optimiser step on
+``CE(gating, q'(z)) + sum_j CE(annotator_j, q(t_j)) + CE(classifier, y)``.
+
+``networks``: ``separate`` (the reference: independent networks for the gating, every
+annotator and the classifier, evaluated together with vmap) or ``shared`` (one backbone
+with a gating head and E+1 class heads: about E+2 times cheaper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from benchmark.spec import TaskSpec
+from benchmark.workload import constrain_posterior
+from methods import METHODS
+from methods.common import MethodBase, MethodConfigError
+from methods.estep import ESTEP_KINDS, estep
+from methods.nets import BACKBONES, Network, NetworkStack
+
+NETWORKS = ("separate", "shared")
+
+
+class SeparateNets(nnx.Module):
+    """Gating network + a stack of E annotator models and the classifier (index E)."""
+
+    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
+        channels = spec.input_shape[-1]
+        self.gating = Network(spec.backbone, channels, spec.num_agents, rngs=rngs)
+        self.agents = NetworkStack(spec.num_agents, spec.backbone, channels, spec.num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.gating(x), jnp.swapaxes(self.agents(x), 0, 1)  # (B, A), (B, A, K)
+
+
+class SharedNets(nnx.Module):
+    """One backbone with a gating head and E+1 class heads."""
+
+    def __init__(self, spec: TaskSpec, rngs: nnx.Rngs):
+        self.backbone = BACKBONES.get(spec.backbone)(spec.input_shape[-1], rngs=rngs)
+        self.gating = nnx.Linear(self.backbone.features, spec.num_agents, rngs=rngs)
+        self.agents = nnx.Linear(self.backbone.features, spec.num_agents * spec.num_classes, rngs=rngs)
+        self.shape = (spec.num_agents, spec.num_classes)
+
+    def __call__(self, x):
+        features = self.backbone(x)
+        return self.gating(features), self.agents(features).reshape(x.shape[0], *self.shape)
+
+
+@METHODS.register("prob_l2d")
+@dataclasses.dataclass(frozen=True)
+class ProbL2D(MethodBase):
+    name = "prob_l2d"
+    workload_in_training = True
+    missing_policies = ()  # missing labels are latent variables, inferred by the E-step
+
+    num_experts: int = 0
+    num_classes: int = 0
+    estep: str = "exact"
+    estep_iters: int = 10  # fixed-point iterations of the meanfield / reference E-steps
+    label_noise: float = 1e-3
+    networks: str = "separate"
+    solver_iters: int = 30  # iteration budget of the workload-constraint solver
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.estep not in ESTEP_KINDS:
+            raise MethodConfigError(f"prob_l2d: estep={self.estep!r} is not one of {', '.join(ESTEP_KINDS)}.")
+        if self.networks not in NETWORKS:
+            raise MethodConfigError(f"prob_l2d: networks={self.networks!r} is not one of {', '.join(NETWORKS)}.")
+
+    def init_model(self, spec: TaskSpec, rngs):
+        return (SeparateNets if self.networks == "separate" else SharedNets)(spec, rngs)
+
+    def posterior(self, gating_logits, agent_logits, batch, aux):
+        """E-step + workload constraint: ``(q'(z), q(t), solver info)``, no gradient."""
+        log_p_z = jax.nn.log_softmax(jax.lax.stop_gradient(gating_logits))
+        log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(agent_logits))
+        q_z, q_t = estep(self.estep, log_p_z, log_p_t, batch.y, batch.t,
+                         label_noise=self.label_noise, num_iters=self.estep_iters)
+        q_z, info = constrain_posterior(q_z, aux["lo"], aux["hi"], num_iters=self.solver_iters)
+        return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), info
+
+    def loss(self, model, batch, aux):
+        gating_logits, agent_logits = model(batch.x)
+        q_z, q_t, info = self.posterior(gating_logits, agent_logits, batch, aux)
+        gating = optax.softmax_cross_entropy(gating_logits, q_z).mean()
+        annotators = optax.softmax_cross_entropy(
+            agent_logits[:, : self.num_experts], q_t[:, : self.num_experts]
+        ).sum(axis=1).mean()
+        classifier = optax.softmax_cross_entropy_with_integer_labels(
+            agent_logits[:, self.num_experts], batch.y
+        ).mean()
+        metrics = {"gating_loss": gating, "annotator_loss": annotators,
+                   "classifier_loss": classifier, "workload_violation": info["violation"]}
+        return gating + annotators + classifier, metrics
+
+    def classify(self, model, x):
+        return model(x)[1][:, self.num_experts]
+
+    def agent_scores(self, model, x):
+        return jax.nn.log_softmax(model(x)[0])
+
+    def impute(self, model, batch, aux):
+        """Posterior ``q(t_j)`` of every human's label given x, y and the observed labels."""
+        gating_logits, agent_logits = model(batch.x)
+        _, q_t, _ = self.posterior(gating_logits, agent_logits, batch, aux)
+        return q_t[:, : self.num_experts]
