@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 import scipy.optimize
 import scipy.sparse
@@ -83,15 +84,19 @@ def check_bounds(lo, hi, agent_names: Sequence[str] | None = None):
     return lo, hi
 
 
-def _dual_terms(log_q, v, lo, hi):
-    """Dual objective in the free variable ``v = l - u`` and the per-row log-normalisers.
+def _dual_terms(q, v, lo, hi):
+    """Dual objective in the free variable ``v = l - u`` and the per-row normalisers.
 
-    ``D(v) = mean_i logsumexp_k(log q_ik + v_k) - sum_k (lo_k max(v_k,0) + hi_k min(v_k,0))``,
-    i.e. the (u, l) dual minimised over ``u, l >= 0`` with ``l - u = v``.
+    ``D(v) = mean_i log sum_k q_ik exp(v_k) - sum_k (lo_k max(v_k,0) + hi_k min(v_k,0))``,
+    i.e. the (u, l) dual minimised over ``u, l >= 0`` with ``l - u = v``. The row sums are a
+    matrix-vector product with ``exp(v - max v)`` (no exp over the (B, A) array).
+    Returns ``(D, scaled_exp_v, row_sums)`` with ``q'_i = q_i * scaled_exp_v / row_sums_i``.
     """
-    lse = jax.nn.logsumexp(log_q + v, axis=-1)
+    top = jnp.max(v)
+    scaled_exp_v = jnp.exp(v - top)
+    row_sums = q @ scaled_exp_v
     linear = jnp.sum(lo * jnp.maximum(v, 0.0) + hi * jnp.minimum(v, 0.0))
-    return jnp.mean(lse) - linear, lse
+    return jnp.mean(jnp.log(row_sums)) + top - linear, scaled_exp_v, row_sums
 
 
 def _kkt_residual(shares, v, lo, hi):
@@ -120,9 +125,12 @@ def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_s
     is clipped to 0 (the bound ``u_k >= 0`` or ``l_k >= 0``), then an Armijo test of the full
     step with backtracking only when it fails. A ``lax.while_loop`` runs at most
     ``num_iters`` iterations (typically 2 to 7) and stops once the KKT residual (primal
-    violation and complementary slackness, in share units) is ``<= tol``.
-    Bounds must be feasible (see ``check_bounds``). Zeros in ``q`` are floored at
-    ``min_prob`` in log space. If no bound is active, ``q`` is returned unchanged.
+    violation and complementary slackness, in share units) is ``<= tol``. Structure: the
+    row normalisers are ``q @ exp(v)``, so an iteration costs two (B, A) x (A,) products,
+    one (A, B) x (B, A) product and B logs; no exp over the batch.
+
+    Bounds must be feasible (see ``check_bounds``). ``q`` rows should sum to one; entries are
+    floored at ``min_prob`` (zeros allowed). If no bound is active, ``q`` is returned unchanged.
 
     Returns ``(q_new, info)``; ``info`` holds ``violation`` (max over agents of
     ``max(0, share - hi, lo - share)``), ``kkt_residual``, ``shares``, ``upper_multiplier``
@@ -131,9 +139,12 @@ def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_s
     q = jnp.asarray(q, jnp.float32)
     lo = jnp.asarray(lo, jnp.float32)
     hi = jnp.asarray(hi, jnp.float32)
-    log_q = jnp.log(jnp.maximum(q, min_prob))
+    q_floor = jnp.maximum(q, min_prob)
     batch, num_agents = q.shape
     eye = jnp.eye(num_agents, dtype=jnp.float32)
+
+    def posterior(scaled_exp_v, row_sums):
+        return q_floor * scaled_exp_v / row_sums[:, None]
 
     def newton_direction(v, probs, shares):
         at_zero = v == 0
@@ -148,13 +159,19 @@ def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_s
         off_diagonal = (probs.T @ probs) * ((1.0 - eye) / batch)
         hess_diag = jnp.sum(off_diagonal, axis=1)
         damping = 1e-6 * jnp.max(hess_diag) + 1e-12
-        held = ~free
-        direction = jnp.zeros_like(v)
-        for _ in range(2):  # hold agents that would leave v = 0 on the wrong side, re-solve
+        def solve(held):
+            # Newton system on the free agents; held agents get the identity row (step 0).
             both_free = ~held[:, None] & ~held[None, :]
-            reduced = eye * jnp.where(held, 1.0, hess_diag + damping) - jnp.where(both_free, off_diagonal, 0.0)
-            direction = -jnp.linalg.solve(reduced, jnp.where(held, 0.0, grad))
-            held = held | (at_zero & (direction * side < 0))
+            reduced = (eye * jnp.where(held, 1.0, hess_diag + damping)
+                       - jnp.where(both_free, off_diagonal, 0.0))
+            factor = jax.scipy.linalg.cho_factor(reduced)  # SPD: diagonally dominant + damping
+            return -jax.scipy.linalg.cho_solve(factor, jnp.where(held, 0.0, grad))
+
+        direction = solve(~free)
+        # An agent leaving v = 0 on the wrong side of its kink is held at 0 and we re-solve.
+        wrong_side = at_zero & (direction * side < 0)
+        direction = jax.lax.cond(jnp.any(wrong_side), lambda: solve(~free | wrong_side),
+                                 lambda: direction)
         # Safeguard: float32 rounding near the all-ones null direction of the Hessian can
         # spoil the Newton step; fall back to a diagonally scaled gradient step then.
         is_descent = jnp.dot(grad, direction) < 0
@@ -170,7 +187,7 @@ def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_s
         slack = 1e-6 * jnp.abs(value) + 1e-7  # float32 resolution of D
         return trial_value <= value + 1e-4 * jnp.dot(grad, trial - v) + slack
 
-    def backtrack(v, value, direction, grad, side, lse):
+    def backtrack(v, value, direction, grad, side, terms):
         def cond(state):
             tries, _, _, _, accepted = state
             return (tries < max_backtracks) & ~accepted
@@ -179,38 +196,40 @@ def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_s
             tries, alpha, _, _, _ = state
             alpha = 0.5 * alpha
             trial = step_to(v, direction, alpha, side)
-            trial_value, trial_lse = _dual_terms(log_q, trial, lo, hi)
-            return tries + 1, alpha, trial_value, trial_lse, armijo(value, trial_value, grad, v, trial)
+            trial_value, *trial_terms = _dual_terms(q_floor, trial, lo, hi)
+            return (tries + 1, alpha, trial_value, tuple(trial_terms),
+                    armijo(value, trial_value, grad, v, trial))
 
-        _, alpha, trial_value, trial_lse, accepted = jax.lax.while_loop(
-            cond, body, (jnp.int32(0), jnp.float32(1.0), value, lse, jnp.bool_(False)))
+        _, alpha, trial_value, trial_terms, accepted = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), jnp.float32(1.0), value, terms, jnp.bool_(False)))
         new_v = jnp.where(accepted, step_to(v, direction, alpha, side), v)
-        return (new_v, jnp.where(accepted, trial_value, value),
-                jnp.where(accepted, trial_lse, lse), accepted)
+        new_terms = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old),
+                                           trial_terms, terms)
+        return new_v, jnp.where(accepted, trial_value, value), new_terms, accepted
 
     def cond(state):
         it, _, _, _, _, residual, stalled = state
         return (it < num_iters) & (residual > tol) & ~stalled
 
     def body(state):
-        it, v, value, lse, probs, _, _ = state
+        it, v, value, terms, probs, _, _ = state
         shares = jnp.mean(probs, axis=0)
         direction, grad, side = newton_direction(v, probs, shares)
         trial = step_to(v, direction, 1.0, side)
-        trial_value, trial_lse = _dual_terms(log_q, trial, lo, hi)
+        trial_value, *trial_terms = _dual_terms(q_floor, trial, lo, hi)
         full_step_ok = armijo(value, trial_value, grad, v, trial)
-        v, value, lse, accepted = jax.lax.cond(
+        v, value, terms, accepted = jax.lax.cond(
             full_step_ok,
-            lambda: (trial, trial_value, trial_lse, jnp.bool_(True)),
-            lambda: backtrack(v, value, direction, grad, side, lse))
-        probs = jnp.exp(log_q + v - lse[:, None])
+            lambda: (trial, trial_value, tuple(trial_terms), jnp.bool_(True)),
+            lambda: backtrack(v, value, direction, grad, side, terms))
+        probs = posterior(*terms)
         residual = _kkt_residual(jnp.mean(probs, axis=0), v, lo, hi)
-        return it + 1, v, value, lse, probs, residual, ~accepted
+        return it + 1, v, value, terms, probs, residual, ~accepted
 
     v0 = jnp.zeros((num_agents,), jnp.float32)
-    value0, lse0 = _dual_terms(log_q, v0, lo, hi)
-    probs0 = jnp.exp(log_q - lse0[:, None])
-    init = (jnp.int32(0), v0, value0, lse0, probs0,
+    value0, *terms0 = _dual_terms(q_floor, v0, lo, hi)
+    probs0 = posterior(*terms0)
+    init = (jnp.int32(0), v0, value0, tuple(terms0), probs0,
             _kkt_residual(jnp.mean(probs0, axis=0), v0, lo, hi), jnp.bool_(False))
     iterations, v, _, _, probs, residual, _ = jax.lax.while_loop(cond, body, init)
 
@@ -261,8 +280,10 @@ def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None
     the transportation LP (one unit per sample; per-agent count bounds) with HiGHS: its
     constraint matrix is totally unimodular, so a vertex solution is integral (checked; if
     HiGHS' default returns a non-vertex point, it re-solves with dual simplex). If the
-    unconstrained argmax already meets the capacities it is returned directly. ``scores`` is (N, A), finite; returns (N,) int agent indices.
-    Raises ``InfeasibleBoundsError`` if the bounds admit no integer assignment.
+    unconstrained argmax already meets the capacities it is returned directly; among tied
+    optima the LP picks one. About 0.4-0.6 s at N=10,000, A=9 on 2 CPU cores (1-1.5 s when
+    the scores have many ties). ``scores`` is (N, A), finite; returns (N,) int64 agent
+    indices. Raises ``InfeasibleBoundsError`` if the bounds admit no integer assignment.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
