@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from methods.nets import Network
 
 MISSING_POLICIES = ("as_incorrect", "drop", "mask", "impute")
 
@@ -65,3 +68,50 @@ def classifier_confidence_scores(logits: jax.Array, num_experts: int) -> jax.Arr
     """Agent scores for a method that models no human: humans 0, classifier max-prob."""
     confidence = jax.nn.softmax(logits, axis=-1).max(axis=-1, keepdims=True)
     return jnp.concatenate([jnp.zeros((logits.shape[0], num_experts)), confidence], axis=-1)
+
+
+# ----------------------------------------------------------------------------- shared by methods
+
+
+class Networks(nnx.Module):
+    """A named bundle of the networks (and other NNX variables) making up one method's model."""
+
+    def __init__(self, **parts: Any):
+        for name, part in parts.items():
+            setattr(self, name, part)
+
+
+class Constant(nnx.Variable):
+    """Model state that is not a parameter (never trained, kept in the model's state)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferralSurrogate(MethodBase):
+    """A single network with K class logits then E deferral logits, trained with a surrogate.
+
+    Subclasses define ``surrogate(logits, y, t, policy)`` (a loss from ``methods.losses``)
+    and ``deferral_scores(logits, num_experts)`` (its ``deferral_scores_*`` helper) as
+    static methods. The classifier's logits are the first K outputs.
+    """
+
+    num_experts: int = 0
+
+    def init_model(self, spec, rngs):
+        outputs = spec.num_classes + spec.num_experts
+        return Network(spec.backbone, spec.input_shape[-1], outputs, rngs=rngs)
+
+    def loss(self, model, batch, aux):
+        return self.surrogate(model(batch.x), batch.y, batch.t, self.missing_policy), {}
+
+    def classify(self, model, x):
+        logits = model(x)
+        return logits[:, : logits.shape[-1] - self.num_experts]
+
+    def agent_scores(self, model, x):
+        return self.deferral_scores(model(x), self.num_experts)
+
+
+def require_experts(name: str, num_experts: int) -> None:
+    """Raise ``MethodConfigError`` if a method that routes to humans gets none."""
+    if num_experts < 1:
+        raise MethodConfigError(f"method {name!r} needs at least one human expert, got 0.")

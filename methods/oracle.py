@@ -1,0 +1,50 @@
+"""``oracle``: correct whenever some agent is correct (a reference row; sees test labels).
+
+The classifier is trained by cross-entropy as in ``classifier_only``. At test time
+``scores_from_labels`` scores each agent 1 if it is right on the sample (classifier: its
+argmax; expert j: its annotation) else 0, plus a tie-break of ``TIE_BREAK`` for the
+classifier: among correct agents the classifier is preferred, so the oracle's coverage is
+the largest that still attains its accuracy (it defers only when it must). Ties among
+humans go to the lowest index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from methods import METHODS
+from methods.common import MethodBase, classifier_confidence_scores, cross_entropy
+from methods.nets import Network
+
+TIE_BREAK = 1e-3
+
+
+@METHODS.register("oracle")
+@dataclasses.dataclass(frozen=True)
+class Oracle(MethodBase):
+    name = "oracle"
+    sees_test_labels = True
+    num_experts: int = 0
+
+    def init_model(self, spec, rngs):
+        return Network(spec.backbone, spec.input_shape[-1], spec.num_classes, rngs=rngs)
+
+    def loss(self, model, batch, aux):
+        return cross_entropy(model(batch.x), batch.y), {}
+
+    def classify(self, model, x):
+        return model(x)
+
+    def agent_scores(self, model, x):
+        return classifier_confidence_scores(model(x), self.num_experts)
+
+    def scores_from_labels(self, logits, scores, y, t):
+        """(N, E+1) numpy: 1 for each correct agent, plus ``TIE_BREAK`` for the classifier."""
+        y = np.asarray(y)
+        correct = np.concatenate(
+            [np.asarray(t) == y[:, None], (np.asarray(logits).argmax(axis=1) == y)[:, None]], axis=1
+        ).astype(np.float64)
+        correct[:, -1] += TIE_BREAK
+        return correct

@@ -1,0 +1,210 @@
+"""Tests of every registered method (generic, from the contract) plus method-specific checks.
+
+The generic tests are parametrised over ``METHODS.names()`` after ``methods.load_all()``, so
+a newly registered method is tested without editing this file.
+"""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import methods
+from benchmark import config as config_lib
+from benchmark import training
+from benchmark.evaluator import final_predictions
+from benchmark.spec import MISSING, Batch, TaskSpec
+from methods.losses import POLICIES
+
+methods.load_all()
+NAMES = methods.METHODS.names()
+CLASSES = {name: methods.METHODS.get(name) for name in NAMES}
+TRAINED = [name for name in NAMES if CLASSES[name].trains]
+K, E = 4, 2
+SPEC = TaskSpec(num_classes=K, num_experts=E, input_shape=(8, 8, 1), backbone="small_cnn")
+OPTIM = training.OptimConfig(learning_rate=0.05, total_steps=4)
+
+
+def build(name, **params):
+    """The method as the runner builds it (num_experts / num_classes filled in)."""
+    return config_lib.build_method({"name": name, "params": params}, SPEC)
+
+
+def make_batch(size=16, seed=0, missing_expert=None, missing_rate=0.3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, size)
+    t = np.where(rng.random((size, E)) < 0.6, y[:, None], rng.integers(0, K, (size, E)))
+    t = np.where(rng.random((size, E)) < missing_rate, MISSING, t)
+    if missing_expert is not None:
+        t[:, missing_expert] = MISSING
+    x = rng.normal(size=(size, *SPEC.input_shape))
+    return Batch(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.asarray(t, jnp.int32))
+
+
+def make_aux(progress=0.75, classifier_hi=0.5):
+    """Workload bounds with an active cap on the classifier; second training stage."""
+    hi = jnp.asarray([1.0] * E + [classifier_hi], jnp.float32)
+    return {"lo": jnp.zeros(E + 1, jnp.float32), "hi": hi, "progress": jnp.float32(progress)}
+
+
+def run(method, seed=0, steps=2, batch=None, aux=None):
+    """Init (+ prepare) + ``steps`` train steps + predict; returns metrics, logits, scores, model."""
+    batch = make_batch() if batch is None else batch
+    aux = make_aux() if aux is None else aux
+    model = training.init_model(method, SPEC, seed)
+    method.prepare(model, SimpleNamespace(images=np.asarray(batch.x), y=np.asarray(batch.y),
+                                          t=np.asarray(batch.t)))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = training.TrainState(params, rest, training.make_optimizer(OPTIM).init(params))
+    history = []
+    for _ in range(steps if method.trains else 0):
+        state, metrics = training.train_step(method, graphdef, OPTIM, state, batch, aux)
+        history.append({k: float(v) for k, v in metrics.items()})
+    model = nnx.merge(graphdef, state.params, state.rest)
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    logits, scores = training.predict(method, graphdef, params, rest, batch.x)
+    return history, np.asarray(logits), np.asarray(scores), (graphdef, params, rest)
+
+
+def all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating))
+
+
+# ----------------------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_predicts_and_is_deterministic(name):
+    method = build(name)
+    history, logits, scores, (_, params, _) = run(method, seed=0)
+    assert len(history) == (2 if method.trains else 0)
+    for metrics in history:
+        assert "loss" in metrics and all(np.isfinite(v) for v in metrics.values()), metrics
+    assert logits.shape == (16, K) and scores.shape == (16, E + 1)
+    assert np.isfinite(logits).all() and np.isfinite(scores).all() and all_finite(params)
+    _, logits_again, scores_again, _ = run(build(name), seed=0)
+    np.testing.assert_array_equal(logits, logits_again)
+    np.testing.assert_array_equal(scores, scores_again)
+
+
+@pytest.mark.parametrize(
+    "name,policy",
+    [(n, p) for n in TRAINED for p in (CLASSES[n].missing_policies or (None,))],
+)
+def test_step_with_an_expert_missing_everywhere_stays_finite(name, policy):
+    method = build(name) if policy is None else build(name, missing_policy=policy)
+    batch = make_batch(missing_expert=0)
+    history, logits, scores, (_, params, _) = run(method, steps=1, batch=batch)
+    assert all(np.isfinite(v) for v in history[0].values()), history
+    assert np.isfinite(logits).all() and np.isfinite(scores).all() and all_finite(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_impute_is_none_or_label_distributions(name):
+    method = build(name)
+    batch = make_batch()
+    _, _, _, (graphdef, params, rest) = run(method, steps=0)
+    q_t = training.impute_step(method, graphdef, params, rest, batch, make_aux(progress=1.0))
+    if q_t is not None:
+        assert q_t.shape == (16, E, K)
+        np.testing.assert_allclose(np.asarray(q_t).sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CLASSES[n].missing_policies])
+def test_unsupported_policy_is_refused_with_the_valid_ones(name):
+    cls = CLASSES[name]
+    for policy in [p for p in POLICIES if p not in cls.missing_policies] + ["bogus"]:
+        with pytest.raises(ValueError) as error:
+            cls(missing_policy=policy)
+        assert all(valid in str(error.value) for valid in cls.missing_policies), str(error.value)
+    for policy in cls.missing_policies:
+        cls(missing_policy=policy)  # every declared policy is accepted
+
+
+# ----------------------------------------------------------------------------- specific methods
+
+
+def test_best_expert_picks_the_most_accurate_expert():
+    y = np.arange(100) % K
+    t = np.stack([np.where(np.arange(100) < 10, y, MISSING),  # 10 labels, all right
+                  np.where(np.arange(100) < 70, y, (y + 1) % K)], axis=1)  # 100 labels, 70% right
+    split = SimpleNamespace(y=y, t=t)
+    for policy, expected in (("mask", 0), ("as_incorrect", 1)):
+        method = build("best_expert", missing_policy=policy)
+        model = training.init_model(method, SPEC, 0)
+        method.prepare(model, split)
+        scores = np.asarray(method.agent_scores(model, make_batch().x))
+        assert (scores.argmax(axis=1) == expected).all(), policy
+
+
+def test_oracle_is_correct_whenever_some_agent_is():
+    rng = np.random.default_rng(1)
+    n = 500
+    y = rng.integers(0, K, n)
+    t = np.where(rng.random((n, E)) < 0.4, y[:, None], (y[:, None] + 1) % K)
+    logits = rng.normal(size=(n, K))
+    method = build("oracle")
+    scores = method.scores_from_labels(logits, np.zeros((n, E + 1)), y, t)
+    agent = scores.argmax(axis=1)
+    correct = final_predictions(agent, logits.argmax(axis=1), t) == y
+    classifier_right = logits.argmax(axis=1) == y
+    any_right = (t == y[:, None]).any(axis=1) | classifier_right
+    np.testing.assert_array_equal(correct, any_right)
+    assert (agent[classifier_right] == E).all()  # the classifier wins ties (documented)
+
+
+@pytest.mark.parametrize("coverage", [0.5, 0.2])
+def test_random_coverage_matches_its_hyper_parameter(coverage):
+    method = build("random", coverage=coverage)
+    model = training.init_model(method, SPEC, 0)
+    x = make_batch(size=4096, seed=3).x
+    scores_of = nnx.jit(method.agent_scores)
+    agent = np.asarray(scores_of(model, x)).argmax(axis=1)
+    shares = np.bincount(agent, minlength=E + 1) / len(agent)
+    assert abs(shares[E] - coverage) < 0.03, shares
+    np.testing.assert_allclose(shares[:E], (1 - coverage) / E, atol=0.03)
+    # a function of the seed and the pixels only: batching does not change the draws
+    head = np.asarray(scores_of(model, x[:100]))
+    np.testing.assert_array_equal(head.argmax(axis=1), agent[:100])
+
+
+def test_impute_then_defer_imputes_and_trains_annotators_first():
+    method = build("impute_then_defer")
+    model = training.init_model(method, SPEC, 0)
+    batch = make_batch()
+    q_t = method.impute(model, batch, make_aux())
+    assert q_t.shape == (16, E, K)
+
+    @nnx.jit
+    def grads_at(model, progress):
+        aux = {**make_aux(), "progress": progress}
+        return nnx.grad(lambda m: method.loss(m, batch, aux)[0])(model)
+
+    def moves(grads):
+        return any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads))
+
+    first, second = grads_at(model, jnp.float32(0.1)), grads_at(model, jnp.float32(0.6))
+    assert not moves(first["deferral"]) and moves(first["annotators"])
+    assert moves(second["deferral"]) and moves(second["annotators"])
+
+
+@pytest.mark.parametrize("policy", ["as_incorrect", "mask"])
+def test_l2d_em_gating_target_respects_the_workload(policy):
+    method = build("l2d_em", missing_policy=policy)
+    batch = make_batch(size=256, missing_expert=0, missing_rate=0.0)
+    class_logits = 10.0 * jax.nn.one_hot(batch.y, K)  # a confident, correct classifier
+    gate_logits = jnp.zeros((256, E + 1))
+    aux = make_aux(classifier_hi=0.2)
+    target, violation = method.gating_target(class_logits, gate_logits, batch, aux)
+    shares = np.asarray(target).mean(axis=0)
+    assert (shares <= np.asarray(aux["hi"]) + 1e-3).all(), shares
+    assert float(violation) <= 1e-3
+    np.testing.assert_allclose(np.asarray(target).sum(axis=1), 1.0, atol=1e-5)
+    if policy == "mask":  # the expert with no label is excluded (expert 1 always answers)
+        assert float(jnp.max(target[:, 0])) < 1e-6
