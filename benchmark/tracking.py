@@ -8,6 +8,7 @@ provenance as JSON artifacts, and the result record itself.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -18,6 +19,7 @@ class Tracker:
         self.enabled = bool(cfg.get("enabled", False))
         self.uri = cfg.get("uri")
         self.experiment = cfg.get("experiment", "l2d-bench")
+        self.artifact_location = cfg.get("artifact_location")
         self._ready = False
 
     def _setup(self) -> None:
@@ -27,6 +29,10 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         if self.uri:
             mlflow.set_tracking_uri(self.uri)
+        if mlflow.get_experiment_by_name(self.experiment) is None and self.artifact_location:
+            # an SQLite store would otherwise put artifacts in ./mlruns of the current dir
+            Path(self.artifact_location).mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(self.experiment, artifact_location=Path(self.artifact_location).resolve().as_uri())
         mlflow.set_experiment(self.experiment)
         self._ready = True
 
