@@ -107,3 +107,17 @@ def test_smoke_sweep_writes_report(tiny_root, tmp_path):
     again = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
                     "method=classifier_only,multi_l2d_softmax")
     assert again.returncode == 0 and "skipped=4" in again.stderr
+
+
+def test_failing_cell_does_not_stop_the_sweep(tiny_root, tmp_path):
+    result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
+                     "method=classifier_only", "workload=none", "missing_rate=1.5,0.0")
+    assert result.returncode == 1  # failures make the sweep exit non-zero ...
+    assert "1 of 2 cells failed" in flat(result.stderr)
+    assert "missing_rate must be in [0, 1], got 1.5" in flat(result.stderr)
+    runs = tmp_path / "runs/smoke/digits/classifier_only"
+    failed = json.loads((runs / "mr1.5/none/seed0/result.json").read_text())
+    assert failed["status"] == "failed"
+    # ... but the cell after the failing one ran and the report was written
+    assert json.loads((runs / "mr0/none/seed0/result.json").read_text())["status"] == "ok"
+    assert (tmp_path / "runs/smoke/report/leaderboard.csv").is_file()
