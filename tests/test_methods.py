@@ -208,3 +208,15 @@ def test_l2d_em_gating_target_respects_the_workload(policy):
     np.testing.assert_allclose(np.asarray(target).sum(axis=1), 1.0, atol=1e-5)
     if policy == "mask":  # the expert with no label is excluded (expert 1 always answers)
         assert float(jnp.max(target[:, 0])) < 1e-6
+
+
+def test_method_template_satisfies_the_contract():
+    """The documented template (not registered) trains and predicts like any method."""
+    from benchmark.spec import Method
+    from methods.template import MyMethod
+
+    method = MyMethod(num_experts=E, num_classes=K)
+    assert isinstance(method, Method) and "my_method" not in NAMES
+    history, logits, scores, _ = run(method)
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert logits.shape == (16, K) and scores.shape == (16, E + 1)
