@@ -14,11 +14,6 @@ import jax
 MISSING = -1
 
 
-def classifier_index(num_experts: int) -> int:
-    """Agent index of the classifier: it comes after the ``num_experts`` humans."""
-    return num_experts
-
-
 def agent_names(num_experts: int) -> list[str]:
     """Human-readable agent names in agent order: ``expert_0..expert_{E-1}, classifier``."""
     return [f"expert_{j}" for j in range(num_experts)] + ["classifier"]

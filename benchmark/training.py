@@ -113,10 +113,6 @@ class TrainedModel:
     samples_seen: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
-    def model(self):
-        """The NNX model (evaluation mode)."""
-        return nnx.merge(self.graphdef, self.params, self.rest)
-
     def predict(self, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Logits and agent scores for every row of ``x``, batched."""
         logits, scores = [], []

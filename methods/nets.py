@@ -169,8 +169,3 @@ class NetworkStack(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.stack([net(x) for net in self.nets])
-
-
-def log_softmax(logits: jax.Array) -> jax.Array:
-    """Numerically stable log-softmax over the last axis."""
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
