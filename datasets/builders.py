@@ -11,10 +11,12 @@ BUILDERS: Registry[Callable[..., Path]] = Registry("dataset builder")
 
 
 @BUILDERS.register("digits")
-def build_digits(root: Path, **_: Any) -> Path:
+def build_digits(root: Path, **unknown: Any) -> Path:
     """scikit-learn digits with three class-specialist experts (the embedded default)."""
     from datasets.digits import materialise_digits
+    from datasets.materialise import check_unknown_options
 
+    check_unknown_options("digits", unknown)
     return materialise_digits(root)
 
 

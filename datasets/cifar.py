@@ -39,8 +39,6 @@ call with different options rewrites the data (and drops the harness's derived
 
 from __future__ import annotations
 
-import json
-import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,8 @@ import numpy as np
 from PIL import Image
 
 from datasets.generators import class_specialist_labels, sample_from_distribution
-from datasets.manifest import atomic_write_text, write_manifest
+from datasets.manifest import write_manifest
+from datasets.materialise import check_unknown_options, materialise
 
 IMAGE_SIZE = 32
 IMAGE_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE
@@ -66,9 +65,7 @@ P_IN = 0.9
 P_OUT = 0.2
 NUM_EXPERTS = 3
 TEST_FRACTION = 0.2
-STAMP = "DATASET.json"
 VERSION = 1  # bump when the written layout or the sampling changes: data is rewritten
-DERIVED_DIRS = ("missing", ".cache")  # written by the harness from our manifests
 
 
 class CifarFormatError(ValueError):
@@ -296,43 +293,6 @@ def _derived_seed(*parts: int) -> int:
 # ----------------------------------------------------------------------------- idempotence
 
 
-def _read_stamp(root: Path) -> dict | None:
-    try:
-        return json.loads((root / STAMP).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _materialise(
-    root: Path, identity: dict, write: Callable[[Path], dict], cleanup: Sequence[str]
-) -> Path:
-    """Run ``write(root)`` unless the stamp matches ``identity``; stamp last.
-
-    ``identity`` (builder, version, options, source fingerprint) decides whether the data on
-    disk is current. On a rebuild over a root this module stamped before, the stale
-    ``cleanup`` folders and the harness's derived folders are removed first.
-    """
-    root = Path(root)
-    previous = _read_stamp(root)
-    if previous is not None and previous.get("identity") == identity:
-        return root
-    if previous is not None and previous.get("identity", {}).get("builder") == identity["builder"]:
-        for name in (*cleanup, *DERIVED_DIRS):
-            shutil.rmtree(root / name, ignore_errors=True)
-    (root / STAMP).unlink(missing_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
-    summary = write(root)
-    atomic_write_text(root / STAMP, json.dumps({"identity": identity, **summary}, indent=1))
-    return root
-
-
-def _check_unknown(builder: str, unknown: dict) -> None:
-    if unknown:
-        raise ValueError(
-            f"dataset builder {builder!r} has no option(s) {', '.join(sorted(unknown))}."
-        )
-
-
 def _check_common(builder: str, num_experts: int, limit: int | None) -> None:
     if int(num_experts) < 1:
         raise ValueError(f"{builder}: num_experts must be at least 1, got {num_experts}.")
@@ -386,7 +346,7 @@ def build_cifar10h(
     ``source`` holds ``test_batch.bin`` and ``cifar10h-probs.npy`` (or ``-counts.npy``);
     ``limit`` keeps only the first N images (fast tests).
     """
-    _check_unknown("cifar10h", unknown)
+    check_unknown_options("cifar10h", unknown)
     _check_common("cifar10h", num_experts, limit)
     source = resolve_source(source, "cifar10h")
     batch_path = source / CIFAR10_TEST_FILE
@@ -436,7 +396,7 @@ def build_cifar10h(
         )
         return summary
 
-    return _materialise(Path(root), identity, write, cleanup=("train", "test"))
+    return materialise(Path(root), identity, write, cleanup=("train", "test"))
 
 
 # ----------------------------------------------------------------------------- CIFAR-10/100
@@ -523,7 +483,7 @@ def _build_official(
             )
         return summary
 
-    return _materialise(Path(root), identity, write, cleanup=tuple(split_files))
+    return materialise(Path(root), identity, write, cleanup=tuple(split_files))
 
 
 def build_cifar10(
@@ -541,7 +501,7 @@ def build_cifar10(
     ``source``: the ``cifar-10-batches-bin`` folder, its parent, or the .tar.gz download;
     ``limit`` keeps the first N images of each split.
     """
-    _check_unknown("cifar10", unknown)
+    check_unknown_options("cifar10", unknown)
     return _build_official(
         "cifar10", Path(root), source, "cifar-10-batches-bin",
         {"train": CIFAR10_TRAIN_FILES, "test": (CIFAR10_TEST_FILE,)}, parse_cifar10,
@@ -565,7 +525,7 @@ def build_cifar100(
     ``source``: the ``cifar-100-binary`` folder, its parent, or the .tar.gz download;
     ``limit`` keeps the first N images of each split.
     """
-    _check_unknown("cifar100", unknown)
+    check_unknown_options("cifar100", unknown)
     return _build_official(
         "cifar100", Path(root), source, "cifar-100-binary",
         {"train": (CIFAR100_TRAIN_FILE,), "test": (CIFAR100_TEST_FILE,)}, parse_cifar100,

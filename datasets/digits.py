@@ -16,14 +16,14 @@ never to defer.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from datasets.generators import class_specialist_labels
-from datasets.manifest import atomic_write_text, write_manifest
+from datasets.manifest import write_manifest
+from datasets.materialise import materialise
 
 NOISE_SIGMA = 0.4
 EXPERT_CLASSES = ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9))
@@ -42,12 +42,22 @@ def _corrupt(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def materialise_digits(root: str | Path) -> Path:
     """Write the digits dataset under ``root`` unless an up-to-date copy is there."""
+    identity = {
+        "builder": "digits",
+        "version": VERSION,
+        "source": "sklearn.datasets.load_digits",
+        "noise_sigma": NOISE_SIGMA,
+        "expert_classes": [list(c) for c in EXPERT_CLASSES],
+        "p_in": P_IN,
+        "p_out": P_OUT,
+    }
+    return materialise(Path(root), identity, _write_digits, cleanup=("train", "test"))
+
+
+def _write_digits(root: Path) -> dict:
+    """PNG files + manifests of both splits; returns the stamp's summary."""
     from sklearn.datasets import load_digits
 
-    root = Path(root)
-    stamp = root / "DATASET.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == VERSION:
-        return root
     digits = load_digits()
     rng = np.random.default_rng(SEED)
     noisy = _corrupt(digits.images, rng)
@@ -68,19 +78,7 @@ def materialise_digits(root: str | Path) -> Path:
                 labels[rows], classes, P_IN, P_OUT, 10, seed=SEED + 100 * (split == "test") + j
             )
             write_manifest(root / f"{split}_expert_{j}.json", files, expert)
-    atomic_write_text(
-        stamp,
-        json.dumps(
-            {
-                "version": VERSION,
-                "source": "sklearn.datasets.load_digits",
-                "noise_sigma": NOISE_SIGMA,
-                "noise": "baked into test images; added afresh per epoch to training images",
-                "expert_classes": EXPERT_CLASSES,
-                "p_in": P_IN,
-                "p_out": P_OUT,
-            },
-            indent=1,
-        ),
-    )
-    return root
+    return {
+        "splits": {split: len(rows) for split, rows in splits.items()},
+        "noise": "baked into test images; added afresh per epoch to training images",
+    }

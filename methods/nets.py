@@ -156,8 +156,7 @@ class NetworkStack(nnx.Module):
 
     Calling it on (B, H, W, C) returns (count, B, num_outputs). The networks are a list
     unrolled inside ``jit`` rather than one vmapped network: a vmap over convolution
-    weights lowers to grouped convolutions, which XLA runs about 100x slower on CPU
-    (measured: 565 ms vs a few ms per Prob-L2D train step on 8x8 digits).
+    weights lowers to grouped convolutions, which XLA's CPU backend runs far slower.
     """
 
     def __init__(

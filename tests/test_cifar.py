@@ -13,6 +13,7 @@ from PIL import Image
 from datasets import cifar
 from datasets.builders import BUILDERS
 from datasets.generators import write_missing_manifests
+from datasets.materialise import STAMP
 from datasets.layout import load_split
 from datasets.manifest import read_manifest
 
@@ -134,7 +135,7 @@ def test_cifar10_builder_writes_pngs_manifests_and_is_idempotent(tmp_path):
             np.testing.assert_array_equal(png_pixels(root / file), truth[f"{split}_images"][row])
     assert len(read_manifest(root / "train_ground_truth.json", 10).files) == 20
 
-    stamp = root / cifar.STAMP
+    stamp = root / STAMP
     before = stamp.stat().st_mtime_ns
     BUILDERS.get("cifar10")(root, source=tmp_path / "download")
     assert stamp.stat().st_mtime_ns == before, "an up-to-date dataset must not be rewritten"
@@ -157,7 +158,7 @@ def test_cifar100_builder_from_archive_uses_super_class_specialists(tmp_path):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     root = BUILDERS.get("cifar100")(tmp_path / "c100", source=archive, p_in=1.0, p_out=0.0)
-    stamp = json.loads((root / cifar.STAMP).read_text())
+    stamp = json.loads((root / STAMP).read_text())
     groups = stamp["expert_groups"]
     assert groups == [list(range(0, 7)), list(range(7, 14)), list(range(14, 20))]
     for split in ("train", "test"):
@@ -207,7 +208,7 @@ def test_cifar10h_split_sizes_and_stratification(cifar10h_root):
     assert not set(train.files) & set(test.files)
     counts_all = np.bincount(np.concatenate([train.y, test.y]), minlength=10)
     np.testing.assert_allclose(np.bincount(test.y, minlength=10), 0.2 * counts_all, atol=1.0)
-    stamp = json.loads((cifar10h_root / cifar.STAMP).read_text())
+    stamp = json.loads((cifar10h_root / STAMP).read_text())
     assert stamp["splits"] == {"train": 1600, "test": 400}
 
 
@@ -246,7 +247,7 @@ def test_cifar10h_missing_manifests_are_nested(cifar10h_root, tmp_path):
 
 @needs_cifar10h
 def test_cifar10h_builder_is_idempotent(cifar10h_root):
-    stamp = cifar10h_root / cifar.STAMP
+    stamp = cifar10h_root / STAMP
     before = stamp.stat().st_mtime_ns
     BUILDERS.get("cifar10h")(cifar10h_root, source=CIFAR10H_SOURCE, limit=CIFAR10H_LIMIT)
     assert stamp.stat().st_mtime_ns == before
@@ -265,7 +266,7 @@ def test_cifar10h_preset_composes_and_validates(cifar10h_root):
     assert cfg.dataset.builder == "cifar10h" and cfg.dataset.num_classes == 10
     assert cfg.dataset.builder_args.source == "../shared/data/cifar10h"
     # the preset's builder_args (relative source, limit) reach the same data: no rebuild
-    stamp = cifar10h_root / cifar.STAMP
+    stamp = cifar10h_root / STAMP
     before = stamp.stat().st_mtime_ns
     BUILDERS.get(cfg.dataset.builder)(cifar10h_root, **cfg.dataset.builder_args)
     assert stamp.stat().st_mtime_ns == before
