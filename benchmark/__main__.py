@@ -7,6 +7,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from benchmark.config import register_method_configs
+
+register_method_configs()  # method=<name> for every registered method, from its dataclass
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
@@ -17,8 +20,10 @@ def main(cfg: DictConfig) -> dict:
     from benchmark.console import print_cell
     from benchmark.runner import run_cell
 
-    record = run_cell(OmegaConf.to_container(cfg, resolve=True))
-    if HydraConfig.get().mode == RunMode.RUN:
+    hydra_cfg = HydraConfig.get()
+    choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+    record = run_cell(OmegaConf.to_container(cfg, resolve=True), choices)
+    if hydra_cfg.mode == RunMode.RUN:
         print_cell(record)
         if record["status"] == "failed":
             sys.exit(1)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 def _count(key: str, value: str) -> int | None:
-    """How many values a sweep override like ``a,b,c`` or ``glob(*,exclude=x)`` takes."""
+    """How many values a sweep override like ``a,b,c`` or ``glob(*)`` takes (None: unknown)."""
     value = str(value).strip()
     if value.startswith("glob("):
-        options = [p.stem for p in (CONF_DIR / key).glob("*.yaml")]
-        excluded = value.split("exclude=")[1].rstrip(")").strip("[]").split(",") if "exclude=" in value else []
-        return len([o for o in options if o not in excluded])
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        override = OverridesParser.create().parse_override(f"{key}={value}")
+        options = GlobalHydra.instance().config_loader().get_group_options(key)
+        return len(list(override.value().filter(options)))
     if "(" in value:
         return None
     return len(value.split(","))
@@ -26,7 +26,7 @@ def _count(key: str, value: str) -> int | None:
 
 def sweep_size(config: DictConfig) -> int | None:
     """Number of cells the basic sweeper will run (None if it cannot be told)."""
-    params = dict(OmegaConf.to_container(config.hydra.sweeper.get("params") or {}))
+    params = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
     for override in config.hydra.overrides.task:
         key, _, value = override.partition("=")
         params[key.lstrip("+~")] = value

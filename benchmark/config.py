@@ -1,54 +1,142 @@
-"""Hydra config -> typed objects (dataset files, task spec, method, workload bounds).
+"""Hydra config -> frozen typed objects, parsed once at the entry point.
 
-Every invalid setting raises ``ConfigError`` with a message that names the option.
+* ``register_method_configs``: every registered method becomes the Hydra config
+  ``method=<name>`` (a structured config generated from its dataclass: the dataclass is
+  the one definition of a method's options and defaults).
+* ``parse_run``: a composed cell config -> ``RunConfig`` (dataset, loader, optimiser,
+  method, workload bounds, paths). Every invalid setting raises ``ConfigError`` naming
+  the option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-import numpy as np
-
-from benchmark.spec import TaskSpec, WorkloadBounds, agent_names
+from benchmark.spec import TASK_FIELDS, Method, TaskSpec, WorkloadBounds, agent_names
 
 
 class ConfigError(ValueError):
     """An invalid configuration value (message names the option)."""
 
 
-@dataclass(frozen=True)
-class DatasetFiles:
-    """Where a dataset's manifests are, with the missing rate applied."""
-
-    name: str
-    root: Path
-    num_classes: int
-    train_ground_truth: str
-    train_experts: tuple[str, ...]
-    complete_experts: tuple[str, ...] | None
-    test_ground_truth: str
-    test_experts: tuple[str, ...]
-
-
-MANAGED_DATA_DIR = "data"  # builders write only below <repo>/data; other roots are user data
-
-
-def _is_managed(root: Path, managed: Path) -> bool:
-    """Whether the harness may (re)build a dataset at ``root``."""
-    try:
-        root.resolve().relative_to(managed.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_path(path: str | Path, base: Path) -> Path:
     """``path`` as is if absolute, else relative to ``base`` (the repository root)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else base / path
+
+
+# ----------------------------------------------------------------------------- method configs
+
+
+def method_options(cls: type) -> dict[str, Any]:
+    """A method class's user-settable options and their defaults (task fields excluded)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls)
+        if f.name not in TASK_FIELDS and f.default is not dataclasses.MISSING
+    }
+
+
+def method_params_schema(cls: type) -> type:
+    """A dataclass of ``cls``'s options (their types and defaults), for Hydra's ConfigStore."""
+    hints = typing.get_type_hints(cls)
+    fields = [(name, hints[name], dataclasses.field(default=default))
+              for name, default in method_options(cls).items()]
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", fields, frozen=False)
+
+
+def register_method_configs() -> None:
+    """Store ``method=<name>`` in Hydra's ConfigStore for every registered method.
+
+    Each node is ``{name, label, params}``: ``params`` is typed from the dataclass, so an
+    unknown option or a wrong type fails when Hydra composes the config; ``label`` (optional)
+    names the variant in reports instead of the generated label.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from methods import METHODS, load_all
+
+    load_all()
+    store = ConfigStore.instance()
+    for name in METHODS.names():
+        options = method_params_schema(METHODS.get(name))
+        node = dataclasses.make_dataclass(
+            f"{METHODS.get(name).__name__}Config",
+            [("name", str, dataclasses.field(default=name)),
+             ("label", Optional[str], dataclasses.field(default=None)),
+             ("params", options, dataclasses.field(default_factory=options))],
+        )
+        store.store(group="method", name=name, node=node)
+
+
+def build_method(cfg: Mapping[str, Any], spec: TaskSpec) -> Method:
+    """Instantiate the registered method ``cfg["name"]`` with ``cfg["params"]``."""
+    from methods import get_method_class
+    from methods.common import MethodConfigError
+
+    cls = get_method_class(str(cfg["name"]))
+    params = dict(cfg.get("params") or {})
+    options = method_options(cls)
+    unknown = sorted(set(params) - set(options))
+    if unknown:
+        raise ConfigError(
+            f"method {cfg['name']!r} has no option(s) {', '.join(unknown)}; "
+            f"its options are {', '.join(sorted(options)) or '(none)'}."
+        )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    task = {"num_experts": spec.num_experts, "num_classes": spec.num_classes}
+    params.update({k: v for k, v in task.items() if k in fields})
+    try:
+        return cls(**params)
+    except MethodConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+# ----------------------------------------------------------------------------- typed settings
+
+
+def _number(cfg: Mapping[str, Any], key: str, option: str, kind: type, minimum=None):
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{option} must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
+    value = kind(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{option} must be >= {minimum}, got {value}.")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Training loop settings (``train.*``)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+
+    @classmethod
+    def parse(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
+        return cls(
+            epochs=_number(cfg, "epochs", "train.epochs", int, 1),
+            batch_size=_number(cfg, "batch_size", "train.batch_size", int, 1),
+            learning_rate=_number(cfg, "learning_rate", "train.learning_rate", float, 0.0),
+            momentum=_number(cfg, "momentum", "train.momentum", float, 0.0),
+            weight_decay=_number(cfg, "weight_decay", "train.weight_decay", float, 0.0),
+        )
+
+
+def _frozen(value: Any) -> Any:
+    """Lists -> tuples and mappings -> sorted item tuples, recursively (hashable settings)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def _names(value: Any, option: str) -> tuple[str, ...]:
@@ -59,71 +147,62 @@ def _names(value: Any, option: str) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-def missing_manifest_dir(rate: float, seed: int) -> str:
-    """Folder (relative to the dataset root) of the manifests generated at ``rate``."""
-    return f"missing/rate_{rate:g}/seed_{seed}"
+@dataclass(frozen=True)
+class DatasetConfig:
+    """A dataset preset (``dataset.*``) with its paths resolved."""
 
+    name: str
+    root: Path
+    builder: str | None
+    builder_args: tuple[tuple[str, Any], ...]
+    num_classes: int
+    image: tuple[int, int, int]  # (H, W, C)
+    backbone: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: tuple[tuple[str, Any], ...]
+    cache: bool
+    missing_seed: int
+    train_ground_truth: str
+    train_experts: tuple[str, ...]
+    complete_experts: tuple[str, ...] | None
+    test_ground_truth: str
+    test_experts: tuple[str, ...]
 
-def dataset_files(cfg: Mapping[str, Any], missing_rate: float, base: Path) -> DatasetFiles:
-    """Dataset config + missing rate -> manifest paths (missing manifests generated here).
-
-    A dataset with a ``builder`` is materialised on first use when its root lies below
-    the repository's ``data/`` folder; a root elsewhere is the user's and is only read.
-    """
-    from datasets.generators import write_missing_manifests
-    from datasets.manifest import read_manifest
-
-    if not 0.0 <= float(missing_rate) <= 1.0:
-        raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
-    root = resolve_path(cfg["root"], base)
-    if cfg.get("builder") and _is_managed(root, base / MANAGED_DATA_DIR):
-        from datasets.builders import BUILDERS
-
-        BUILDERS.get(cfg["builder"])(root, **dict(cfg.get("builder_args") or {}))
-    if not root.is_dir():
-        from datasets.manifest import ManifestError
-
-        raise ManifestError(
-            f"{root}: dataset root does not exist or is not a directory (dataset.root="
-            f"{cfg['root']!r}; relative roots are resolved against {base})."
+    @classmethod
+    def parse(cls, cfg: Mapping[str, Any], base: Path) -> "DatasetConfig":
+        image = cfg["image"]
+        train, test = cfg["train"], cfg["test"]
+        return cls(
+            name=str(cfg["name"]),
+            root=resolve_path(cfg["root"], base),
+            builder=cfg.get("builder"),
+            builder_args=_frozen(cfg.get("builder_args") or {}),
+            num_classes=_number(cfg, "num_classes", "dataset.num_classes", int, 2),
+            image=(int(image["height"]), int(image["width"]), int(image["channels"])),
+            backbone=str(cfg.get("backbone", "small_cnn")),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            augment=_frozen(cfg.get("augment") or {}),
+            cache=bool(cfg.get("cache", True)),
+            missing_seed=_number(cfg, "missing_seed", "dataset.missing_seed", int, 0),
+            train_ground_truth=str(train["ground_truth"]),
+            train_experts=_names(train["experts"], "dataset.train.experts"),
+            complete_experts=_names(train.get("complete_experts"), "dataset.train.complete_experts") or None,
+            test_ground_truth=str(test["ground_truth"]),
+            test_experts=_names(test["experts"], "dataset.test.experts"),
         )
-    train, test = cfg["train"], cfg["test"]
-    experts = _names(train["experts"], "dataset.train.experts")
-    complete = _names(train.get("complete_experts"), "dataset.train.complete_experts") or None
-    if missing_rate > 0:
-        num_classes = int(cfg["num_classes"])
-        folder = missing_manifest_dir(float(missing_rate), int(cfg.get("missing_seed", 0)))
-        derived = tuple(f"{folder}/{Path(name).name}" for name in experts)
-        if not all((root / name).is_file() for name in derived):
-            gt = read_manifest(root / train["ground_truth"], num_classes)
-            sources = [read_manifest(root / name, num_classes) for name in experts]
-            write_missing_manifests(
-                sources, gt.files, float(missing_rate), int(cfg.get("missing_seed", 0)),
-                [root / name for name in derived],
-            )
-        complete = complete or experts
-        experts = derived
-    return DatasetFiles(
-        name=str(cfg["name"]),
-        root=root,
-        num_classes=int(cfg["num_classes"]),
-        train_ground_truth=str(train["ground_truth"]),
-        train_experts=experts,
-        complete_experts=complete,
-        test_ground_truth=str(test["ground_truth"]),
-        test_experts=_names(test["experts"], "dataset.test.experts"),
-    )
 
+    def task_spec(self) -> TaskSpec:
+        """The static task description (experts counted from the training manifests)."""
+        return TaskSpec(self.num_classes, len(self.train_experts), self.image, self.backbone)
 
-def task_spec(cfg: Mapping[str, Any], num_experts: int) -> TaskSpec:
-    """The static task description of a dataset config."""
-    image = cfg["image"]
-    return TaskSpec(
-        num_classes=int(cfg["num_classes"]),
-        num_experts=num_experts,
-        input_shape=(int(image["height"]), int(image["width"]), int(image["channels"])),
-        backbone=str(cfg.get("backbone", "small_cnn")),
-    )
+    def loader(self, batch_size: int):
+        """The training loader configuration (``datasets.source.LoaderConfig``)."""
+        from datasets.source import Augment, LoaderConfig
+
+        return LoaderConfig(batch_size=batch_size, mean=self.mean, std=self.std,
+                            augment=Augment(**dict(self.augment)), drop_remainder=True)
 
 
 def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
@@ -133,7 +212,7 @@ def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
     ``balanced_slack`` set, each human gets an equal share of what the classifier leaves,
     +/- the slack; ``lo``/``hi`` lists (E+1 values, classifier last) override everything.
     """
-    from benchmark.workload import InfeasibleBoundsError, check_bounds
+    from benchmark.bounds import InfeasibleBoundsError, check_bounds
 
     classifier = cfg.get("classifier") or {}
     humans = cfg.get("humans") or {}
@@ -158,31 +237,50 @@ def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
             else:
                 hi = values
     try:
-        check_bounds(np.asarray(lo), np.asarray(hi), agent_names(num_experts))
+        check_bounds(lo, hi, agent_names(num_experts))
     except InfeasibleBoundsError as err:
         raise ConfigError(f"workload preset {cfg.get('name', '?')!r}: {err}") from None
     return WorkloadBounds(lo=tuple(lo), hi=tuple(hi))
 
 
-def build_method(cfg: Mapping[str, Any], spec: TaskSpec):
-    """Instantiate the registered method named ``cfg.name`` with ``cfg.params``."""
-    from methods import get_method_class
-    from methods.common import MethodConfigError
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one grid cell needs, typed and validated."""
 
-    cls = get_method_class(str(cfg["name"]))
-    params = dict(cfg.get("params") or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(
-            f"method {cfg['name']!r} has no option(s) {', '.join(unknown)}; "
-            f"its options are {', '.join(sorted(fields - {'num_experts', 'num_classes'}))}."
-        )
-    if "num_experts" in fields:
-        params["num_experts"] = spec.num_experts
-    if "num_classes" in fields:
-        params["num_classes"] = spec.num_classes
-    try:
-        return cls(**params)
-    except MethodConfigError as err:
-        raise ConfigError(str(err)) from None
+    dataset: DatasetConfig
+    missing_rate: float
+    seed: int
+    spec: TaskSpec
+    method: Method
+    bounds: WorkloadBounds
+    train: TrainSettings
+    assignment_batch: int | None
+    results_dir: Path
+    cache_dir: Path
+    force: bool
+    tracking: Mapping[str, Any]
+
+
+def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
+    """A composed cell config (a plain dict) -> ``RunConfig``; ``ConfigError`` names bad options."""
+    missing_rate = _number(cfg, "missing_rate", "missing_rate", float, 0.0)
+    if missing_rate > 1.0:
+        raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
+    dataset = DatasetConfig.parse(cfg["dataset"], base)
+    spec = dataset.task_spec()
+    batch = (cfg.get("eval") or {}).get("assignment_batch")
+    return RunConfig(
+        dataset=dataset,
+        missing_rate=missing_rate,
+        seed=_number(cfg, "seed", "seed", int, 0),
+        spec=spec,
+        method=build_method(cfg["method"], spec),
+        bounds=workload_bounds(cfg["workload"], spec.num_experts),
+        train=TrainSettings.parse(cfg["train"]),
+        assignment_batch=None if batch is None else _number(cfg["eval"], "assignment_batch",
+                                                            "eval.assignment_batch", int, 1),
+        results_dir=resolve_path(cfg["results_dir"], base),
+        cache_dir=resolve_path(cfg["cache_dir"], base),
+        force=bool(cfg.get("force", False)),
+        tracking=dict(cfg.get("tracking") or {}),
+    )

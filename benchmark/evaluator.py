@@ -134,7 +134,7 @@ def evaluate(
     ``assignment_batch`` solves the constrained assignment per chunk of that many test
     samples (as a deployed system would per batch); None solves it over the whole set.
     """
-    from benchmark.workload import capacity_assignment
+    from benchmark.assignment import capacity_assignment
 
     num_experts = t.shape[1]
     class_pred = logits.argmax(axis=1)

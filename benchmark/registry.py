@@ -8,6 +8,12 @@ from typing import Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+def did_you_mean(name: str, choices, n: int = 3) -> str:
+    """`` Did you mean 'x' or 'y'?`` for the choices closest to ``name`` ('' if none is close)."""
+    close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 class UnknownNameError(KeyError):
     """A name that is not registered; the message suggests the closest names."""
 
@@ -36,8 +42,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The object registered under ``name``, or an error naming the close matches."""
         if name not in self._entries:
-            close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, self._entries)
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}.{hint} Registered: {', '.join(sorted(self._entries))}."
             )

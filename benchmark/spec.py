@@ -1,17 +1,26 @@
-"""The contract of l2d-bench: what every method, loader and evaluator agrees on.
+"""The contract of l2d-bench: what every method, loader, runner and report agrees on.
 
 Agents are indexed ``0..E-1`` for the E human experts and ``E`` for the classifier
 (the classifier is last). A missing expert annotation is encoded as ``MISSING`` (-1).
+
+**Score scale.** ``Method.agent_scores`` returns, per sample and agent, a probability in
+[0, 1] that routing the sample to that agent gives a correct answer (a method's estimate:
+a gating probability, a calibrated correctness probability, a softmax share). Higher is
+better. Decisions are the argmax, or the capacity-constrained assignment that maximises
+``ASSIGNMENT_OBJECTIVE``: the sum of the chosen agents' scores over the test set (the
+expected number of correct answers). The runner rejects scores outside [0, 1].
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 import jax
 
 MISSING = -1
+SCORE_RANGE = (0.0, 1.0)
+ASSIGNMENT_OBJECTIVE = "maximise the sum over samples of agent_scores[i, agent(i)]"
 
 
 def agent_names(num_experts: int) -> list[str]:
@@ -54,30 +63,153 @@ class WorkloadBounds:
     hi: tuple[float, ...]
 
 
-@runtime_checkable
-class Method(Protocol):
-    """What every registered L2D method provides.
+class UndeclaredBoundsError(RuntimeError):
+    """A method read workload bounds in training without declaring ``workload_in_training``."""
 
-    A method object is a frozen dataclass of hyper-parameters (hashable: it is passed to
-    ``jax.jit`` as a static argument, never ``self`` closed over arrays). All arrays live
-    in the Flax NNX model it builds. The shared trainer (``benchmark.training``) owns the
-    optimiser and the loop; the evaluator turns ``agent_scores`` into decisions.
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainInputs:
+    """Per-step inputs of ``Method.loss`` that are not hyper-parameters (a pytree of arrays).
+
+    progress: scalar float32, the fraction of training done (0 at the first step).
+    lo, hi: (E+1,) float32 workload bounds, present only for methods that declare
+    ``workload_in_training = True`` (read them through ``bounds``).
     """
 
-    name: str
+    progress: jax.Array
+    lo: jax.Array | None = None
+    hi: jax.Array | None = None
+
+    @property
+    def bounds(self) -> tuple[jax.Array, jax.Array]:
+        """``(lo, hi)``; raises ``UndeclaredBoundsError`` if the method did not declare them."""
+        if self.lo is None or self.hi is None:
+            raise UndeclaredBoundsError(
+                "this method reads the workload bounds in training but does not declare "
+                "`workload_in_training = True`; declare it so that its predictions are "
+                "trained once per workload instead of reused across workloads."
+            )
+        return self.lo, self.hi
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What every registered L2D method provides (defaults: ``methods.common.MethodBase``).
+
+    A method object is a frozen dataclass of hyper-parameters (hashable: it is passed to
+    ``jax.jit`` as a static argument, never ``self`` closed over arrays). Its registered
+    name and field defaults are its whole definition: the Hydra config ``method=<name>``
+    is generated from them. Fields named in ``TASK_FIELDS`` are filled from the task by
+    the runner. All arrays live in the Flax NNX model it builds. The shared trainer
+    (``benchmark.training``) owns the optimiser and the loop; the evaluator turns
+    ``agent_scores`` into decisions.
+    """
+
+    name: ClassVar[str]
+    trains: ClassVar[bool]  # default True; False: no gradient step (e.g. best_expert)
+    workload_in_training: ClassVar[bool]  # default False; True: loss reads inputs.bounds
+    missing_policies: ClassVar[tuple[str, ...]]  # accepted ``missing_policy`` values; () = any
+    sees_test_labels: ClassVar[bool]  # default False; True only for the oracle reference row
+    role: ClassVar[str]  # "method" (default) or "reference" (oracle, random, ...)
 
     def init_model(self, spec: TaskSpec, rngs: Any) -> Any:
         """Build the NNX model (all networks of the method) from ``nnx.Rngs``."""
 
-    def loss(self, model: Any, batch: Batch, aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Scalar training loss and a dict of scalar metrics; pure and jittable.
+    def prepare(self, model: Any, train_split: Any) -> None:
+        """Run once before training with the in-memory training split (``.x, .y, .t``).
 
-        ``aux`` carries traced per-run inputs that are not hyper-parameters (for example
-        workload bounds as arrays); methods that need none ignore it.
+        Default: nothing.
         """
+
+    def loss(self, model: Any, batch: Batch, inputs: TrainInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar training loss and a dict of scalar metrics; pure and jittable."""
 
     def classify(self, model: Any, x: jax.Array) -> jax.Array:
         """(B, K) class logits of the method's classifier."""
 
     def agent_scores(self, model: Any, x: jax.Array) -> jax.Array:
-        """(B, E+1) scores, higher = better choice of agent (classifier last)."""
+        """(B, E+1) scores in [0, 1] on the scale stated in this module's docstring."""
+
+    def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
+        """(B, E, K) inferred distribution of the experts' labels; default None (not modelled)."""
+
+    def scores_from_labels(self, logits: Any, scores: Any, y: Any, t: Any) -> Any:
+        """Test-time scores of a method with ``sees_test_labels`` (numpy, on the host).
+
+        Default: ``scores`` unchanged.
+        """
+
+
+TASK_FIELDS = ("num_experts", "num_classes")  # method fields the runner fills from the task
+
+
+# ----------------------------------------------------------------------------- result record
+
+RECORD_SCHEMA = 2
+RECORD_NAME = "result.json"
+STATUSES = ("ok", "failed")
+
+
+class CellKey(TypedDict):
+    """Identity of a result row: one record per distinct value.
+
+    ``dataset``, ``method`` and ``workload`` are variant labels: the preset or method name,
+    plus every setting that differs from its default (``prob_l2d[estep=meanfield]``,
+    ``paper[classifier.hi=0.3]``, ``digits@1a2b3c4d`` for changed dataset settings).
+    Training settings that differ from the experiment's defaults join the method label.
+    """
+
+    dataset: str
+    method: str
+    missing_rate: float
+    workload: str
+    seed: int
+
+
+CELL_KEYS = tuple(CellKey.__annotations__)
+
+
+class ResultRecord(TypedDict, total=False):
+    """One grid cell's result, written by the runner as ``result.json``.
+
+    Read everywhere through ``benchmark.records`` (which checks the schema).
+    """
+
+    schema: int  # RECORD_SCHEMA
+    status: str  # "ok" | "failed"
+    error: str | None
+    traceback: str | None
+    cell: CellKey
+    method_name: str  # registered name of the method (the label's base)
+    role: str  # "method" | "reference"
+    variant: dict[str, Any]  # the non-default settings behind the labels
+    fingerprint: str  # hash of every setting that defines the result
+    agents: list[str]
+    workload_bounds: dict[str, list[float]]  # {"lo": [...], "hi": [...]}
+    metrics: dict[str, dict[str, float]]  # {"argmax": {...}, "constrained": {...}}
+    run_metrics: dict[str, float | None]  # train_seconds, samples_per_second, ...
+    curves: dict[str, list[float]]  # {"coverage": [...], "accuracy": [...]}
+    provenance: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_error: str | None
+    finished_at: str
+
+
+def check_record(record: Any, where: str = "record") -> ResultRecord:
+    """``record`` if it follows the schema, else ``ValueError`` prefixed by ``where``."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a result record must be a JSON object")
+    if record.get("schema") != RECORD_SCHEMA:
+        raise ValueError(
+            f"{where}: unsupported record schema {record.get('schema')!r} (this version reads "
+            f"schema {RECORD_SCHEMA}; re-run the cell to rewrite it)"
+        )
+    cell = record.get("cell")
+    if not isinstance(cell, dict) or any(key not in cell for key in CELL_KEYS):
+        raise ValueError(f"{where}: 'cell' must hold {', '.join(CELL_KEYS)}")
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"{where}: status must be 'ok' or 'failed', got {record.get('status')!r}")
+    if record["status"] == "ok" and not isinstance(record.get("metrics"), dict):
+        raise ValueError(f"{where}: a record with status 'ok' must hold 'metrics'")
+    return record  # type: ignore[return-value]

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmark.spec import Batch, Method, TaskSpec
+from benchmark.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,14 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["params", "rest", "opt
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
 def train_step(
-    method: Method, graphdef: Any, optim: OptimConfig, state: TrainState, batch: Batch, aux: dict
+    method: Method, graphdef: Any, optim: OptimConfig, state: TrainState, batch: Batch,
+    inputs: TrainInputs,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on ``method.loss``; returns the new state and scalar metrics."""
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
-        loss, metrics = method.loss(model, batch, aux)
+        loss, metrics = method.loss(model, batch, inputs)
         return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -94,10 +95,11 @@ def predict(method: Method, graphdef: Any, params: Any, rest: Any, x: jax.Array)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def impute_step(method: Method, graphdef: Any, params: Any, rest: Any, batch: Batch, aux: dict):
+def impute_step(method: Method, graphdef: Any, params: Any, rest: Any, batch: Batch,
+                inputs: TrainInputs):
     """(B, E, K) inferred expert-label distribution, or None if the method has none."""
     model = nnx.merge(graphdef, params, rest)
-    return method.impute(model, batch, aux)
+    return method.impute(model, batch, inputs)
 
 
 @dataclasses.dataclass
@@ -123,17 +125,25 @@ class TrainedModel:
             scores.append(np.asarray(out[1]))
         return np.concatenate(logits), np.concatenate(scores)
 
-    def impute(self, batches: list[Batch], aux: dict[str, Any]) -> np.ndarray | None:
+    def impute(self, batches: list[Batch], bounds: WorkloadBounds) -> np.ndarray | None:
         """Inferred (N, E, K) expert-label distributions over ``batches`` (None if unmodelled)."""
-        aux = {**{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}, "progress": jnp.float32(1.0)}
+        inputs = train_inputs(self.method, bounds, 1.0)
         out = []
         for batch in batches:
             batch = Batch(*(jnp.asarray(a) for a in batch))
-            q_t = impute_step(self.method, self.graphdef, self.params, self.rest, batch, aux)
+            q_t = impute_step(self.method, self.graphdef, self.params, self.rest, batch, inputs)
             if q_t is None:
                 return None
             out.append(np.asarray(q_t))
         return np.concatenate(out)
+
+
+def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float) -> TrainInputs:
+    """The ``TrainInputs`` of one step; bounds only for methods that declare they use them."""
+    if method.workload_in_training and bounds is not None:
+        return TrainInputs(jnp.float32(progress), jnp.asarray(bounds.lo, jnp.float32),
+                           jnp.asarray(bounds.hi, jnp.float32))
+    return TrainInputs(jnp.float32(progress))
 
 
 def init_model(method: Method, spec: TaskSpec, seed: int):
@@ -148,19 +158,18 @@ def fit(
     *,
     epochs: int,
     optim: OptimConfig,
-    aux: dict[str, Any],
+    bounds: WorkloadBounds | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainedModel:
     """Train ``model`` for ``epochs`` (``epoch_batches(e)`` yields epoch e's batches).
 
-    ``aux`` holds traced inputs of the loss (e.g. workload bounds); the trainer adds
-    ``progress`` (fraction of training done). The first step, which compiles, is timed
+    Each step gets ``TrainInputs``: the fraction of training done and, if the method
+    declares ``workload_in_training``, the workload ``bounds``. The first step, which compiles, is timed
     apart as ``compile_seconds`` and left out of ``train_seconds``.
     """
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = TrainState(params, rest, make_optimizer(optim).init(params))
-    aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
     total_steps = max(optim.total_steps, 1)
     step, seen, train_seconds, compile_seconds, history = 0, 0, 0.0, 0.0, []
     for epoch in range(epochs):
@@ -168,8 +177,8 @@ def fit(
         start = time.perf_counter()
         for batch in epoch_batches(epoch):
             batch = Batch(*(jnp.asarray(a) for a in batch))
-            step_aux = {**aux, "progress": jnp.float32(step / total_steps)}
-            state, metrics = train_step(method, graphdef, optim, state, batch, step_aux)
+            inputs = train_inputs(method, bounds, step / total_steps)
+            state, metrics = train_step(method, graphdef, optim, state, batch, inputs)
             if step == 0:
                 jax.block_until_ready(state.params)
                 compile_seconds = time.perf_counter() - start

@@ -1,8 +1,13 @@
-"""L2D methods. Importing this package registers every method module below."""
+"""L2D methods. ``load_all`` imports every method module below (each registers itself),
+plus the modules named in the environment variable ``L2D_METHODS`` (comma-separated
+importable module names: methods kept outside this repository)."""
+
+import os
 
 from benchmark.registry import Registry
 
 METHODS: Registry = Registry("method")
+HELPER_MODULES = {"nets", "losses", "estep", "projection", "template", "common"}
 
 
 def load_all() -> None:
@@ -11,8 +16,10 @@ def load_all() -> None:
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in {"nets", "losses", "estep", "template", "common"}:
+        if info.name not in HELPER_MODULES:
             importlib.import_module(f"{__name__}.{info.name}")
+    for module in filter(None, (m.strip() for m in os.environ.get("L2D_METHODS", "").split(","))):
+        importlib.import_module(module)
 
 
 def get_method_class(name: str):

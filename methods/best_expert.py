@@ -31,6 +31,7 @@ def expert_accuracies(y: np.ndarray, t: np.ndarray, policy: str) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class BestExpert(MethodBase):
     name = "best_expert"
+    role = "reference"
     trains = False
     missing_policies = ("mask", "as_incorrect")
     missing_policy: str = "mask"
@@ -47,7 +48,7 @@ class BestExpert(MethodBase):
                                      self.missing_policy)
         model.expert[...] = jnp.int32(np.argmax(accuracy))
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         return jnp.float32(0.0), {}
 
     def classify(self, model, x):

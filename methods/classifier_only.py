@@ -18,12 +18,13 @@ from methods.nets import Network
 @dataclasses.dataclass(frozen=True)
 class ClassifierOnly(MethodBase):
     name = "classifier_only"
+    role = "reference"
     num_experts: int = 0
 
     def init_model(self, spec: TaskSpec, rngs):
         return Network(spec.backbone, spec.input_shape[-1], spec.num_classes, rngs=rngs)
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         loss = cross_entropy(model(batch.x), batch.y)
         return loss, {}
 

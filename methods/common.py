@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from benchmark.spec import Batch, TrainInputs
 from methods.nets import Network
 
 MISSING_POLICIES = ("as_incorrect", "drop", "mask", "impute")
@@ -23,13 +24,9 @@ class MethodConfigError(ValueError):
 class MethodBase:
     """Base of registered methods: a frozen, hashable dataclass of hyper-parameters.
 
-    Class attributes describe the method to the runner:
-    - ``trains``: False for reference rows that need no gradient steps.
-    - ``workload_in_training``: True if the workload bounds change training (then the
-      runner cannot reuse one trained model across workload presets).
-    - ``missing_policies``: the ``missing_policy`` values the method accepts.
-    - ``sees_test_labels``: True only for reference rows (the oracle) whose test-time
-      scores are ``scores_from_labels(logits, scores, y, t)``, computed on the host.
+    Supplies the defaults of every optional member of ``benchmark.spec.Method`` (see there
+    for what each means). A method that accepts ``missing_policy`` declares the field and
+    the accepted values in ``missing_policies``; an unsupported value is refused here.
     """
 
     name: ClassVar[str] = ""
@@ -37,13 +34,13 @@ class MethodBase:
     workload_in_training: ClassVar[bool] = False
     missing_policies: ClassVar[tuple[str, ...]] = ()
     sees_test_labels: ClassVar[bool] = False
-
-    missing_policy: str = "as_incorrect"
+    role: ClassVar[str] = "method"
 
     def __post_init__(self):
-        if self.missing_policies and self.missing_policy not in self.missing_policies:
+        policy = getattr(self, "missing_policy", None)
+        if self.missing_policies and policy not in self.missing_policies:
             raise MethodConfigError(
-                f"method {self.name!r} does not support missing_policy={self.missing_policy!r}; "
+                f"method {self.name!r} does not support missing_policy={policy!r}; "
                 f"choose one of {', '.join(self.missing_policies)}."
             )
 
@@ -54,7 +51,7 @@ class MethodBase:
         """Test-time scores for reference rows that may look at the labels (default: as is)."""
         return scores
 
-    def impute(self, model: Any, batch: Any, aux: Any) -> jax.Array | None:
+    def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
         """(B, E, K) inferred distribution of expert labels, or None if not modelled."""
         return None
 
@@ -95,12 +92,13 @@ class DeferralSurrogate(MethodBase):
     """
 
     num_experts: int = 0
+    missing_policy: str = "as_incorrect"
 
     def init_model(self, spec, rngs):
         outputs = spec.num_classes + spec.num_experts
         return Network(spec.backbone, spec.input_shape[-1], outputs, rngs=rngs)
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         return self.surrogate(model(batch.x), batch.y, batch.t, self.missing_policy), {}
 
     def classify(self, model, x):

@@ -32,7 +32,7 @@ class CompareConfidence(MethodBase):
             correctness=Network(spec.backbone, channels, spec.num_experts, rngs=rngs),
         )
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         classifier = cross_entropy(model.classifier(batch.x), batch.y)
         correct = correctness_loss(model.correctness(batch.x), batch.y, batch.t, self.missing_policy)
         return classifier + correct, {"classifier_ce": classifier, "correctness_bce": correct}

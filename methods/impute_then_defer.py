@@ -1,7 +1,7 @@
 """``impute_then_defer``: impute missing annotations, then learn to defer (after Hemmer et al., 2023).
 
 Two stages in one compiled step (the stage is chosen with ``jnp.where`` on
-``aux["progress"]``, the fraction of training done):
+``inputs.progress``, the fraction of training done):
 1. ``progress < annotator_fraction``: only the E annotator models learn, by cross-entropy on
    the observed labels (``annotator_loss``).
 2. Afterwards missing labels are filled with the annotators' argmax (under
@@ -56,16 +56,16 @@ class ImputeThenDefer(MethodBase):
     def _annotator_logits(self, model, x):
         return jnp.swapaxes(model.annotators(x), 0, 1)  # (B, E, K)
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         annot_logits = self._annotator_logits(model, batch.x)
         annot = annotator_loss(annot_logits, batch.t)
         t_imputed = jnp.argmax(jax.lax.stop_gradient(annot_logits), axis=-1)
         defer = softmax_deferral_loss(model.deferral(batch.x), batch.y, batch.t, "impute", t_imputed)
-        second_stage = aux["progress"] >= self.annotator_fraction
+        second_stage = inputs.progress >= self.annotator_fraction
         total = annot + jnp.where(second_stage, defer, 0.0)
         return total, {"annotator_ce": annot, "deferral_loss": defer}
 
-    def impute(self, model, batch, aux):
+    def impute(self, model, batch, inputs):
         return jax.nn.softmax(self._annotator_logits(model, batch.x), axis=-1)
 
     def classify(self, model, x):

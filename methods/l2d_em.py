@@ -5,10 +5,10 @@ A classifier ``p(c | x)`` trained by cross-entropy on ``y`` and a gating network
 constrained posterior ``q'(z)``. E-step (no annotator models):
 ``q(z = k) ∝ p(z = k | x) p(y | t_k)`` with ``p(y | c) = (1 - a) 1[y = c] + a / K``;
 a human uses its observed label, the classifier its marginal ``sum_c p(c | x) p(y | c)``;
-then ``q' = constrain_posterior(q, lo, hi)`` (``aux`` bounds), all under ``stop_gradient``.
+then ``q' = constrain_posterior(q, lo, hi)`` (the workload bounds of ``TrainInputs``), all under ``stop_gradient``.
 A missing human label, by ``missing_policy``: "as_incorrect" (default: ``p(y | t) = a / K``)
 or "mask" (that agent is excluded from the row: ``q(z = k) = 0``).
-Agent scores are the gating log-probabilities.
+Agent scores are the gating probabilities.
 
 Behaviour to expect: the posterior weighs the classifier by its probability of ``y``
 (well below 1 on hard inputs, even when its argmax is right) and a correct human by about
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmark.spec import MISSING
-from benchmark.workload import constrain_posterior
+from methods.projection import constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, Networks, cross_entropy, require_experts
 from methods.losses import cross_entropy as soft_cross_entropy
@@ -52,6 +52,7 @@ class L2DEM(MethodBase):
     name = "l2d_em"
     workload_in_training = True
     missing_policies = ("as_incorrect", "mask")
+    missing_policy: str = "as_incorrect"
     label_noise: float = 1e-3  # the ``a`` of p(y | c)
 
     def init_model(self, spec, rngs):
@@ -62,16 +63,16 @@ class L2DEM(MethodBase):
             gating=Network(spec.backbone, channels, spec.num_experts + 1, rngs=rngs),
         )
 
-    def gating_target(self, class_logits, gate_logits, batch, aux):
+    def gating_target(self, class_logits, gate_logits, batch, inputs):
         """Workload-constrained posterior ``q'(z)`` (B, E+1) and the solver's violation."""
         q = em_posterior(class_logits, gate_logits, batch.y, batch.t, self.missing_policy,
                          self.label_noise)
-        q_new, info = constrain_posterior(q, aux["lo"], aux["hi"])
+        q_new, info = constrain_posterior(q, *inputs.bounds)
         return jax.lax.stop_gradient(q_new), info["violation"]
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         class_logits, gate_logits = model.classifier(batch.x), model.gating(batch.x)
-        target, violation = self.gating_target(class_logits, gate_logits, batch, aux)
+        target, violation = self.gating_target(class_logits, gate_logits, batch, inputs)
         classifier = cross_entropy(class_logits, batch.y)
         gating = soft_cross_entropy(gate_logits, target).mean()
         metrics = {"classifier_ce": classifier, "gating_ce": gating, "target_violation": violation,
@@ -82,4 +83,4 @@ class L2DEM(MethodBase):
         return model.classifier(x)
 
     def agent_scores(self, model, x):
-        return jax.nn.log_softmax(model.gating(x), axis=-1)
+        return jax.nn.softmax(model.gating(x), axis=-1)

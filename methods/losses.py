@@ -34,11 +34,10 @@ pair with an error that lists the valid choices.
 
 from __future__ import annotations
 
-import difflib
-
 import jax
 import jax.numpy as jnp
 
+from benchmark.registry import did_you_mean
 from benchmark.spec import MISSING
 
 POLICIES: tuple[str, ...] = ("as_incorrect", "drop", "mask", "impute")
@@ -91,9 +90,7 @@ def check_policy(loss_name: str, policy: str) -> None:
     if reason is not None:
         message += f" ({reason})"
     elif policy not in POLICIES:
-        close = difflib.get_close_matches(str(policy), valid, n=1)
-        if close:
-            message += f"; did you mean {close[0]!r}?"
+        message += ";" + did_you_mean(policy, valid, n=1)
     raise ValueError(message)
 
 

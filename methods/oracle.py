@@ -1,9 +1,8 @@
 """``oracle``: correct whenever some agent is correct (a reference row; sees test labels).
 
 The classifier is trained by cross-entropy as in ``classifier_only``. At test time
-``scores_from_labels`` scores each agent 1 if it is right on the sample (classifier: its
-argmax; expert j: its annotation) else 0, plus a tie-break of ``TIE_BREAK`` for the
-classifier: among correct agents the classifier is preferred, so the oracle's coverage is
+``scores_from_labels`` scores the classifier 1 if its argmax is right, a correct expert
+``1 - TIE_BREAK`` and a wrong agent 0: among correct agents the classifier is preferred, so the oracle's coverage is
 the largest that still attains its accuracy (it defers only when it must). Ties among
 humans go to the lowest index.
 """
@@ -25,13 +24,14 @@ TIE_BREAK = 1e-3
 @dataclasses.dataclass(frozen=True)
 class Oracle(MethodBase):
     name = "oracle"
+    role = "reference"
     sees_test_labels = True
     num_experts: int = 0
 
     def init_model(self, spec, rngs):
         return Network(spec.backbone, spec.input_shape[-1], spec.num_classes, rngs=rngs)
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         return cross_entropy(model(batch.x), batch.y), {}
 
     def classify(self, model, x):
@@ -41,10 +41,10 @@ class Oracle(MethodBase):
         return classifier_confidence_scores(model(x), self.num_experts)
 
     def scores_from_labels(self, logits, scores, y, t):
-        """(N, E+1) numpy: 1 for each correct agent, plus ``TIE_BREAK`` for the classifier."""
+        """(N, E+1) numpy: classifier 1 if correct, expert ``1 - TIE_BREAK`` if correct, else 0."""
         y = np.asarray(y)
         correct = np.concatenate(
             [np.asarray(t) == y[:, None], (np.asarray(logits).argmax(axis=1) == y)[:, None]], axis=1
         ).astype(np.float64)
-        correct[:, -1] += TIE_BREAK
+        correct[:, :-1] *= 1.0 - TIE_BREAK
         return correct

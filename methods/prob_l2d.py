@@ -5,13 +5,13 @@ Model per sample: a gating network ``p(z | x)`` over the E+1 agents, one annotat
 classifier ``p(t_E | x)``; ``p(y | t, z = k) = Cat(y; (1-a) onehot(t_k) + a/K)``.
 Each train step is one EM iteration on the batch: the E-step (``estep``: exact,
 meanfield or reference; ``methods/estep.py``) gives ``q(z)`` and ``q(t)``, the workload
-constraint projects ``q(z)`` onto the bounds (``benchmark.workload.constrain_posterior``)
+constraint projects ``q(z)`` onto the bounds (``methods.projection.constrain_posterior``)
 and the M-step takes one optimiser step on
 ``CE(gating, q'(z)) + sum_j CE(annotator_j, q(t_j)) + CE(classifier, y)``.
 
-``networks``: ``separate`` (the reference: independent networks for the gating, every
-annotator and the classifier, evaluated together with vmap) or ``shared`` (one backbone
-with a gating head and E+1 class heads: about E+2 times cheaper).
+``networks``: ``shared`` (default: one backbone with a gating head and E+1 class heads,
+about E+2 times cheaper; the compute the baselines get) or ``separate`` (the reference: independent networks for the gating, every
+annotator and the classifier, evaluated together).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from benchmark.spec import TaskSpec
-from benchmark.workload import constrain_posterior
+from methods.projection import constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError
 from methods.estep import ESTEP_KINDS, estep
@@ -71,7 +71,7 @@ class ProbL2D(MethodBase):
     estep: str = "exact"
     estep_iters: int = 10  # fixed-point iterations of the meanfield / reference E-steps
     label_noise: float = 1e-3
-    networks: str = "separate"
+    networks: str = "shared"  # shared backbone + heads (the baselines' compute); separate: the reference's
     solver_iters: int = 30  # iteration budget of the workload-constraint solver
 
     def __post_init__(self):
@@ -84,18 +84,18 @@ class ProbL2D(MethodBase):
     def init_model(self, spec: TaskSpec, rngs):
         return (SeparateNets if self.networks == "separate" else SharedNets)(spec, rngs)
 
-    def posterior(self, gating_logits, agent_logits, batch, aux):
+    def posterior(self, gating_logits, agent_logits, batch, inputs):
         """E-step + workload constraint: ``(q'(z), q(t), solver info)``, no gradient."""
         log_p_z = jax.nn.log_softmax(jax.lax.stop_gradient(gating_logits))
         log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(agent_logits))
         q_z, q_t = estep(self.estep, log_p_z, log_p_t, batch.y, batch.t,
                          label_noise=self.label_noise, num_iters=self.estep_iters)
-        q_z, info = constrain_posterior(q_z, aux["lo"], aux["hi"], num_iters=self.solver_iters)
+        q_z, info = constrain_posterior(q_z, *inputs.bounds, num_iters=self.solver_iters)
         return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), info
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         gating_logits, agent_logits = model(batch.x)
-        q_z, q_t, info = self.posterior(gating_logits, agent_logits, batch, aux)
+        q_z, q_t, info = self.posterior(gating_logits, agent_logits, batch, inputs)
         gating = optax.softmax_cross_entropy(gating_logits, q_z).mean()
         annotators = optax.softmax_cross_entropy(
             agent_logits[:, : self.num_experts], q_t[:, : self.num_experts]
@@ -111,10 +111,11 @@ class ProbL2D(MethodBase):
         return model(x)[1][:, self.num_experts]
 
     def agent_scores(self, model, x):
-        return jax.nn.log_softmax(model(x)[0])
+        """The gating distribution ``p(z = k | x)`` (probabilities, as the contract asks)."""
+        return jax.nn.softmax(model(x)[0], axis=-1)
 
-    def impute(self, model, batch, aux):
+    def impute(self, model, batch, inputs):
         """Posterior ``q(t_j)`` of every human's label given x, y and the observed labels."""
         gating_logits, agent_logits = model(batch.x)
-        _, q_t, _ = self.posterior(gating_logits, agent_logits, batch, aux)
+        _, q_t, _ = self.posterior(gating_logits, agent_logits, batch, inputs)
         return q_t[:, : self.num_experts]

@@ -34,6 +34,7 @@ def hash_rows(x: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class RandomDeferral(MethodBase):
     name = "random"
+    role = "reference"
     num_experts: int = 0
     coverage: float = 0.5  # probability that a sample goes to the classifier
 
@@ -48,7 +49,7 @@ class RandomDeferral(MethodBase):
         seed = jax.random.randint(rngs.default(), (), 0, jnp.iinfo(jnp.int32).max)
         return Networks(classifier=classifier, seed=Constant(seed))
 
-    def loss(self, model, batch, aux):
+    def loss(self, model, batch, inputs):
         return cross_entropy(model.classifier(batch.x), batch.y), {}
 
     def classify(self, model, x):

@@ -1,83 +1,26 @@
-"""Result records -> pandas frames.
-
-``load_records`` is the only function here that touches the file system; everything else
-is a pure function of the loaded records or of a frame.
-
-A record (one grid cell, written by the runner as ``result.json``) looks like::
-
-    {"schema": 1, "status": "ok" | "failed", "error": str | None,
-     "cell": {"dataset", "method", "missing_rate", "workload", "seed"},
-     "agents": [...], "workload_bounds": {"lo": [...], "hi": [...]},
-     "metrics": {"argmax": {name: value}, "constrained": {name: value}},
-     "run_metrics": {name: value}, "curves": {"coverage": [...], "accuracy": [...]},
-     "provenance": {...}, "mlflow_run_id": str}
+"""Result records (``benchmark.spec.ResultRecord``, loaded by ``benchmark.records``) ->
+pandas frames. Everything here is a pure function of the loaded records or of a frame.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-RECORD_NAME = "result.json"
-SCHEMA_VERSION = 1
-CELL_KEYS = ["dataset", "method", "missing_rate", "workload", "seed"]
+from benchmark.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
+from benchmark.spec import CELL_KEYS as SPEC_CELL_KEYS
+from benchmark.spec import RECORD_NAME  # noqa: F401 (re-exported)
+
+CELL_KEYS = list(SPEC_CELL_KEYS)
 RUN_DECISION = "run"  # the "decision" of metrics that belong to the run, not a decision rule
 TIDY_COLUMNS = [*CELL_KEYS, "decision", "metric", "value"]
 GROUP_KEYS = ["dataset", "method", "missing_rate", "workload", "decision", "metric"]
 AGGREGATE_COLUMNS = [*GROUP_KEYS, "mean", "std", "ci95", "n"]
-
-
-class NoRecordsError(FileNotFoundError):
-    """A run directory holds no result records (or does not exist)."""
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_records(run_dir: str | Path) -> list[dict]:
-    """Read every ``result.json`` below ``run_dir`` (recursively), in path order.
-
-    Each record gets a ``"path"`` key naming its file. Raises ``NoRecordsError`` when the
-    directory does not exist and ``ValueError`` (naming the file) for an unreadable or
-    malformed record. An existing directory without records gives an empty list.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise NoRecordsError(f"run directory does not exist: {run_dir}")
-    records = []
-    for path in sorted(run_dir.rglob(RECORD_NAME)):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: cannot read result record: {error}") from error
-        check_record(record, str(path))
-        records.append({**record, "path": str(path)})
-    return records
-
-
-def check_record(record: object, where: str = "record") -> None:
-    """Raise ``ValueError`` (prefixed by ``where``) unless ``record`` follows the schema."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a result record must be a JSON object")
-    if record.get("schema") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{where}: unsupported record schema {record.get('schema')!r} "
-            f"(this report reads schema {SCHEMA_VERSION})"
-        )
-    cell = record.get("cell")
-    if not isinstance(cell, dict) or any(key not in cell for key in CELL_KEYS):
-        raise ValueError(f"{where}: 'cell' must hold {', '.join(CELL_KEYS)}")
-    if record.get("status") not in ("ok", "failed"):
-        raise ValueError(f"{where}: status must be 'ok' or 'failed', got {record.get('status')!r}")
-    if record["status"] == "ok" and not isinstance(record.get("metrics"), dict):
-        raise ValueError(f"{where}: a record with status 'ok' must hold 'metrics'")
 
 
 # ---------------------------------------------------------------------------- records

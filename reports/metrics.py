@@ -7,9 +7,8 @@ coverage is a description of the decisions, not a score).
 
 from __future__ import annotations
 
-import difflib
-
 from benchmark.evaluator import METRICS
+from benchmark.registry import did_you_mean
 
 HIGHER = "higher"
 LOWER = "lower"
@@ -28,9 +27,8 @@ def direction(name: str) -> str | None:
     for key, value in METRIC_DIRECTIONS.items():
         if key.endswith("/") and name.startswith(key) and len(name) > len(key):
             return value
-    close = difflib.get_close_matches(name, list(METRIC_DIRECTIONS), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise KeyError(f"unknown metric {name!r}{hint} (registered: {', '.join(METRIC_DIRECTIONS)})")
+    hint = did_you_mean(name, METRIC_DIRECTIONS)
+    raise KeyError(f"unknown metric {name!r}.{hint} Registered: {', '.join(METRIC_DIRECTIONS)}.")
 
 
 def is_ranked(name: str) -> bool:

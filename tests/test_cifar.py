@@ -257,7 +257,10 @@ def test_cifar10h_builder_is_idempotent(cifar10h_root):
 def test_cifar10h_preset_composes_and_validates(cifar10h_root):
     from hydra import compose, initialize_config_dir
 
-    from benchmark.config import dataset_files
+    from omegaconf import OmegaConf
+
+    from benchmark.config import DatasetConfig
+    from benchmark.data import dataset_files
 
     overrides = ["dataset=cifar10h", "experiment=single", f"dataset.root={cifar10h_root}",
                  f"dataset.builder_args.limit={CIFAR10H_LIMIT}"]
@@ -270,7 +273,7 @@ def test_cifar10h_preset_composes_and_validates(cifar10h_root):
     before = stamp.stat().st_mtime_ns
     BUILDERS.get(cfg.dataset.builder)(cifar10h_root, **cfg.dataset.builder_args)
     assert stamp.stat().st_mtime_ns == before
-    files = dataset_files(cfg.dataset, missing_rate=0.3, base=REPO)  # writes missing manifests
+    files = dataset_files(DatasetConfig.parse(OmegaConf.to_container(cfg.dataset), REPO), 0.3)  # writes missing manifests
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
     test = load_split(files.root, files.test_ground_truth, files.test_experts, files.num_classes,
                       require_complete=True)

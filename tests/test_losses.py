@@ -381,7 +381,7 @@ def test_mask_refused_where_it_coincides_with_as_incorrect(name):
 
 
 def test_policy_error_messages():
-    with pytest.raises(ValueError, match="did you mean 'as_incorrect'"):
+    with pytest.raises(ValueError, match="Did you mean 'as_incorrect'"):
         losses.check_policy("ova", "as_incorect")
     with pytest.raises(ValueError, match="valid choices: 'as_incorrect', 'drop', 'mask', 'impute'"):
         losses.check_policy("correctness", "zero")

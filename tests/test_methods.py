@@ -4,6 +4,7 @@ The generic tests are parametrised over ``METHODS.names()`` after ``methods.load
 a newly registered method is tested without editing this file.
 """
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -16,7 +17,7 @@ import methods
 from benchmark import config as config_lib
 from benchmark import training
 from benchmark.evaluator import final_predictions
-from benchmark.spec import MISSING, Batch, TaskSpec
+from benchmark.spec import MISSING, Batch, TaskSpec, TrainInputs, WorkloadBounds
 from methods.losses import POLICIES
 
 methods.load_all()
@@ -44,16 +45,26 @@ def make_batch(size=16, seed=0, missing_expert=None, missing_rate=0.3):
     return Batch(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.asarray(t, jnp.int32))
 
 
-def make_aux(progress=0.75, classifier_hi=0.5):
-    """Workload bounds with an active cap on the classifier; second training stage."""
-    hi = jnp.asarray([1.0] * E + [classifier_hi], jnp.float32)
-    return {"lo": jnp.zeros(E + 1, jnp.float32), "hi": hi, "progress": jnp.float32(progress)}
+def bounds(classifier_hi=0.5):
+    """Workload bounds with an active cap on the classifier."""
+    return WorkloadBounds(lo=(0.0,) * (E + 1), hi=(1.0,) * E + (classifier_hi,))
 
 
-def run(method, seed=0, steps=2, batch=None, aux=None):
+def make_inputs(method, progress=0.75, classifier_hi=0.5):
+    """The trainer's ``TrainInputs`` (bounds only if the method declares them); second stage."""
+    return training.train_inputs(method, bounds(classifier_hi), progress)
+
+
+# every registered method, plus the variants of a method that build other networks
+VARIANTS = [(name, {}) for name in NAMES] + [("prob_l2d", {"networks": "separate"}),
+                                             ("prob_l2d", {"estep": "meanfield"}),
+                                             ("prob_l2d", {"estep": "reference"})]
+
+
+def run(method, seed=0, steps=2, batch=None, inputs=None):
     """Init (+ prepare) + ``steps`` train steps + predict; returns metrics, logits, scores, model."""
     batch = make_batch() if batch is None else batch
-    aux = make_aux() if aux is None else aux
+    inputs = make_inputs(method) if inputs is None else inputs
     model = training.init_model(method, SPEC, seed)
     method.prepare(model, SimpleNamespace(images=np.asarray(batch.x), y=np.asarray(batch.y),
                                           t=np.asarray(batch.t)))
@@ -62,7 +73,7 @@ def run(method, seed=0, steps=2, batch=None, aux=None):
     state = training.TrainState(params, rest, training.make_optimizer(OPTIM).init(params))
     history = []
     for _ in range(steps if method.trains else 0):
-        state, metrics = training.train_step(method, graphdef, OPTIM, state, batch, aux)
+        state, metrics = training.train_step(method, graphdef, OPTIM, state, batch, inputs)
         history.append({k: float(v) for k, v in metrics.items()})
     model = nnx.merge(graphdef, state.params, state.rest)
     model.eval()
@@ -79,16 +90,18 @@ def all_finite(tree):
 # ----------------------------------------------------------------------------- every method
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_trains_predicts_and_is_deterministic(name):
-    method = build(name)
-    history, logits, scores, (_, params, _) = run(method, seed=0)
+@pytest.mark.parametrize("name,params", VARIANTS)
+def test_trains_predicts_and_is_deterministic(name, params):
+    method = build(name, **params)
+    history, logits, scores, (_, params_, _) = run(method, seed=0)
     assert len(history) == (2 if method.trains else 0)
     for metrics in history:
         assert "loss" in metrics and all(np.isfinite(v) for v in metrics.values()), metrics
     assert logits.shape == (16, K) and scores.shape == (16, E + 1)
-    assert np.isfinite(logits).all() and np.isfinite(scores).all() and all_finite(params)
-    _, logits_again, scores_again, _ = run(build(name), seed=0)
+    assert np.isfinite(logits).all() and np.isfinite(scores).all() and all_finite(params_)
+    # the contract's score scale: probabilities in [0, 1]
+    assert scores.min() >= 0.0 and scores.max() <= 1.0 + 1e-6, (scores.min(), scores.max())
+    _, logits_again, scores_again, _ = run(build(name, **params), seed=0)
     np.testing.assert_array_equal(logits, logits_again)
     np.testing.assert_array_equal(scores, scores_again)
 
@@ -110,7 +123,7 @@ def test_impute_is_none_or_label_distributions(name):
     method = build(name)
     batch = make_batch()
     _, _, _, (graphdef, params, rest) = run(method, steps=0)
-    q_t = training.impute_step(method, graphdef, params, rest, batch, make_aux(progress=1.0))
+    q_t = training.impute_step(method, graphdef, params, rest, batch, make_inputs(method, 1.0))
     if q_t is not None:
         assert q_t.shape == (16, E, K)
         np.testing.assert_allclose(np.asarray(q_t).sum(-1), 1.0, atol=1e-5)
@@ -178,13 +191,12 @@ def test_impute_then_defer_imputes_and_trains_annotators_first():
     method = build("impute_then_defer")
     model = training.init_model(method, SPEC, 0)
     batch = make_batch()
-    q_t = method.impute(model, batch, make_aux())
+    q_t = method.impute(model, batch, make_inputs(method))
     assert q_t.shape == (16, E, K)
 
     @nnx.jit
     def grads_at(model, progress):
-        aux = {**make_aux(), "progress": progress}
-        return nnx.grad(lambda m: method.loss(m, batch, aux)[0])(model)
+        return nnx.grad(lambda m: method.loss(m, batch, TrainInputs(progress))[0])(model)
 
     def moves(grads):
         return any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads))
@@ -200,10 +212,10 @@ def test_l2d_em_gating_target_respects_the_workload(policy):
     batch = make_batch(size=256, missing_expert=0, missing_rate=0.0)
     class_logits = 10.0 * jax.nn.one_hot(batch.y, K)  # a confident, correct classifier
     gate_logits = jnp.zeros((256, E + 1))
-    aux = make_aux(classifier_hi=0.2)
-    target, violation = method.gating_target(class_logits, gate_logits, batch, aux)
+    inputs = make_inputs(method, classifier_hi=0.2)
+    target, violation = method.gating_target(class_logits, gate_logits, batch, inputs)
     shares = np.asarray(target).mean(axis=0)
-    assert (shares <= np.asarray(aux["hi"]) + 1e-3).all(), shares
+    assert (shares <= np.asarray(inputs.hi) + 1e-3).all(), shares
     assert float(violation) <= 1e-3
     np.testing.assert_allclose(np.asarray(target).sum(axis=1), 1.0, atol=1e-5)
     if policy == "mask":  # the expert with no label is excluded (expert 1 always answers)
@@ -220,3 +232,40 @@ def test_method_template_satisfies_the_contract():
     history, logits, scores, _ = run(method)
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     assert logits.shape == (16, K) and scores.shape == (16, E + 1)
+
+
+def test_reading_bounds_without_declaring_them_fails_loudly():
+    """A method that uses the workload in training must say so (else its predictions would
+    be reused across workloads): reading ``inputs.bounds`` undeclared raises."""
+    from benchmark.spec import UndeclaredBoundsError
+    from methods.template import MyMethod
+
+    @dataclasses.dataclass(frozen=True)
+    class Sneaky(MyMethod):
+        def loss(self, model, batch, inputs):
+            loss, metrics = super().loss(model, batch, inputs)
+            return loss + inputs.bounds[1][-1], metrics
+
+    method = Sneaky(num_experts=E, num_classes=K)
+    with pytest.raises(UndeclaredBoundsError, match="workload_in_training = True"):
+        run(method, steps=1)
+    assert make_inputs(build("prob_l2d")).hi is not None  # declared: bounds are passed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hydra_config_builds_the_dataclass_defaults(name):
+    """The Hydra config ``method=<name>`` is generated from the dataclass: same object."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO_ROOT
+
+    config_lib.register_method_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["experiment=single", f"method={name}"])
+    method_cfg = OmegaConf.to_container(cfg.method)
+    assert method_cfg["name"] == name and method_cfg["label"] is None
+    from_hydra = config_lib.build_method(method_cfg, SPEC)
+    fields = {f.name for f in dataclasses.fields(CLASSES[name])}
+    task = {k: v for k, v in {"num_experts": E, "num_classes": K}.items() if k in fields}
+    assert from_hydra == CLASSES[name](**task)

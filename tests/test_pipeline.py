@@ -9,16 +9,32 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from benchmark.config import register_method_configs
+from benchmark.records import load_records
 from benchmark.runner import run_cell
 from tests.conftest import REPO_ROOT, tiny_overrides
 
+register_method_configs()
+TINY_METHOD = "classifier_only[train.batch_size=16,train.epochs=2]"  # tiny_overrides' training
 
-def compose_cfg(overrides: list[str]) -> dict:
+
+def compose_cfg(overrides: list[str]) -> tuple[dict, dict]:
+    """A composed cell config (plain dict) and Hydra's chosen presets, as the entry point has."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=["experiment=single", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+        cfg = compose(config_name="config", overrides=["experiment=single", *overrides],
+                      return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return OmegaConf.to_container(cfg, resolve=True), choices
+
+
+def cell_records(run_dir) -> dict[tuple, dict]:
+    """Records below ``run_dir`` keyed by (method, missing_rate, workload, seed)."""
+    return {(r["cell"]["method"], r["cell"]["missing_rate"], r["cell"]["workload"], r["cell"]["seed"]): r
+            for r in load_records(run_dir)}
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -33,11 +49,16 @@ def flat(text: str) -> str:
 
 
 def test_single_cell_writes_a_complete_record(tiny_root, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["missing_rate=0.5", "workload=paper"])
-    record = run_cell(cfg)
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["missing_rate=0.5", "workload=paper"])
+    record = run_cell(cfg, choices)
     assert record["status"] == "ok", record.get("error")
-    path = tmp_path / "runs/single/digits/classifier_only/mr0.5/paper/seed0/result.json"
+    (path,) = (tmp_path / "runs/single").rglob("result.json")
+    assert path.parts[-5:] == (TINY_METHOD, "mr0.5", "paper", "seed0", "result.json")
+    assert path.parts[-6].startswith("digits@")  # another root than the preset's: a variant
     saved = json.loads(path.read_text())
+    assert saved["cell"]["method"] == TINY_METHOD and saved["method_name"] == "classifier_only"
+    assert saved["role"] == "reference" and saved["variant"]["train"] == {
+        "train.batch_size": 16, "train.epochs": 2}
     assert saved["agents"] == ["expert_0", "expert_1", "expert_2", "classifier"]
     assert saved["workload_bounds"]["hi"][-1] == pytest.approx(0.2)
     for rule in ("argmax", "constrained"):
@@ -55,25 +76,30 @@ def test_single_cell_writes_a_complete_record(tiny_root, tmp_path):
 
 
 def test_rerun_skips_and_force_redoes(tiny_root, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tiny_root, tmp_path))
-    assert run_cell(cfg)["status"] == "ok"
-    assert run_cell(cfg)["status"] == "skipped"
-    assert run_cell({**cfg, "force": True})["status"] == "ok"
-    changed = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["train.epochs=1"])
-    assert run_cell(changed)["status"] == "ok"  # a changed setting is not skipped
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    assert run_cell(cfg, choices)["status"] == "ok"
+    assert run_cell(cfg, choices)["status"] == "skipped"
+    assert run_cell({**cfg, "force": True}, choices)["status"] == "ok"
+    changed, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["train.epochs=1"])
+    assert run_cell(changed, choices)["status"] == "ok"  # a changed setting is not skipped ...
+    # ... and keeps its own record beside the first
+    assert len(list((tmp_path / "runs/single").rglob("result.json"))) == 2
 
 
 def test_failed_cell_is_recorded_not_raised(tiny_root, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["workload.classifier.hi=0.0",
-                                                             "workload.humans.hi=0.1"])
-    record = run_cell(cfg)
+    overrides = tiny_overrides(tiny_root, tmp_path) + ["workload.classifier.hi=0.0",
+                                                       "workload.humans.hi=0.1"]
+    cfg, choices = compose_cfg(overrides)
+    record = run_cell(cfg, choices)
     assert record["status"] == "failed"
     assert "workload preset 'none'" in record["error"]
-    saved = json.loads((tmp_path / "runs/single/digits/classifier_only/mr0/none/seed0/result.json").read_text())
+    assert record["cell"]["workload"] == "none[classifier.hi=0,humans.hi=0.1]"
+    (saved,) = load_records(tmp_path / "runs/single")
     assert saved["status"] == "failed" and saved["error"] == record["error"]
     # a failed cell is retried on the next run
-    fixed = compose_cfg(tiny_overrides(tiny_root, tmp_path))
-    assert run_cell(fixed)["status"] == "ok"
+    assert run_cell(cfg, choices)["status"] == "failed"
+    fixed, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    assert run_cell(fixed, choices)["status"] == "ok"
 
 
 def test_cli_bad_root_exits_with_one_paragraph(tmp_path):
@@ -115,9 +141,8 @@ def test_failing_cell_does_not_stop_the_sweep(tiny_root, tmp_path):
     assert result.returncode == 1  # failures make the sweep exit non-zero ...
     assert "1 of 2 cells failed" in flat(result.stderr)
     assert "missing_rate must be in [0, 1], got 1.5" in flat(result.stderr)
-    runs = tmp_path / "runs/smoke/digits/classifier_only"
-    failed = json.loads((runs / "mr1.5/none/seed0/result.json").read_text())
-    assert failed["status"] == "failed"
+    records = cell_records(tmp_path / "runs/smoke")
+    assert records[(TINY_METHOD, 1.5, "none", 0)]["status"] == "failed"
     # ... but the cell after the failing one ran and the report was written
-    assert json.loads((runs / "mr0/none/seed0/result.json").read_text())["status"] == "ok"
+    assert records[(TINY_METHOD, 0.0, "none", 0)]["status"] == "ok"
     assert (tmp_path / "runs/smoke/report/leaderboard.csv").is_file()

@@ -70,7 +70,8 @@ def golden_record(method: str, missing_rate: float, workload: str, seed: int) ->
     accuracy = CONSTRAINED_ACCURACY[(method, missing_rate)][seed]
     coverage = np.linspace(0.0, 1.0, 101)
     return {
-        "schema": 1,
+        "schema": 2,
+        "method_name": method,
         "status": "ok",
         "error": None,
         "cell": {"dataset": "digits", "method": method, "missing_rate": missing_rate,
@@ -156,7 +157,7 @@ def test_metric_directions():
     assert direction("coverage") is None
     assert direction("train_seconds") == "lower"
     assert direction("classifier_ece") == "lower"
-    with pytest.raises(KeyError, match="did you mean accuracy"):
+    with pytest.raises(KeyError, match="Did you mean 'accuracy'"):
         direction("acuracy")
 
 
@@ -376,5 +377,5 @@ def test_cli_builds_report(run_dir, tmp_path):
 
 def test_cli_unknown_metric_fails_cleanly(run_dir, tmp_path):
     result = run_cli(str(run_dir), "--out", str(tmp_path / "out"), "--primary-metric", "acuracy")
-    assert result.returncode != 0 and "did you mean accuracy" in result.stderr
+    assert result.returncode != 0 and "Did you mean 'accuracy'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,4 +1,5 @@
-"""Tests of benchmark/workload.py: bound checks, the constrained posterior, hard assignment."""
+"""Tests of the workload modules: bound checks (benchmark.bounds), the constrained posterior
+(methods.projection) and the hard assignment (benchmark.assignment)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import scipy.optimize
 from scipy.special import logsumexp
 
 from benchmark.spec import agent_names
-from benchmark.workload import (InfeasibleBoundsError, capacity_assignment, check_bounds,
-                                constrain_posterior, integer_capacities)
+from benchmark.assignment import capacity_assignment, integer_capacities
+from benchmark.bounds import InfeasibleBoundsError, check_bounds
+from methods.projection import constrain_posterior
 
 
 def gating_posterior(batch, num_agents, seed=0, scale=3.0, classifier_bias=0.0):

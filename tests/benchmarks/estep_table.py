@@ -29,7 +29,7 @@ try:  # repository root on sys.path (PYTHONPATH=.)
 except ImportError:  # pragma: no cover - only this folder on sys.path
     from reference_estep import benchmark_bounds, make_problem, yardstick_constrained_estep
 
-from benchmark.workload import constrain_posterior
+from methods.projection import constrain_posterior
 from methods.estep import exact_estep, meanfield_estep
 
 SHAPES = ((128, 2, 100), (128, 8, 3), (1024, 8, 100), (4096, 8, 10))

@@ -11,7 +11,7 @@ The reference Prob-L2D code computes the constrained E-step as
 
 Everything is jitted with ``lax`` loops (no Python-level iteration), so it is a fair
 yardstick and not a strawman. It is not used by the library; ``methods.estep`` and
-``benchmark.workload`` are the production versions. This module also builds the shared
+``methods.projection`` are the production versions. This module also builds the shared
 benchmark inputs (``make_problem``, ``benchmark_bounds``).
 """
 

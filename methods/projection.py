@@ -1,87 +1,18 @@
-"""Workload constraints: bound checks, the constrained posterior (soft) and the hard assignment.
+"""The workload-constrained E-step: a jitted KL projection of agent posteriors onto bounds.
 
-Agents follow ``benchmark.spec``: humans ``0..E-1``, the classifier last. Bounds ``lo, hi``
-are per-agent shares of the samples (in ``[0, 1]``).
-
-* ``check_bounds``: host-side validation; infeasible bounds are a configuration error.
-* ``constrain_posterior``: jittable KL projection of a batch of agent posteriors onto
-  ``lo_k <= mean_i q'_ik <= hi_k`` (used in the training E-step).
-* ``capacity_assignment``: exact integer assignment of N samples to agents under
-  ``ceil(lo_k N) <= count_k <= floor(hi_k N)`` maximising the total score (evaluator).
+Used in training by the methods whose E-step honours the workload (``prob_l2d``,
+``l2d_em``). Bounds follow ``benchmark.spec`` (humans first, the classifier last) and must
+be feasible (``benchmark.bounds.check_bounds``). The evaluator's hard version is
+``benchmark.assignment.capacity_assignment``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
-import numpy as np
-import scipy.optimize
-import scipy.sparse
-
-_BOUND_TOL = 1e-9  # float slack for sums/products of shares written in decimal
-
-
-class InfeasibleBoundsError(ValueError):
-    """Workload bounds that no assignment can satisfy (a configuration error)."""
-
-
-def _names(num_agents: int, agent_names: Sequence[str] | None) -> list[str]:
-    if agent_names is None:
-        return [f"agent_{k}" for k in range(num_agents)]
-    names = list(agent_names)
-    if len(names) != num_agents:
-        raise InfeasibleBoundsError(
-            f"Workload bounds cover {num_agents} agents but {len(names)} agent names were given "
-            f"({names}); give one lower and one upper bound per agent, classifier last."
-        )
-    return names
-
-
-def check_bounds(lo, hi, agent_names: Sequence[str] | None = None):
-    """Validate workload bounds on the host; return them as float64 numpy arrays.
-
-    Requires 1-D ``lo`` and ``hi`` of the same length (one entry per agent), finite,
-    ``0 <= lo_k <= hi_k <= 1`` and ``sum(lo) <= 1 <= sum(hi)``. Raises
-    ``InfeasibleBoundsError`` naming the offending agent(s) and values otherwise.
-    """
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
-    if lo.ndim != 1 or hi.ndim != 1 or lo.shape != hi.shape:
-        raise InfeasibleBoundsError(
-            f"Workload bounds must be two 1-D sequences of the same length (one entry per agent, "
-            f"classifier last); got lo with shape {lo.shape} and hi with shape {hi.shape}."
-        )
-    names = _names(lo.shape[0], agent_names)
-    problems = []
-    for k, name in enumerate(names):
-        if not (np.isfinite(lo[k]) and np.isfinite(hi[k])):
-            problems.append(f"{name} has non-finite bounds (lo={lo[k]}, hi={hi[k]})")
-        elif lo[k] < 0.0 or hi[k] > 1.0 or lo[k] > hi[k]:
-            problems.append(f"{name} has lo={lo[k]:g}, hi={hi[k]:g} (need 0 <= lo <= hi <= 1)")
-    if problems:
-        raise InfeasibleBoundsError(
-            "Infeasible workload bounds: " + "; ".join(problems) + ". Each agent's share of the "
-            "samples must lie in [0, 1] with its lower bound not above its upper bound; fix the "
-            "workload config."
-        )
-    total_lo, total_hi = float(lo.sum()), float(hi.sum())
-    if total_lo > 1.0 + _BOUND_TOL:
-        listing = ", ".join(f"{n}={v:g}" for n, v in zip(names, lo) if v > 0)
-        raise InfeasibleBoundsError(
-            f"Infeasible workload bounds: the lower bounds sum to {total_lo:g} > 1 ({listing}), "
-            "so the agents cannot all receive their minimum share; lower some of them."
-        )
-    if total_hi < 1.0 - _BOUND_TOL:
-        listing = ", ".join(f"{n}={v:g}" for n, v in zip(names, hi))
-        raise InfeasibleBoundsError(
-            f"Infeasible workload bounds: the upper bounds sum to {total_hi:g} < 1 ({listing}), "
-            "so some samples could not be routed to any agent; raise some of them."
-        )
-    return lo, hi
 
 
 def _dual_terms(q, v, lo, hi):
@@ -246,94 +177,3 @@ def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_s
         "iterations": iterations,
     }
     return q_new, info
-
-
-def integer_capacities(num_samples: int, lo, hi, agent_names: Sequence[str] | None = None):
-    """Integer per-agent capacities ``ceil(lo N), floor(hi N)``; raise if no assignment fits."""
-    lo, hi = check_bounds(lo, hi, agent_names)
-    names = _names(lo.shape[0], agent_names)
-    cap_lo = np.ceil(lo * num_samples - _BOUND_TOL * max(num_samples, 1)).astype(np.int64)
-    cap_hi = np.floor(hi * num_samples + _BOUND_TOL * max(num_samples, 1)).astype(np.int64)
-    cap_lo = np.maximum(cap_lo, 0)
-    cap_hi = np.minimum(cap_hi, num_samples)
-    empty = [f"{names[k]} (lo={lo[k]:g}, hi={hi[k]:g})" for k in range(len(names)) if cap_lo[k] > cap_hi[k]]
-    if empty:
-        raise InfeasibleBoundsError(
-            f"Infeasible integer workload for {num_samples} samples: no whole number of samples "
-            f"lies between ceil(lo*N) and floor(hi*N) for {', '.join(empty)}; widen these bounds "
-            "or change the number of samples."
-        )
-    if cap_lo.sum() > num_samples or cap_hi.sum() < num_samples:
-        raise InfeasibleBoundsError(
-            f"Infeasible integer workload for {num_samples} samples: the integer capacities "
-            f"ceil(lo*N)={dict(zip(names, cap_lo.tolist()))} sum to {int(cap_lo.sum())} and "
-            f"floor(hi*N)={dict(zip(names, cap_hi.tolist()))} sum to {int(cap_hi.sum())}; "
-            f"they must bracket N={num_samples}. Widen the bounds."
-        )
-    return cap_lo, cap_hi
-
-
-def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None) -> np.ndarray:
-    """Exact hard assignment of N samples to A agents maximising the total score (host side).
-
-    Subject to integer capacities ``ceil(lo_k N) <= count_k <= floor(hi_k N)``. Solved as
-    the transportation LP (one unit per sample; per-agent count bounds) with HiGHS: its
-    constraint matrix is totally unimodular, so a vertex solution is integral (checked; if
-    HiGHS' default returns a non-vertex point, it re-solves with dual simplex). If the
-    unconstrained argmax already meets the capacities it is returned directly; among tied
-    optima the LP picks one. About 0.4-0.6 s at N=10,000, A=9 on 2 CPU cores (1-1.5 s when
-    the scores have many ties). ``scores`` is (N, A), finite; returns (N,) int64 agent
-    indices. Raises ``InfeasibleBoundsError`` if the bounds admit no integer assignment.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be (N, A), got shape {scores.shape}")
-    num_samples, num_agents = scores.shape
-    if len(np.atleast_1d(lo)) != num_agents:
-        raise InfeasibleBoundsError(
-            f"Workload bounds cover {len(np.atleast_1d(lo))} agents but scores have {num_agents} columns."
-        )
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores must be finite for the capacity-constrained assignment")
-    cap_lo, cap_hi = integer_capacities(num_samples, lo, hi, agent_names)
-    if num_samples == 0:
-        return np.zeros((0,), np.int64)
-    greedy = np.argmax(scores, axis=1)
-    counts = np.bincount(greedy, minlength=num_agents)
-    if np.all((counts >= cap_lo) & (counts <= cap_hi)):
-        return greedy.astype(np.int64)  # the unconstrained optimum already fits
-    # Centre scores per sample: same optimum, better-conditioned LP.
-    cost = -(scores - scores.max(axis=1, keepdims=True)).ravel()
-    num_vars = num_samples * num_agents
-    rows = np.repeat(np.arange(num_samples), num_agents)
-    a_eq = scipy.sparse.csr_matrix((np.ones(num_vars), (rows, np.arange(num_vars))),
-                                   shape=(num_samples, num_vars))
-    cols = np.tile(np.arange(num_agents), num_samples)
-    col_sum = scipy.sparse.csr_matrix((np.ones(num_vars), (cols, np.arange(num_vars))),
-                                      shape=(num_agents, num_vars))
-    a_ub = scipy.sparse.vstack([col_sum, -col_sum], format="csr")
-    b_ub = np.concatenate([cap_hi, -cap_lo]).astype(np.float64)
-    x = None
-    for method in ("highs", "highs-ds"):  # HiGHS' choice first; dual simplex is always a vertex
-        result = scipy.optimize.linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq,
-                                        b_eq=np.ones(num_samples), bounds=(0.0, 1.0), method=method)
-        if result.status != 0:
-            raise RuntimeError(f"capacity assignment LP failed ({method}): {result.message}")
-        x = result.x.reshape(num_samples, num_agents)
-        if np.max(np.abs(x - np.round(x))) <= 1e-6:
-            break
-    else:
-        raise RuntimeError("capacity assignment LP returned a fractional solution (unexpected)")
-    assignment = np.argmax(x, axis=1).astype(np.int64)
-    counts = np.bincount(assignment, minlength=num_agents)
-    assert np.all((counts >= cap_lo) & (counts <= cap_hi)), counts
-    return assignment
-
-
-__all__ = [
-    "InfeasibleBoundsError",
-    "capacity_assignment",
-    "check_bounds",
-    "constrain_posterior",
-    "integer_capacities",
-]

@@ -1,0 +1,99 @@
+"""Capacity-constrained assignment of test samples to agents (host side, the evaluator's).
+
+The objective is the one the contract states (``benchmark.spec.ASSIGNMENT_OBJECTIVE``):
+maximise the sum of the chosen agents' scores, subject to integer per-agent capacities
+``ceil(lo_k N) <= count_k <= floor(hi_k N)``. The soft, jitted version used in training is
+``methods.projection.constrain_posterior``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+
+from benchmark.bounds import BOUND_TOL, InfeasibleBoundsError, named_agents, check_bounds
+
+
+def integer_capacities(num_samples: int, lo, hi, agent_names: Sequence[str] | None = None):
+    """Integer per-agent capacities ``ceil(lo N), floor(hi N)``; raise if no assignment fits."""
+    lo, hi = check_bounds(lo, hi, agent_names)
+    names = named_agents(lo.shape[0], agent_names)
+    cap_lo = np.ceil(lo * num_samples - BOUND_TOL * max(num_samples, 1)).astype(np.int64)
+    cap_hi = np.floor(hi * num_samples + BOUND_TOL * max(num_samples, 1)).astype(np.int64)
+    cap_lo = np.maximum(cap_lo, 0)
+    cap_hi = np.minimum(cap_hi, num_samples)
+    empty = [f"{names[k]} (lo={lo[k]:g}, hi={hi[k]:g})" for k in range(len(names)) if cap_lo[k] > cap_hi[k]]
+    if empty:
+        raise InfeasibleBoundsError(
+            f"Infeasible integer workload for {num_samples} samples: no whole number of samples "
+            f"lies between ceil(lo*N) and floor(hi*N) for {', '.join(empty)}; widen these bounds "
+            "or change the number of samples."
+        )
+    if cap_lo.sum() > num_samples or cap_hi.sum() < num_samples:
+        raise InfeasibleBoundsError(
+            f"Infeasible integer workload for {num_samples} samples: the integer capacities "
+            f"ceil(lo*N)={dict(zip(names, cap_lo.tolist()))} sum to {int(cap_lo.sum())} and "
+            f"floor(hi*N)={dict(zip(names, cap_hi.tolist()))} sum to {int(cap_hi.sum())}; "
+            f"they must bracket N={num_samples}. Widen the bounds."
+        )
+    return cap_lo, cap_hi
+
+
+def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None) -> np.ndarray:
+    """Exact hard assignment of N samples to A agents maximising the total score (host side).
+
+    Subject to integer capacities ``ceil(lo_k N) <= count_k <= floor(hi_k N)``. Solved as
+    the transportation LP (one unit per sample; per-agent count bounds) with HiGHS: its
+    constraint matrix is totally unimodular, so a vertex solution is integral (checked; if
+    HiGHS' default returns a non-vertex point, it re-solves with dual simplex). If the
+    unconstrained argmax already meets the capacities it is returned directly; among tied
+    optima the LP picks one. About 0.4-0.6 s at N=10,000, A=9 on 2 CPU cores (1-1.5 s when
+    the scores have many ties). ``scores`` is (N, A), finite; returns (N,) int64 agent
+    indices. Raises ``InfeasibleBoundsError`` if the bounds admit no integer assignment.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (N, A), got shape {scores.shape}")
+    num_samples, num_agents = scores.shape
+    if len(np.atleast_1d(lo)) != num_agents:
+        raise InfeasibleBoundsError(
+            f"Workload bounds cover {len(np.atleast_1d(lo))} agents but scores have {num_agents} columns."
+        )
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite for the capacity-constrained assignment")
+    cap_lo, cap_hi = integer_capacities(num_samples, lo, hi, agent_names)
+    if num_samples == 0:
+        return np.zeros((0,), np.int64)
+    greedy = np.argmax(scores, axis=1)
+    counts = np.bincount(greedy, minlength=num_agents)
+    if np.all((counts >= cap_lo) & (counts <= cap_hi)):
+        return greedy.astype(np.int64)  # the unconstrained optimum already fits
+    # Centre scores per sample: same optimum, better-conditioned LP.
+    cost = -(scores - scores.max(axis=1, keepdims=True)).ravel()
+    num_vars = num_samples * num_agents
+    rows = np.repeat(np.arange(num_samples), num_agents)
+    a_eq = scipy.sparse.csr_matrix((np.ones(num_vars), (rows, np.arange(num_vars))),
+                                   shape=(num_samples, num_vars))
+    cols = np.tile(np.arange(num_agents), num_samples)
+    col_sum = scipy.sparse.csr_matrix((np.ones(num_vars), (cols, np.arange(num_vars))),
+                                      shape=(num_agents, num_vars))
+    a_ub = scipy.sparse.vstack([col_sum, -col_sum], format="csr")
+    b_ub = np.concatenate([cap_hi, -cap_lo]).astype(np.float64)
+    x = None
+    for method in ("highs", "highs-ds"):  # HiGHS' choice first; dual simplex is always a vertex
+        result = scipy.optimize.linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq,
+                                        b_eq=np.ones(num_samples), bounds=(0.0, 1.0), method=method)
+        if result.status != 0:
+            raise RuntimeError(f"capacity assignment LP failed ({method}): {result.message}")
+        x = result.x.reshape(num_samples, num_agents)
+        if np.max(np.abs(x - np.round(x))) <= 1e-6:
+            break
+    else:
+        raise RuntimeError("capacity assignment LP returned a fractional solution (unexpected)")
+    assignment = np.argmax(x, axis=1).astype(np.int64)
+    counts = np.bincount(assignment, minlength=num_agents)
+    assert np.all((counts >= cap_lo) & (counts <= cap_hi)), counts
+    return assignment

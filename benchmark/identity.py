@@ -1,0 +1,188 @@
+"""Identity of a result: variant labels, the record path and the settings fingerprint.
+
+A result row is (dataset variant, method variant, missing rate, workload variant, seed).
+A variant label is the preset or method name plus every setting that differs from its
+default, so different settings never share a record, a prediction-cache entry or an
+MLflow run:
+
+* method: ``prob_l2d[estep=meanfield]`` (options against the dataclass defaults), plus the
+  ``train.*`` / ``eval.*`` settings that differ from the experiment's defaults
+  (``classifier_only[train.learning_rate=0.01]``); ``method.label`` replaces the label;
+* workload: ``paper[classifier.hi=0.3]`` (against ``conf/workload/<preset>.yaml``);
+* dataset: ``digits`` or ``digits@<hash>`` when any setting that changes the data differs
+  from ``conf/dataset/<preset>.yaml`` (the record lists them under ``variant``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from benchmark.provenance import REPO_ROOT
+from benchmark.spec import RECORD_NAME, CellKey
+
+CONF_DIR = REPO_ROOT / "conf"
+# dataset settings that never change a result (how data is cached or built, not what it is)
+DATASET_NEUTRAL = frozenset({"name", "cache", "builder"})
+TRAINING_SECTIONS = ("train", "eval")
+SAFE_PATH = re.compile(r"[^A-Za-z0-9._=,+@\[\]-]")
+MAX_COMPONENT = 120
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable payload (key order does not matter)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def changed_settings(actual: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened settings of ``actual`` whose value differs from (or is absent in) ``default``."""
+    base = flatten(default)
+    return {key: value for key, value in sorted(flatten(actual).items())
+            if key not in base or not _same(value, base[key])}
+
+
+def format_value(value: Any) -> str:
+    """A compact text form of a setting's value for labels."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def variant_label(name: str, settings: Mapping[str, Any]) -> str:
+    """``name`` or ``name[key=value,...]`` (keys sorted)."""
+    if not settings:
+        return name
+    return f"{name}[{','.join(f'{k}={format_value(v)}' for k, v in sorted(settings.items()))}]"
+
+
+@functools.lru_cache(maxsize=64)
+def _load_yaml(path: str) -> dict:
+    from omegaconf import OmegaConf
+
+    if not Path(path).is_file():
+        return {}
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    data.pop("defaults", None)
+    data.pop("hydra", None)
+    return data
+
+
+def preset(group: str, name: str) -> dict | None:
+    """The preset ``conf/<group>/<name>.yaml`` as a dict, or None if there is none."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    return _load_yaml(str(path)) if path.is_file() else None
+
+
+def experiment_defaults(experiment: str | None) -> dict:
+    """``config.yaml`` overlaid with ``conf/experiment/<experiment>.yaml`` (top-level keys)."""
+    base = dict(_load_yaml(str(CONF_DIR / "config.yaml")))
+    overlay = _load_yaml(str(CONF_DIR / "experiment" / f"{experiment}.yaml")) if experiment else {}
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def _against_preset(section: Mapping[str, Any], group: str, choice: str | None,
+                    experiment: Mapping[str, Any]) -> dict[str, Any]:
+    default = preset(group, choice or str(section.get("name")))
+    if default is None:  # not a known preset: the settings define it, nothing to compare
+        return {}
+    overlay = experiment.get(group)
+    if isinstance(overlay, Mapping):
+        default = {**default, **overlay}
+    return changed_settings(section, default)
+
+
+def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None
+                  ) -> tuple[CellKey, dict[str, Any]]:
+    """The cell key (variant labels) of a composed config and the settings behind the labels.
+
+    ``choices`` are Hydra's chosen presets per group (``hydra.runtime.choices``); without
+    them the presets are looked up by the ``name`` keys and ``experiment_name``.
+    """
+    from methods import get_method_class
+
+    from benchmark.config import method_options
+
+    choices = dict(choices or {})
+    experiment = experiment_defaults(choices.get("experiment") or cfg.get("experiment_name"))
+    method_cfg = cfg["method"]
+    method_name = str(method_cfg["name"])
+    method_changes = changed_settings(method_cfg.get("params") or {},
+                                      method_options(get_method_class(method_name)))
+    training_changes = {
+        f"{section}.{key}": value
+        for section in TRAINING_SECTIONS
+        for key, value in changed_settings(cfg.get(section) or {}, experiment.get(section) or {}).items()
+    }
+    workload_changes = {k: v for k, v in _against_preset(
+        cfg["workload"], "workload", choices.get("workload"), experiment).items() if k != "name"}
+    dataset_changes = {k: v for k, v in _against_preset(
+        cfg["dataset"], "dataset", choices.get("dataset"), experiment).items()
+        if k.split(".")[0] not in DATASET_NEUTRAL}
+    dataset_name = str(cfg["dataset"]["name"])
+    cell = CellKey(
+        dataset=f"{dataset_name}@{stable_hash(dataset_changes, 8)}" if dataset_changes else dataset_name,
+        method=str(method_cfg.get("label") or variant_label(
+            method_name, {**method_changes, **training_changes})),
+        missing_rate=float(cfg["missing_rate"]),
+        workload=variant_label(str(cfg["workload"]["name"]), workload_changes),
+        seed=int(cfg["seed"]),
+    )
+    variant = {"method": method_changes, "train": training_changes,
+               "workload": workload_changes, "dataset": dataset_changes}
+    return cell, variant
+
+
+def path_component(label: str) -> str:
+    """A label as one safe path component (no separators, no ``..``; long labels hashed)."""
+    safe = SAFE_PATH.sub("_", label)
+    if safe.strip(".") == "":
+        safe = "_" + safe
+    if len(safe) > MAX_COMPONENT:
+        safe = f"{safe[:MAX_COMPONENT - 17]}~{stable_hash(label, 16)}"
+    return safe
+
+
+def record_path(results_dir: Path, cell: CellKey) -> Path:
+    """``<results>/<dataset>/<method>/mr<rate>/<workload>/seed<seed>/result.json``."""
+    return (results_dir / path_component(cell["dataset"]) / path_component(cell["method"])
+            / f"mr{cell['missing_rate']:g}" / path_component(cell["workload"])
+            / f"seed{cell['seed']}" / RECORD_NAME)
+
+
+def settings_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """Hash of every setting that defines a cell's result (a changed setting reruns it)."""
+    dataset = {k: v for k, v in (cfg.get("dataset") or {}).items() if k not in DATASET_NEUTRAL - {"name"}}
+    relevant = {"dataset": dataset, **{k: cfg.get(k) for k in (
+        "method", "workload", "train", "eval", "missing_rate", "seed")}}
+    return stable_hash(relevant)

@@ -1,0 +1,110 @@
+"""Train a method and predict the test set, memoised on disk by a key of everything that
+changes the trained model.
+
+Methods whose training ignores the workload (``workload_in_training = False``) get the same
+key under every workload, so they train once per (dataset, method variant, missing rate,
+training settings, seed) and are re-scored under each workload by the evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmark.config import RunConfig
+from benchmark.data import CellData
+from benchmark.evaluator import imputation_accuracy
+from benchmark.identity import stable_hash
+
+
+def training_key(run: RunConfig, data: CellData) -> str:
+    """Hash of everything that can change the trained model and its test outputs."""
+    from benchmark.provenance import code_hash, file_sha256
+
+    dataset = dataclasses.replace(run.dataset, name="", cache=False, builder=None)
+    payload = {
+        "code": code_hash(),
+        "method": repr(run.method),
+        "train": dataclasses.asdict(run.train),
+        "dataset": repr(dataset),
+        "missing_rate": run.missing_rate,
+        "manifests": {k: file_sha256(p) for k, p in sorted(data.manifests.items())},
+        "seed": run.seed,
+        "bounds": dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
+    }
+    return stable_hash(payload, 20)
+
+
+def train_and_predict(run: RunConfig, data: CellData) -> dict:
+    """Train the method and return its test outputs and run metrics (numpy / floats)."""
+    from tqdm.auto import tqdm
+
+    from benchmark import training
+    from benchmark.spec import Batch
+    from datasets.source import Augment, epoch_batches
+
+    method, seed = run.method, run.seed
+    batch_size = min(run.train.batch_size, len(data.train))
+    epochs = run.train.epochs if method.trains else 0
+    loader = run.dataset.loader(batch_size)
+    optim = training.OptimConfig(
+        learning_rate=run.train.learning_rate,
+        momentum=run.train.momentum,
+        weight_decay=run.train.weight_decay,
+        total_steps=max(1, epochs * (len(data.train) // batch_size)),
+    )
+    model = training.init_model(method, run.spec, seed)
+    method.prepare(model, data.train)
+    bar = tqdm(total=epochs, desc=f"{method.name} seed {seed}", unit="epoch", leave=False)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        bar.update()
+
+    trained = training.fit(
+        method, model,
+        lambda epoch: epoch_batches(data.train, loader, seed=seed, epoch=epoch),
+        epochs=epochs, optim=optim, bounds=run.bounds, progress=on_epoch,
+    )
+    bar.close()
+    eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
+    test_x = np.concatenate([b.x for b in epoch_batches(data.test, eval_loader, seed=0, epoch=0, shuffle=False)])
+    logits, scores = trained.predict(test_x)
+    imputed = None
+    if data.train_complete_t is not None:
+        train_batches = epoch_batches(data.train, eval_loader, seed=0, epoch=0, shuffle=False)
+        q_t = trained.impute([Batch(*b) for b in train_batches], run.bounds)
+        if q_t is not None:
+            imputed = imputation_accuracy(q_t, data.train.t, data.train_complete_t)
+    return {
+        "logits": logits,
+        "scores": scores,
+        "run_metrics": {
+            "train_seconds": trained.train_seconds,
+            "compile_seconds": trained.compile_seconds,
+            "samples_per_second": trained.samples_seen / trained.train_seconds
+            if trained.train_seconds > 0 else None,
+            "imputation_accuracy": imputed,
+        },
+    }
+
+
+def cached_predictions(run: RunConfig, data: CellData) -> dict:
+    """``train_and_predict`` memoised under ``run.cache_dir`` by ``training_key``."""
+    path = run.cache_dir / f"{run.method.name}-{training_key(run, data)}.npz"
+    if path.is_file() and not run.force:
+        with np.load(path, allow_pickle=False) as saved:
+            return {
+                "logits": saved["logits"],
+                "scores": saved["scores"],
+                "run_metrics": json.loads(str(saved["run_metrics"])),
+            }
+    out = train_and_predict(run, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, logits=out["logits"], scores=out["scores"], run_metrics=json.dumps(out["run_metrics"]))
+    Path(tmp).replace(path)
+    return out
