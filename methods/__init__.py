@@ -7,7 +7,7 @@ import os
 from benchmark.registry import Registry
 
 METHODS: Registry = Registry("method")
-HELPER_MODULES = {"nets", "losses", "estep", "projection", "template", "common"}
+HELPER_MODULES = {"nets", "surrogates", "missing_policy", "estep", "projection", "template", "common"}
 
 
 def load_all() -> None:

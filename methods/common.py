@@ -13,7 +13,6 @@ from flax import nnx
 from benchmark.spec import Batch, TrainInputs
 from methods.nets import Network
 
-MISSING_POLICIES = ("as_incorrect", "drop", "mask", "impute")
 
 
 class MethodConfigError(ValueError):
@@ -86,7 +85,7 @@ class Constant(nnx.Variable):
 class DeferralSurrogate(MethodBase):
     """A single network with K class logits then E deferral logits, trained with a surrogate.
 
-    Subclasses define ``surrogate(logits, y, t, policy)`` (a loss from ``methods.losses``)
+    Subclasses define ``surrogate(logits, y, t, policy)`` (a loss from ``methods.surrogates``)
     and ``deferral_scores(logits, num_experts)`` (its ``deferral_scores_*`` helper) as
     static methods. The classifier's logits are the first K outputs.
     """

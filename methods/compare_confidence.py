@@ -13,7 +13,7 @@ import dataclasses
 
 from methods import METHODS
 from methods.common import MethodBase, Networks, cross_entropy, require_experts
-from methods.losses import correctness_loss, deferral_scores_correctness
+from methods.surrogates import correctness_loss, deferral_scores_correctness
 from methods.nets import Network
 
 

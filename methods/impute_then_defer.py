@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError, Networks, require_experts
-from methods.losses import annotator_loss, deferral_scores_softmax, softmax_deferral_loss
+from methods.surrogates import annotator_loss, deferral_scores_softmax, softmax_deferral_loss
 from methods.nets import Network, NetworkStack
 
 

@@ -27,7 +27,7 @@ from benchmark.spec import MISSING
 from methods.projection import constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, Networks, cross_entropy, require_experts
-from methods.losses import cross_entropy as soft_cross_entropy
+from methods.surrogates import cross_entropy as soft_cross_entropy
 from methods.nets import Network
 
 

@@ -12,7 +12,7 @@ import dataclasses
 
 from methods import METHODS
 from methods.common import DeferralSurrogate
-from methods.losses import deferral_scores_ova, ova_deferral_loss
+from methods.surrogates import deferral_scores_ova, ova_deferral_loss
 
 
 @METHODS.register("multi_l2d_ova")

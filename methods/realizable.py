@@ -17,7 +17,7 @@ import dataclasses
 
 from methods import METHODS
 from methods.common import DeferralSurrogate
-from methods.losses import deferral_scores_realizable, realizable_deferral_loss
+from methods.surrogates import deferral_scores_realizable, realizable_deferral_loss
 
 
 @METHODS.register("realizable")

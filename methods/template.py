@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmark.spec import Batch, TaskSpec, TrainInputs
-from methods import METHODS
+from methods import METHODS  # noqa: F401 (used once the decorator below is uncommented)
 from methods.common import MethodBase
 from methods.nets import Network
 

@@ -18,7 +18,7 @@ from benchmark import config as config_lib
 from benchmark import training
 from benchmark.evaluator import final_predictions
 from benchmark.spec import MISSING, Batch, TaskSpec, TrainInputs, WorkloadBounds
-from methods.losses import POLICIES
+from methods.missing_policy import POLICIES
 
 methods.load_all()
 NAMES = methods.METHODS.names()
@@ -256,6 +256,7 @@ def test_reading_bounds_without_declaring_them_fails_loudly():
 def test_hydra_config_builds_the_dataclass_defaults(name):
     """The Hydra config ``method=<name>`` is generated from the dataclass: same object."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     from tests.conftest import REPO_ROOT
@@ -263,6 +264,9 @@ def test_hydra_config_builds_the_dataclass_defaults(name):
     config_lib.register_method_configs()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["experiment=single", f"method={name}"])
+        # what `method=glob(*)` sweeps: every registered method, nothing else
+        options = GlobalHydra.instance().config_loader().get_group_options("method")
+    assert sorted(options) == NAMES
     method_cfg = OmegaConf.to_container(cfg.method)
     assert method_cfg["name"] == name and method_cfg["label"] is None
     from_hydra = config_lib.build_method(method_cfg, SPEC)

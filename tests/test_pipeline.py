@@ -37,8 +37,8 @@ def cell_records(run_dir) -> dict[tuple, dict]:
             for r in load_records(run_dir)}
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -146,3 +146,75 @@ def test_failing_cell_does_not_stop_the_sweep(tiny_root, tmp_path):
     # ... but the cell after the failing one ran and the report was written
     assert records[(TINY_METHOD, 0.0, "none", 0)]["status"] == "ok"
     assert (tmp_path / "runs/smoke/report/leaderboard.csv").is_file()
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def leaderboard_rows(run_dir) -> list[dict]:
+    import pandas as pd
+
+    return pd.read_csv(run_dir / "report/leaderboard.csv").to_dict("records")
+
+
+def test_every_setting_keeps_its_own_row(tiny_root, tmp_path):
+    """Variants of one method never overwrite each other: one record and one row each."""
+    common = [*tiny_overrides(tiny_root, tmp_path), "train.epochs=1", "missing_rate=0.5"]
+    result = run_cli("-m", "experiment=single", "method=prob_l2d",
+                     "method.params.estep=exact,meanfield,reference", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = {r["method"] for r in leaderboard_rows(tmp_path / "runs/single")}
+    extra = "train.batch_size=16,train.epochs=1"
+    assert labels == {f"prob_l2d[{extra}]", f"prob_l2d[estep=meanfield,{extra}]",
+                      f"prob_l2d[estep=reference,{extra}]"}
+    assert len(load_records(tmp_path / "runs/single")) == 3
+
+    grid = run_cli("-m", "experiment=single", "method=classifier_only", "workload=paper",
+                   "train.learning_rate=0.05,0.01", "workload.classifier.hi=0.3,0.6",
+                   *common, f"results_dir={tmp_path}/grid")
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    rows = {(r["method"], r["workload"]) for r in leaderboard_rows(tmp_path / "grid")}
+    assert rows == {(f"classifier_only[{extra}{lr}]", f"paper[classifier.hi={hi}]")
+                    for lr in ("", ",train.learning_rate=0.01") for hi in ("0.3", "0.6")}
+    # the default learning rate (0.05) adds nothing to the label; each bound is its own row
+    assert len(load_records(tmp_path / "grid")) == 4
+
+
+def test_a_method_in_one_file_outside_the_repository_joins_the_sweep(tiny_root, tmp_path):
+    """One Python file, no YAML: registered, configurable from Hydra, swept and reported."""
+    plugin = tmp_path / "plugins" / "my_throwaway_method.py"
+    plugin.parent.mkdir()
+    source = (REPO_ROOT / "methods/template.py").read_text()
+    source = source.replace('# @METHODS.register("my_method")', '@METHODS.register("throwaway")')
+    source = source.replace('name = "my_method"', 'name = "throwaway"')
+    source = source.replace("class MyMethod(", "class Throwaway(")
+    plugin.write_text(source.replace("missing_policy: str = \"as_incorrect\"",
+                                     "missing_policy: str = \"as_incorrect\"\n    width: int = 3"))
+    env = {"L2D_METHODS": "my_throwaway_method",
+           "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{plugin.parent}"}
+    shown = run_cli("--cfg", "job", "method=throwaway", "method.params.width=5", env=env)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "name: throwaway" in shown.stdout and "width: 5" in shown.stdout
+    result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
+                     "method=throwaway,classifier_only", "workload=none", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    methods = {r["method"].split("[")[0] for r in leaderboard_rows(tmp_path / "runs/smoke")}
+    assert methods == {"throwaway", "classifier_only"}
+    assert "throwaway[" in result.stdout  # on the printed leaderboard too
+
+
+def test_force_replaces_the_cells_mlflow_run(tiny_root, tmp_path):
+    import mlflow
+
+    overrides = [o if o != "tracking=none" else "tracking=mlflow" for o in tiny_overrides(tiny_root, tmp_path)]
+    cfg, choices = compose_cfg(overrides)
+    first = run_cell(cfg, choices)
+    forced = run_cell({**cfg, "force": True}, choices)
+    other, _ = compose_cfg(overrides + ["seed=1"])
+    another_cell = run_cell(other, choices)
+    assert first["mlflow_run_id"] and forced["mlflow_run_id"] != first["mlflow_run_id"]
+    mlflow.set_tracking_uri(cfg["tracking"]["uri"])
+    runs = mlflow.search_runs(experiment_names=[cfg["tracking"]["experiment"]], output_format="list")
+    # one active run per cell: the forced re-run replaced the first one
+    assert sorted(r.info.run_id for r in runs) == sorted([forced["mlflow_run_id"],
+                                                          another_cell["mlflow_run_id"]])

@@ -7,7 +7,6 @@ import numpy as np
 from benchmark.spec import Batch
 from datasets.layout import load_split
 from datasets.source import (
-    ArraySplit,
     Augment,
     ImageFormat,
     LoaderConfig,
