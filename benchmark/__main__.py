@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from benchmark.config import register_method_configs
 
 register_method_configs()  # method=<name> for every registered method, from its dataclass
+INTERRUPTED = 130  # the shell's exit status for Ctrl-C
+
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
@@ -27,8 +29,21 @@ def main(cfg: DictConfig) -> dict:
         print_cell(record)
         if record["status"] == "failed":
             sys.exit(1)
-    return {"status": record["status"], "error": record.get("error"), "cell": record["cell"]}
+    return {key: record.get(key) for key in ("status", "error", "cell", "tracking_error")}
+
+
+def interrupted_message() -> str:
+    """One line: how far a sweep got and how to resume it."""
+    from benchmark.callbacks import PROGRESS
+
+    done, total = PROGRESS["done"], PROGRESS["total"]
+    where = f" after {done} of {total if total is not None else '?'} cells" if total or done else ""
+    return f"interrupted{where}; re-run the same command to resume (finished cells are kept)."
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message()}", file=sys.stderr)
+        sys.exit(INTERRUPTED)

@@ -39,17 +39,52 @@ def sweep_size(config: DictConfig) -> int | None:
     return total
 
 
+PROGRESS = {"done": 0, "total": None}  # read by the entry point when interrupted
+
+
+def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) -> list[str]:
+    """The end-of-sweep summary: failed cells and tracking errors (empty when all is well)."""
+    from benchmark.console import error_paragraph
+
+    def where(outcome):
+        return ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
+
+    lines = []
+    failed = [o for o in outcomes if o["status"] == "failed"]
+    if failed:
+        lines.append(f"{len(failed)} of {len(outcomes)} cells failed:")
+        lines += [f"- {where(o)}: {error_paragraph(o['error'])}" for o in failed[:10]]
+        if len(failed) > 10:
+            lines.append(f"- ... and {len(failed) - 10} more (see the report's failures)")
+    tracked = [o for o in outcomes if o.get("tracking_error")]
+    if tracking_problem:
+        lines.append(f"MLflow: {tracking_problem}; the records are complete.")
+    elif tracked:
+        lines.append(f"MLflow: {len(tracked)} cells were not tracked (their records are complete):")
+        lines += [f"- {where(o)}: {error_paragraph(o['tracking_error'])}" for o in tracked[:5]]
+    return lines
+
+
 class SweepCallback(Callback):
-    """Counts cells as they finish; at the end writes and prints the leaderboard."""
+    """Prepares tracking once, counts cells as they finish, and at the end prints the
+    leaderboard, the failed cells and the tracking errors."""
 
     def __init__(self) -> None:
         self.bar = None
         self.outcomes: list[dict[str, Any]] = []
+        self.tracking_problem: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=sweep_size(config), desc="grid", unit="cell", file=sys.stderr)
+        from benchmark.tracking import Tracker
+
+        # create and migrate the store before any job: concurrent jobs never race on it
+        self.tracking_problem = Tracker(config.get("tracking") or {}).prepare()
+        if self.tracking_problem:
+            print(f"[l2d-bench] {self.tracking_problem}", file=sys.stderr)
+        PROGRESS.update(done=0, total=sweep_size(config))
+        self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:
@@ -57,6 +92,7 @@ class SweepCallback(Callback):
         except Exception as err:  # the task itself crashed
             outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "cell": {}}
         self.outcomes.append(outcome)
+        PROGRESS["done"] = len(self.outcomes)
         if self.bar is not None:
             failed = sum(o["status"] == "failed" for o in self.outcomes)
             skipped = sum(o["status"] == "skipped" for o in self.outcomes)
@@ -64,27 +100,25 @@ class SweepCallback(Callback):
             self.bar.update()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from benchmark.console import error_paragraph
         from benchmark.config import resolve_path
         from benchmark.provenance import REPO_ROOT
+        from reports import NoRecordsError, build_report
 
         if self.bar is not None:
             self.bar.close()
-        failed = [o for o in self.outcomes if o["status"] == "failed"]
-        if self.outcomes and len(failed) == len(self.outcomes):
-            print(f"\nAll {len(failed)} cells failed. First error:\n"
-                  f"{error_paragraph(failed[0]['error'])}", file=sys.stderr)
-            sys.exit(1)
-        results_dir = resolve_path(config.results_dir, REPO_ROOT)
-        report_dir = resolve_path(config.report_dir, REPO_ROOT)
-        from reports import build_report
-
-        written = build_report(results_dir, report_dir)
-        print("\n" + written["leaderboard.txt"].read_text())
-        print(f"Report: {written['report.html']}")
+        failed = any(o["status"] == "failed" for o in self.outcomes)
+        try:
+            written = build_report(resolve_path(config.results_dir, REPO_ROOT),
+                                   resolve_path(config.report_dir, REPO_ROOT))
+            print("\n" + written["leaderboard.txt"].read_text())
+            print(f"Report: {written['report.html']}")
+        except NoRecordsError:
+            print("\nNo cell finished, so there is no report.", file=sys.stderr)
+        except (OSError, ValueError) as err:
+            print(f"\nThe report could not be written: {type(err).__name__}: {err}", file=sys.stderr)
+            failed = True
+        lines = summary_lines(self.outcomes, self.tracking_problem)
+        if lines:
+            print("\n" + "\n".join(lines), file=sys.stderr)
         if failed:
-            print(f"\n{len(failed)} of {len(self.outcomes)} cells failed:", file=sys.stderr)
-            for outcome in failed[:10]:
-                cell = ", ".join(f"{k}={v}" for k, v in outcome["cell"].items())
-                print(f"- {cell}: {error_paragraph(outcome['error'])}", file=sys.stderr)
             sys.exit(1)

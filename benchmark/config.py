@@ -256,7 +256,8 @@ class RunConfig:
     train: TrainSettings
     assignment_batch: int | None
     results_dir: Path
-    cache_dir: Path
+    cache_dir: Path  # trained models' test predictions
+    data_cache_dir: Path  # derived data: missing-annotation manifests, decoded images
     force: bool
     tracking: Mapping[str, Any]
 
@@ -281,6 +282,7 @@ def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
                                                             "eval.assignment_batch", int, 1),
         results_dir=resolve_path(cfg["results_dir"], base),
         cache_dir=resolve_path(cfg["cache_dir"], base),
+        data_cache_dir=resolve_path(cfg["data_cache_dir"], base),
         force=bool(cfg.get("force", False)),
         tracking=dict(cfg.get("tracking") or {}),
     )

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 import textwrap
 
+from benchmark.spec import ResultRecord
+
 
 def error_paragraph(error: str) -> str:
     """An error message wrapped as one readable paragraph."""
     return textwrap.fill(error, width=100, subsequent_indent="  ")
 
 
-def print_cell(record: dict, file=sys.stdout) -> None:
+def print_cell(record: ResultRecord, file=sys.stdout) -> None:
     """Print one cell's result as a small table (or its error)."""
     cell = record["cell"]
     title = ", ".join(f"{k}={v}" for k, v in cell.items())
@@ -30,3 +32,6 @@ def print_cell(record: dict, file=sys.stdout) -> None:
     for name, value in (record.get("run_metrics") or {}).items():
         if value is not None:
             print(f"  {name:<26}{value:>10.4f}", file=file)
+    if record.get("tracking_error"):
+        print(f"MLflow: not tracked ({error_paragraph(record['tracking_error'])}); the record is "
+              "complete.", file=sys.stderr)

@@ -1,7 +1,9 @@
 """A cell's data: manifests resolved (missing-annotation manifests derived), validated, decoded.
 
 A dataset with a ``builder`` is materialised on first use when its root lies below the
-repository's ``data/`` folder; a root elsewhere is the user's.
+repository's ``data/`` folder; a root elsewhere is the user's and is only read. Everything
+the harness derives (missing-annotation manifests, decoded images) lives in its own cache
+(``data_cache_dir``, under ``outputs/`` by default), keyed by the content it derives from.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from benchmark.config import ConfigError, DatasetConfig
+from benchmark.identity import stable_hash
 from benchmark.provenance import REPO_ROOT
 
 MANAGED_DATA_DIR = REPO_ROOT / "data"  # builders write only below <repo>/data
@@ -31,6 +34,7 @@ class DatasetFiles:
     complete_experts: tuple[str, ...] | None
     test_ground_truth: str
     test_experts: tuple[str, ...]
+    source_experts: tuple[str, ...]  # the configured expert manifests (before any drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +56,51 @@ def _is_managed(root: Path) -> bool:
     return True
 
 
-def missing_manifest_dir(rate: float, seed: int) -> str:
-    """Folder (relative to the dataset root) of the manifests generated at ``rate``."""
-    return f"missing/rate_{rate:g}/seed_{seed}"
+def _check_inside(dataset: DatasetConfig, names: tuple[str, ...], option: str) -> None:
+    from datasets.layout import inside
+    from datasets.manifest import ManifestError
+
+    real_root = dataset.root.resolve()
+    for name in names:
+        if not inside(real_root, dataset.root / name):
+            raise ManifestError(
+                f"{dataset.root / name}: manifest ({option}) resolves to "
+                f"{(dataset.root / name).resolve()}, outside the dataset root {real_root}; "
+                "manifests must lie inside the root (symbolic links included)."
+            )
 
 
-def dataset_files(dataset: DatasetConfig, missing_rate: float) -> DatasetFiles:
-    """Manifest paths of a cell (missing-annotation manifests generated here if absent)."""
+def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_dir: Path
+                             ) -> tuple[str, ...]:
+    """Absolute paths of the experts' manifests with annotations dropped at ``missing_rate``.
+
+    Written once under ``cache_dir/missing/<key>/``, where the key hashes the content of the
+    ground truth and of every source expert manifest with the rate and the seed, so an
+    edited source derives a new file and nothing is ever written in the dataset root.
+    """
+    from benchmark.provenance import file_sha256
     from datasets.generators import write_missing_manifests
-    from datasets.manifest import ManifestError, read_manifest
+    from datasets.layout import load_split
+    from datasets.manifest import read_manifest
+
+    root, experts = dataset.root, dataset.train_experts
+    sources = [root / dataset.train_ground_truth, *(root / name for name in experts)]
+    key = stable_hash({"sources": [file_sha256(path) for path in sources],
+                       "rate": missing_rate, "seed": dataset.missing_seed})
+    folder = cache_dir / "missing" / key
+    derived = tuple(str(folder / f"expert_{j}_{Path(name).name}") for j, name in enumerate(experts))
+    if not all(Path(path).is_file() for path in derived):
+        # the same checks as at missing rate 0 (e.g. an expert naming an unknown sample)
+        load_split(root, dataset.train_ground_truth, experts, dataset.num_classes, check_files=False)
+        gt = read_manifest(root / dataset.train_ground_truth, dataset.num_classes)
+        manifests = [read_manifest(root / name, dataset.num_classes) for name in experts]
+        write_missing_manifests(manifests, gt.files, missing_rate, dataset.missing_seed, derived)
+    return derived
+
+
+def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) -> DatasetFiles:
+    """Manifest paths of a cell; missing-annotation manifests are derived into ``cache_dir``."""
+    from datasets.manifest import ManifestError
 
     if not 0.0 <= float(missing_rate) <= 1.0:
         raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
@@ -74,27 +114,46 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float) -> DatasetFiles:
             f"{root}: dataset root does not exist or is not a directory (dataset.root; "
             f"relative roots are resolved against {REPO_ROOT})."
         )
+    _check_inside(dataset, (dataset.train_ground_truth, dataset.test_ground_truth),
+                  "dataset.train/test.ground_truth")
+    _check_inside(dataset, dataset.train_experts + dataset.test_experts, "dataset.train/test.experts")
     experts, complete = dataset.train_experts, dataset.complete_experts
     if missing_rate > 0:
-        folder = missing_manifest_dir(float(missing_rate), dataset.missing_seed)
-        derived = tuple(f"{folder}/{Path(name).name}" for name in experts)
-        if not all((root / name).is_file() for name in derived):
-            gt = read_manifest(root / dataset.train_ground_truth, dataset.num_classes)
-            sources = [read_manifest(root / name, dataset.num_classes) for name in experts]
-            write_missing_manifests(sources, gt.files, float(missing_rate), dataset.missing_seed,
-                                    [root / name for name in derived])
         complete = complete or experts
-        experts = derived
+        experts = derive_missing_manifests(dataset, float(missing_rate), cache_dir)
     return DatasetFiles(
         name=dataset.name, root=root, num_classes=dataset.num_classes,
         train_ground_truth=dataset.train_ground_truth, train_experts=experts,
         complete_experts=complete, test_ground_truth=dataset.test_ground_truth,
-        test_experts=dataset.test_experts,
+        test_experts=dataset.test_experts, source_experts=dataset.train_experts,
     )
 
 
+def source_manifest_hashes(dataset: DatasetConfig) -> dict[str, str | None]:
+    """sha256 of every configured manifest (None where a file does not exist yet)."""
+    from benchmark.provenance import file_sha256
+
+    names = (dataset.train_ground_truth, *dataset.train_experts, *(dataset.complete_experts or ()),
+             dataset.test_ground_truth, *dataset.test_experts)
+    return {name: file_sha256(dataset.root / name) if (dataset.root / name).is_file() else None
+            for name in names}
+
+
+def image_signature(root: Path, files: tuple[str, ...]) -> str:
+    """Hash of every image's (path, size, mtime): a replaced image changes it."""
+    entries = []
+    for file in files:
+        try:
+            stat = (root / file).stat()
+            entries.append((file, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            entries.append((file, None, None))
+    return stable_hash(entries)
+
+
 @functools.lru_cache(maxsize=8)
-def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | None) -> CellData:
+def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | None,
+            signatures: tuple[str, str]) -> CellData:
     from datasets.layout import check_expert_counts, load_split
     from datasets.source import ImageFormat, decode_all
 
@@ -111,24 +170,34 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
                  "test/ground_truth": files.root / files.test_ground_truth}
     for j, name in enumerate(files.train_experts):
         manifests[f"train/expert_{j}"] = files.root / name
+        if files.source_experts[j] != name:  # derived: record its source too
+            manifests[f"train/expert_{j}/source"] = files.root / files.source_experts[j]
     for j, name in enumerate(files.test_experts):
         manifests[f"test/expert_{j}"] = files.root / name
-    return CellData(files, decode_all(train, fmt, cache_dir), decode_all(test, fmt, cache_dir),
-                    complete_t, manifests)
+    train_images = decode_all(train, fmt, cache_dir, signature=signatures[0])
+    test_images = decode_all(test, fmt, cache_dir, signature=signatures[1])
+    return CellData(files, train_images, test_images, complete_t, manifests)
 
 
 _ERRORS: dict[tuple, Exception] = {}
 
 
-def load_data(dataset: DatasetConfig, missing_rate: float) -> CellData:
-    """Resolve, validate and decode a cell's data (memoised per process, errors too)."""
-    key = (dataset, missing_rate)
+def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) -> CellData:
+    """Resolve, validate and decode a cell's data (memoised per process while the image
+    files are unchanged; errors too). Derived files go below ``cache_dir`` (decoded images
+    only if ``dataset.cache``), never into the dataset root."""
+    from datasets.manifest import read_manifest
+
+    key = (dataset, missing_rate, cache_dir)
     if key in _ERRORS:
         raise _ERRORS[key]
     try:
-        files = dataset_files(dataset, missing_rate)
-        cache_dir = files.root / ".cache" if dataset.cache else None
-        return _decode(files, dataset.image, cache_dir)
+        files = dataset_files(dataset, missing_rate, cache_dir)
+        signatures = tuple(
+            image_signature(files.root, read_manifest(files.root / gt, files.num_classes).files)
+            for gt in (files.train_ground_truth, files.test_ground_truth))
+        images = cache_dir / "images" if dataset.cache else None
+        return _decode(files, dataset.image, images, signatures)
     except Exception as err:
         _ERRORS[key] = err
         raise

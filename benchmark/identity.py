@@ -30,6 +30,7 @@ CONF_DIR = REPO_ROOT / "conf"
 DATASET_NEUTRAL = frozenset({"name", "cache", "builder"})
 TRAINING_SECTIONS = ("train", "eval")
 SAFE_PATH = re.compile(r"[^A-Za-z0-9._=,+@\[\]-]")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+@-]{0,99}")
 MAX_COMPONENT = 120
 
 
@@ -133,6 +134,9 @@ def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = No
 
     from benchmark.config import method_options
 
+    for option, value in (("dataset.name", cfg["dataset"]["name"]), ("workload.name", cfg["workload"]["name"]),
+                          ("method.label", cfg["method"].get("label"))):
+        check_name(value, option)
     choices = dict(choices or {})
     experiment = experiment_defaults(choices.get("experiment") or cfg.get("experiment_name"))
     method_cfg = cfg["method"]
@@ -163,6 +167,17 @@ def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = No
     return cell, variant
 
 
+def check_name(value: Any, option: str) -> None:
+    """Raise ``ConfigError`` unless a user-given name is a safe output path component."""
+    from benchmark.config import ConfigError
+
+    if value is not None and not SAFE_NAME.fullmatch(str(value)):
+        raise ConfigError(
+            f"{option}={value!r} names folders under the results directory: use 1-100 letters, "
+            "digits or . _ - + = , @, starting with a letter or digit (no '/' or '..')."
+        )
+
+
 def path_component(label: str) -> str:
     """A label as one safe path component (no separators, no ``..``; long labels hashed)."""
     safe = SAFE_PATH.sub("_", label)
@@ -180,9 +195,10 @@ def record_path(results_dir: Path, cell: CellKey) -> Path:
             / f"seed{cell['seed']}" / RECORD_NAME)
 
 
-def settings_fingerprint(cfg: Mapping[str, Any]) -> str:
-    """Hash of every setting that defines a cell's result (a changed setting reruns it)."""
+def settings_fingerprint(cfg: Mapping[str, Any], manifest_hashes: Mapping[str, Any] | None) -> str:
+    """Hash of every setting that defines a cell's result and of the content of its source
+    manifests (a changed setting or an edited manifest reruns the cell)."""
     dataset = {k: v for k, v in (cfg.get("dataset") or {}).items() if k not in DATASET_NEUTRAL - {"name"}}
-    relevant = {"dataset": dataset, **{k: cfg.get(k) for k in (
+    relevant = {"dataset": dataset, "manifests": manifest_hashes, **{k: cfg.get(k) for k in (
         "method", "workload", "train", "eval", "missing_rate", "seed")}}
     return stable_hash(relevant)

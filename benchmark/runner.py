@@ -1,19 +1,23 @@
 """One grid cell: identity -> parse -> data -> fit (or reuse) -> evaluate -> record -> track.
 
-The record goes to ``benchmark.identity.record_path`` (one path per variant). A cell whose
-record says "ok" for the same settings is skipped unless ``force``.
+The record goes to ``benchmark.identity.record_path`` (one path per variant) and is written
+before the cell is tracked. A cell whose record says "ok" for the same settings and source
+manifests is skipped unless ``force``. A lock file beside the record serialises processes
+that run the same cell at the same time (the second one then finds the record and skips).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from benchmark.config import ConfigError, parse_run, resolve_path
+from benchmark.config import ConfigError, DatasetConfig, parse_run, resolve_path
 from benchmark.identity import cell_identity, record_path, settings_fingerprint
 from benchmark.provenance import REPO_ROOT, provenance
 from benchmark.records import read_record, write_record
@@ -32,59 +36,61 @@ def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
         )
 
 
-def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
-             base: Path = REPO_ROOT) -> ResultRecord:
-    """Run one grid cell and write its record; never raises for a failing cell.
+def fingerprint_now(cfg: Mapping[str, Any], base: Path) -> str:
+    """The settings fingerprint with the source manifests' current content."""
+    from benchmark.data import source_manifest_hashes
 
-    ``cfg`` is the composed config as a plain dict; ``choices`` Hydra's chosen presets.
-    Returns the record (``status`` "ok", "failed" or "skipped" for an existing ok record).
-    """
+    try:
+        hashes = source_manifest_hashes(DatasetConfig.parse(cfg["dataset"], base))
+    except Exception:  # an invalid dataset config fails the cell later, with its message
+        hashes = None
+    return settings_fingerprint(cfg, hashes)
+
+
+@contextlib.contextmanager
+def cell_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<record>.lock`` (released when the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
+    """Fill ``record`` with the cell's result (raises on failure)."""
     from benchmark.data import load_data
     from benchmark.evaluator import evaluate
     from benchmark.predictions import cached_predictions
+
+    run = parse_run(cfg, base)
+    record["role"] = run.method.role
+    data = load_data(run.dataset, run.missing_rate, run.data_cache_dir)
+    record["fingerprint"] = fingerprint_now(cfg, base)  # the data exist now (built on first use)
+    out = cached_predictions(run, data)
+    scores = out["scores"]
+    if run.method.sees_test_labels:  # the oracle reference row
+        scores = run.method.scores_from_labels(out["logits"], scores, data.test.y, data.test.t)
+    check_scores(run.method.name, np.asarray(scores), np.asarray(out["logits"]))
+    metrics, curves = evaluate(out["logits"], scores, data.test.y, data.test.t, run.bounds,
+                               assignment_batch=run.assignment_batch)
+    record.update(
+        status="ok",
+        agents=agent_names(run.spec.num_experts),
+        workload_bounds={"lo": list(run.bounds.lo), "hi": list(run.bounds.hi)},
+        metrics=metrics,
+        run_metrics=out["run_metrics"],
+        curves=curves,
+        provenance=provenance(data.manifests),
+    )
+
+
+def track(cfg: Mapping[str, Any], record: ResultRecord, path: Path) -> ResultRecord:
+    """Log the written record to MLflow and store the run id (or the tracking error) in it."""
     from benchmark.tracking import Tracker
 
-    cell, variant = cell_identity(cfg, choices)
-    path = record_path(resolve_path(cfg["results_dir"], base), cell)
-    fingerprint = settings_fingerprint(cfg)
-    existing = read_record(path)
-    force = bool(cfg.get("force", False))
-    if existing and existing["status"] == "ok" and not force and existing.get("fingerprint") == fingerprint:
-        return {**existing, "status": "skipped"}
-    record: ResultRecord = {
-        "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": cell,
-        "method_name": str(cfg["method"]["name"]), "variant": variant, "fingerprint": fingerprint,
-    }
-    try:
-        if existing and existing.get("variant") not in (None, variant):
-            raise ConfigError(
-                f"{path} holds the result of other settings under the same labels "
-                f"({existing['variant']}); give this variant its own method.label."
-            )
-        run = parse_run(cfg, base)
-        record["role"] = run.method.role
-        data = load_data(run.dataset, run.missing_rate)
-        out = cached_predictions(run, data)
-        scores = out["scores"]
-        if run.method.sees_test_labels:  # the oracle reference row
-            scores = run.method.scores_from_labels(out["logits"], scores, data.test.y, data.test.t)
-        check_scores(run.method.name, np.asarray(scores), np.asarray(out["logits"]))
-        metrics, curves = evaluate(out["logits"], scores, data.test.y, data.test.t, run.bounds,
-                                   assignment_batch=run.assignment_batch)
-        record.update(
-            status="ok",
-            agents=agent_names(run.spec.num_experts),
-            workload_bounds={"lo": list(run.bounds.lo), "hi": list(run.bounds.hi)},
-            metrics=metrics,
-            run_metrics=out["run_metrics"],
-            curves=curves,
-            provenance=provenance(data.manifests),
-        )
-    except Exception as err:  # a failing cell is recorded, the sweep goes on
-        record["error"] = f"{type(err).__name__}: {err}"
-        record["traceback"] = traceback.format_exc()
-    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_record(path, record)
     try:
         run_id = Tracker(cfg.get("tracking") or {}).log(record, cfg)
     except Exception as err:  # tracking never loses a result
@@ -94,3 +100,51 @@ def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
         record["mlflow_run_id"] = run_id
         write_record(path, record)
     return record
+
+
+def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
+             base: Path = REPO_ROOT) -> ResultRecord:
+    """Run one grid cell, write its record and track it; never raises for a failing cell.
+
+    ``cfg`` is the composed config as a plain dict; ``choices`` Hydra's chosen presets.
+    Returns the record (``status`` "ok", "failed" or "skipped" for an existing ok record).
+    """
+    try:
+        cell, variant = cell_identity(cfg, choices)
+        path = record_path(resolve_path(cfg["results_dir"], base), cell)
+        with cell_lock(path):
+            return _run_locked(cfg, cell, variant, path, base)
+    except ConfigError as err:  # no identity: nothing can be recorded
+        cell = {key: cfg.get(key) for key in ("missing_rate", "seed")}
+        return {"status": "failed", "error": f"ConfigError: {err}", "cell": cell}
+    except OSError as err:  # the record (or its lock) cannot be written: say so, go on
+        return {"status": "failed", "error": f"cannot write the result record: {err}",
+                "cell": cell}
+
+
+def _run_locked(cfg, cell, variant, path: Path, base: Path) -> ResultRecord:
+    existing = read_record(path)
+    if (existing and existing["status"] == "ok" and not cfg.get("force", False)
+            and existing.get("fingerprint") == fingerprint_now(cfg, base)):
+        tracking = cfg.get("tracking") or {}
+        if tracking.get("enabled") and not existing.get("mlflow_run_id"):
+            existing = track(cfg, existing, path)  # killed before it was tracked: repair
+        return {**existing, "status": "skipped"}
+    record: ResultRecord = {
+        "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": cell,
+        "method_name": str(cfg["method"]["name"]), "variant": variant,
+        "fingerprint": fingerprint_now(cfg, base),
+    }
+    try:
+        if existing and existing.get("variant") not in (None, variant):
+            raise ConfigError(
+                f"{path} holds the result of other settings under the same labels "
+                f"({existing['variant']}); give this variant its own method.label."
+            )
+        compute(cfg, record, base)
+    except Exception as err:  # a failing cell is recorded, the sweep goes on
+        record["error"] = f"{type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc()
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_record(path, record)
+    return track(cfg, record, path)

@@ -7,12 +7,54 @@ provenance as JSON artifacts, and the result record itself.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
+import urllib.parse
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from benchmark.identity import stable_hash
 from benchmark.spec import ResultRecord
+
+
+CONNECT_TIMEOUT_S = 3.0
+_UNAVAILABLE: dict[str, str] = {}  # tracking URI -> why it cannot be used (per process)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached; the sweep goes on without tracking."""
+
+
+def server_problem(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """For an http(s) URI, why its server cannot be reached (None when it answers a connect)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"tracking server {uri} does not answer ({err}); tracking is off for this run"
+    return None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str | None) -> Iterator[None]:
+    """Serialise store creation and migration between processes (SQLite stores)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Tracker:
@@ -25,18 +67,42 @@ class Tracker:
         self.artifact_location = cfg.get("artifact_location")
         self._ready = False
 
+    def prepare(self) -> str | None:
+        """Reach the store, create (and migrate) it and the experiment once, under a lock.
+
+        Returns None when tracking is ready (or disabled), else why it is off. Called
+        before a sweep's first job, so concurrent jobs never race on a new store.
+        """
+        if not self.enabled:
+            return None
+        try:
+            self._setup()
+        except TrackingUnavailable as err:
+            return str(err)
+        return None
+
     def _setup(self) -> None:
+        if self.uri in _UNAVAILABLE:
+            raise TrackingUnavailable(_UNAVAILABLE[self.uri])
+        problem = server_problem(self.uri or "")
+        if problem:
+            _UNAVAILABLE[self.uri] = problem
+            raise TrackingUnavailable(problem)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         import mlflow
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         if self.uri:
             mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(self.experiment) is None and self.artifact_location:
-            # an SQLite store would otherwise put artifacts in ./mlruns of the current dir
-            Path(self.artifact_location).mkdir(parents=True, exist_ok=True)
-            mlflow.create_experiment(self.experiment, artifact_location=Path(self.artifact_location).resolve().as_uri())
-        mlflow.set_experiment(self.experiment)
+        with _store_lock(self.uri):
+            if mlflow.get_experiment_by_name(self.experiment) is None and self.artifact_location:
+                # an SQLite store would otherwise put artifacts in ./mlruns of the current dir
+                location = Path(self.artifact_location)
+                location.mkdir(parents=True, exist_ok=True)
+                mlflow.create_experiment(self.experiment, artifact_location=location.resolve().as_uri())
+            mlflow.set_experiment(self.experiment)
         self._ready = True
 
     def log(self, record: ResultRecord, cfg: Mapping[str, Any]) -> str | None:

@@ -39,6 +39,15 @@ class SplitData:
         return self.t.shape[1]
 
 
+def inside(real_root: Path, path: Path) -> bool:
+    """Whether ``path``, with every symbolic link resolved, lies below ``real_root``."""
+    try:
+        path.resolve().relative_to(real_root)
+    except ValueError:
+        return False
+    return True
+
+
 def _join_expert(gt_index: dict[str, int], expert: Manifest) -> np.ndarray:
     column = np.full(len(gt_index), MISSING, dtype=np.int32)
     labels = expert.hard_labels()
@@ -86,10 +95,16 @@ def load_split(
             )
         columns.append(column)
     if check_files:
+        real_root = root.resolve()
         for record, file in enumerate(gt.files):
             if not (root / file).is_file():
                 raise ManifestError(
                     f"{gt.path}, record {record}: image file {file!r} does not exist under {root}."
+                )
+            if not inside(real_root, root / file):
+                raise ManifestError(
+                    f"{gt.path}, record {record}: image file {file!r} resolves through a symbolic "
+                    f"link to {(root / file).resolve()}, outside the dataset root {real_root}."
                 )
     t = np.stack(columns, axis=1) if columns else np.zeros((len(gt.files), 0), np.int32)
     y_probs = gt.labels if gt.is_soft else np.eye(num_classes, dtype=np.float32)[gt.labels]

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from benchmark.spec import Batch
 from datasets.layout import SplitData
-from datasets.manifest import ManifestError
+from datasets.manifest import ManifestError, atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -86,20 +86,25 @@ class ArraySplit:
         return len(self.y)
 
 
-def _cache_key(split: SplitData, fmt: ImageFormat) -> str:
-    digest = hashlib.sha256(repr(fmt).encode())
+def _cache_key(split: SplitData, fmt: ImageFormat, signature: str) -> str:
+    digest = hashlib.sha256(repr(fmt).encode() + signature.encode())
     for file in split.files:
         digest.update(file.encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
 def decode_all(
-    split: SplitData, fmt: ImageFormat, cache_dir: str | Path | None = None, progress: bool = True
+    split: SplitData, fmt: ImageFormat, cache_dir: str | Path | None = None, progress: bool = True,
+    signature: str = "",
 ) -> ArraySplit:
-    """Decode every image of ``split`` once (cached as .npz under ``cache_dir`` if given)."""
+    """Decode every image of ``split`` once (cached as .npz under ``cache_dir`` if given).
+
+    The cache file is keyed by the format, the file list and ``signature`` (the caller's
+    hash of the images' sizes and modification times), so a replaced image is decoded again.
+    """
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"images-{_cache_key(split, fmt)}.npz"
+        cache_path = Path(cache_dir) / f"images-{_cache_key(split, fmt, signature)}.npz"
         if cache_path.is_file():
             with np.load(cache_path) as cached:
                 return ArraySplit(images=cached["images"], y=split.y, t=split.t)
@@ -111,12 +116,9 @@ def decode_all(
         indices = tqdm(indices, desc=f"decoding {split.root.name}", unit="img", leave=False)
     images = np.stack([decode_image(split.root / split.files[i], fmt) for i in indices])
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, images=images)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(cache_path)
+        atomic_write_bytes(cache_path, buffer.getvalue())
     return ArraySplit(images=images, y=split.y, t=split.t)
 
 

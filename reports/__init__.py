@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from datasets.manifest import atomic_write_text
 from reports.figures import all_figures, save_figures
 from reports.frames import (
     RECORD_NAME,
@@ -85,7 +86,7 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
         "leaderboard.csv": write_csv(full_table, out_dir / "leaderboard.csv"),
     }
     text_path = out_dir / "leaderboard.txt"
-    text_path.write_text(format_console(table, failed) + "\n", encoding="utf-8")
+    atomic_write_text(text_path, format_console(table, failed) + "\n")
     paths["leaderboard.txt"] = text_path
 
     figures = all_figures(agg, curves_frame(records), bounds_frame(records))
@@ -95,7 +96,7 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     images = {path.stem: path.read_bytes() for path in figure_paths}
     page = render_html(table, failed, provenance_frame(records), images)
     html_path = out_dir / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    atomic_write_text(html_path, page)
     paths["report.html"] = html_path
     return paths
 

@@ -9,6 +9,7 @@ figures. ``save_figures`` is the only function that writes files.
 from __future__ import annotations
 
 import functools
+import io
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
+from datasets.manifest import atomic_write_bytes
 from reports.frames import ci95_half_width
 
 PANEL_SIZE = (4.2, 3.3)  # inches per panel
@@ -264,6 +266,8 @@ def save_figures(figures: dict[str, Figure], out_dir: str | Path, dpi: int = 110
     paths = []
     for name, figure in tqdm(figures.items(), desc="figures", unit="fig", disable=None):
         path = out_dir / f"{name}.png"
-        figure.savefig(path, dpi=dpi)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, dpi=dpi, format="png")
+        atomic_write_bytes(path, buffer.getvalue())  # a kill never leaves a truncated PNG
         paths.append(path)
     return paths

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from datasets.manifest import atomic_write_text
 from reports.frames import RUN_DECISION
 from reports.metrics import LOWER, METRIC_DIRECTIONS, direction
 
@@ -255,14 +256,14 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
 def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None) -> Path:
     """Write ``markdown_leaderboard(table, failed)`` to ``path``."""
     path = Path(path)
-    path.write_text(markdown_leaderboard(table, failed), encoding="utf-8")
+    atomic_write_text(path, markdown_leaderboard(table, failed))
     return path
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
     """Write the numeric table: one row per (dataset, method, missing_rate, workload)."""
     path = Path(path)
-    table.to_csv(path, index=False, float_format=CSV_FLOAT_FORMAT)
+    atomic_write_text(path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT))
     return path
 
 

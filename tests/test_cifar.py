@@ -254,7 +254,7 @@ def test_cifar10h_builder_is_idempotent(cifar10h_root):
 
 
 @needs_cifar10h
-def test_cifar10h_preset_composes_and_validates(cifar10h_root):
+def test_cifar10h_preset_composes_and_validates(cifar10h_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from omegaconf import OmegaConf
@@ -273,7 +273,8 @@ def test_cifar10h_preset_composes_and_validates(cifar10h_root):
     before = stamp.stat().st_mtime_ns
     BUILDERS.get(cfg.dataset.builder)(cifar10h_root, **cfg.dataset.builder_args)
     assert stamp.stat().st_mtime_ns == before
-    files = dataset_files(DatasetConfig.parse(OmegaConf.to_container(cfg.dataset), REPO), 0.3)  # writes missing manifests
+    dataset = DatasetConfig.parse(OmegaConf.to_container(cfg.dataset), REPO)
+    files = dataset_files(dataset, 0.3, tmp_path / "cache")  # derives missing manifests
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
     test = load_split(files.root, files.test_ground_truth, files.test_experts, files.num_classes,
                       require_complete=True)

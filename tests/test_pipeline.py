@@ -70,9 +70,11 @@ def test_single_cell_writes_a_complete_record(tiny_root, tmp_path):
     assert saved["metrics"]["argmax"]["coverage"] == 1.0
     assert len(saved["curves"]["coverage"]) == 101
     assert saved["provenance"]["backend"] == "cpu"
-    assert set(saved["provenance"]["manifests"]) >= {"train/ground_truth", "test/expert_2"}
-    # missing manifests were generated under the dataset root, nested by rate folder
-    assert (tiny_root / "missing/rate_0.5/seed_0/train_expert_0.json").is_file()
+    assert set(saved["provenance"]["manifests"]) >= {"train/ground_truth", "test/expert_2",
+                                                     "train/expert_0", "train/expert_0/source"}
+    # missing manifests are derived into the harness's cache, never the dataset root
+    assert len(list((tmp_path / "cache/data/missing").rglob("expert_0_train_expert_0.json"))) == 1
+    assert not (tiny_root / "missing").exists() and not (tiny_root / ".cache").exists()
 
 
 def test_rerun_skips_and_force_redoes(tiny_root, tmp_path):
