@@ -10,18 +10,23 @@ from omegaconf import DictConfig
 
 
 def _count(key: str, value: str) -> int | None:
-    """How many values a sweep override like ``a,b,c`` or ``glob(*)`` takes (None: unknown)."""
-    value = str(value).strip()
-    if value.startswith("glob("):
-        from hydra.core.global_hydra import GlobalHydra
-        from hydra.core.override_parser.overrides_parser import OverridesParser
+    """How many values a sweep override (``a,b,c``, ``range(10)``, ``glob(*)``) takes;
+    None when it cannot be told (an interval)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
+    try:
         override = OverridesParser.create().parse_override(f"{key}={value}")
-        options = GlobalHydra.instance().config_loader().get_group_options(key)
-        return len(list(override.value().filter(options)))
-    if "(" in value:
+        if isinstance(override.value(), Glob):
+            from hydra.core.global_hydra import GlobalHydra
+
+            options = GlobalHydra.instance().config_loader().get_group_options(key)
+            return len(list(override.value().filter(options)))
+        if not override.is_sweep_override():
+            return 1
+        return len(list(override.sweep_string_iterator()))
+    except Exception:  # an interval sweep, or a syntax only the sweeper knows
         return None
-    return len(value.split(","))
 
 
 def sweep_size(config: DictConfig) -> int | None:

@@ -1,0 +1,188 @@
+"""Integrity: nothing stale, nothing lost, nothing written where it does not belong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmark.records import load_records
+from benchmark.runner import run_cell
+from tests.conftest import REPO_ROOT, tiny_overrides
+from tests.test_pipeline import compose_cfg, flat, run_cli
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Every file below ``root`` with the sha256 of its bytes (the set of paths included)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_dataset_root_is_only_read(tiny_root, tmp_path):
+    """Derived manifests and decoded images go to the harness's cache; the root stays as it was."""
+    before = tree_snapshot(tiny_root)
+    os.chmod(tiny_root, 0o555)  # read-only for a normal user (root ignores it: the snapshot decides)
+    try:
+        cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["missing_rate=0.5"])
+        record = run_cell(cfg, choices)
+    finally:
+        os.chmod(tiny_root, 0o755)
+    assert record["status"] == "ok", record.get("error")
+    assert tree_snapshot(tiny_root) == before
+    assert list((tmp_path / "cache/data/images").glob("images-*.npz"))
+
+
+def test_an_edited_expert_manifest_derives_again_and_reruns(tiny_root, tmp_path):
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["missing_rate=0.5"])
+    first = run_cell(cfg, choices)
+    assert run_cell(cfg, choices)["status"] == "skipped"
+    manifest = tiny_root / "train_expert_0.json"
+    records = json.loads(manifest.read_text())
+    records[0]["label"] = (records[0]["label"] + 1) % 10
+    manifest.write_text(json.dumps(records))
+    second = run_cell(cfg, choices)  # no force: the source changed, so the cell reruns
+    assert second["status"] == "ok"
+    source = second["provenance"]["manifests"]["train/expert_0/source"]
+    assert source == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert source != first["provenance"]["manifests"]["train/expert_0/source"]
+    derived = sorted((tmp_path / "cache/data/missing").glob("*/expert_0_train_expert_0.json"))
+    assert len(derived) == 2  # one derivation per source content
+
+
+def test_a_corrupted_image_after_a_cached_run_is_reported(tiny_root, tmp_path):
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    assert run_cell(cfg, choices)["status"] == "ok"
+    image = tiny_root / "test/3/003.png"
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    image.write_bytes(b"not a png")
+    record = run_cell({**cfg, "force": True}, choices)
+    assert record["status"] == "failed"
+    assert "test/3/003.png: image file cannot be decoded" in record["error"]
+
+
+def test_an_expert_naming_an_unknown_sample_is_clear_at_any_missing_rate(tiny_root, tmp_path):
+    manifest = tiny_root / "train_expert_1.json"
+    records = json.loads(manifest.read_text()) + [{"file": "train/0/999.png", "label": 0}]
+    manifest.write_text(json.dumps(records))
+    for rate in ("0.0", "0.5"):
+        cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + [f"missing_rate={rate}"])
+        record = run_cell(cfg, choices)
+        assert record["status"] == "failed"
+        assert "train_expert_1.json, record 48: file 'train/0/999.png' is not in the ground-truth" \
+            in record["error"], (rate, record["error"])
+
+
+def test_a_symbolic_link_out_of_the_root_is_refused(tiny_root, tmp_path):
+    outside = tmp_path / "elsewhere.png"
+    Image.new("L", (8, 8)).save(outside)
+    image = tiny_root / "train/0/000.png"
+    image.unlink()
+    image.symlink_to(outside)
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    record = run_cell(cfg, choices)
+    assert record["status"] == "failed"
+    assert "image file 'train/0/000.png' resolves through a symbolic link" in record["error"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("train.epochs=-3", "train.epochs must be >= 1, got -3"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("seed=-1", "seed must be >= 0, got -1"),
+    ("train.learning_rate=abc", "train.learning_rate must be a number, got 'abc'"),
+    ("dataset.name=../../x", "dataset.name='../../x' names folders under the results directory"),
+    ("method.label=a/b", "method.label='a/b' names folders"),
+])
+def test_bad_settings_are_named(tiny_root, tmp_path, override, message):
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + [override])
+    record = run_cell(cfg, choices)
+    assert record["status"] == "failed" and message in record["error"], record["error"]
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_an_unwritable_record_ends_with_the_failure_list(tiny_root, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the results folder should be")
+    result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
+                     "method=classifier_only", "workload=none", f"results_dir={blocker}/runs")
+    assert result.returncode == 1
+    assert "1 of 1 cells failed" in flat(result.stderr)
+    assert "cannot write the result record" in flat(result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_tracking_server_is_detected_once(tiny_root, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_root, tmp_path) if o != "tracking=none"]
+    start = time.monotonic()
+    result = run_cli("experiment=smoke", *overrides, "train.epochs=1", "method=classifier_only",
+                     "workload=none,paper", "tracking.uri=http://127.0.0.1:9")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert elapsed < 60, elapsed
+    assert "tracking server http://127.0.0.1:9 does not answer" in flat(result.stderr)
+    records = load_records(tmp_path / "runs/smoke")
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+
+
+def test_concurrent_sweeps_on_a_new_store_keep_one_run_per_cell(tiny_root, tmp_path):
+    import mlflow
+
+    overrides = [o for o in tiny_overrides(tiny_root, tmp_path) if o != "tracking=none"]
+    args = [sys.executable, "-m", "benchmark", "experiment=smoke", *overrides, "train.epochs=1",
+            "method=classifier_only,best_expert", "workload=none"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    sweeps = [subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [sweep.communicate(timeout=600) for sweep in sweeps]
+    assert all(s.returncode == 0 for s in sweeps), [o[1][-2000:] for o in outputs]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["l2d-bench-smoke"], output_format="list")
+    cells = [run.data.tags["cell_id"] for run in runs]
+    assert len(cells) == 2 and len(set(cells)) == 2  # exactly one active run per cell
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+
+def test_ctrl_c_stops_the_sweep_with_one_line(tiny_root, tmp_path):
+    args = [sys.executable, "-m", "benchmark", "experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
+            "train.epochs=100", "method=classifier_only", "workload=none", "seed=range(10)"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    sweep = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs/smoke").rglob("result.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr[-2000:]
+    assert "re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert "interrupted after" in stderr and "of 10 cells" in stderr
+    records = load_records(tmp_path / "runs/smoke")  # every record whole and readable
+    assert 1 <= len(records) < 10 and all(r["status"] == "ok" for r in records)
+
+
+def test_a_figure_that_fails_to_render_leaves_the_old_file(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from reports.figures import save_figures
+
+    figure = plt.figure()
+    (old,) = save_figures({"plot": figure}, tmp_path)
+    before = old.read_bytes()
+
+    class Broken:
+        def savefig(self, target, **kwargs):
+            target.write(b"\x89PNG partial")
+            raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        save_figures({"plot": Broken()}, tmp_path)
+    assert old.read_bytes() == before and list(tmp_path.iterdir()) == [old]
