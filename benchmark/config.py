@@ -162,7 +162,7 @@ class DatasetConfig:
     std: tuple[float, ...]
     augment: tuple[tuple[str, Any], ...]
     cache: bool
-    missing_seed: int
+    missing_seed: int | None  # None: the run seed draws the missing annotations
     train_ground_truth: str
     train_experts: tuple[str, ...]
     complete_experts: tuple[str, ...] | None
@@ -185,7 +185,8 @@ class DatasetConfig:
             std=tuple(float(v) for v in cfg["std"]),
             augment=_frozen(cfg.get("augment") or {}),
             cache=bool(cfg.get("cache", True)),
-            missing_seed=_number(cfg, "missing_seed", "dataset.missing_seed", int, 0),
+            missing_seed=None if cfg.get("missing_seed") is None
+            else _number(cfg, "missing_seed", "dataset.missing_seed", int, 0),
             train_ground_truth=str(train["ground_truth"]),
             train_experts=_names(train["experts"], "dataset.train.experts"),
             complete_experts=_names(train.get("complete_experts"), "dataset.train.complete_experts") or None,
@@ -247,13 +248,16 @@ def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
 class RunConfig:
     """Everything one grid cell needs, typed and validated."""
 
-    dataset: DatasetConfig
+    dataset: DatasetConfig  # missing_seed resolved (never None)
     missing_rate: float
     seed: int
+    missing_seed_source: str  # "run seed" or "dataset.missing_seed"
     spec: TaskSpec
     method: Method
     bounds: WorkloadBounds
     train: TrainSettings
+    validation_fraction: float  # held out of the training split, never trained on
+    validation_seed: int
     assignment_batch: int | None
     results_dir: Path
     cache_dir: Path  # trained models' test predictions
@@ -268,16 +272,27 @@ def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
     if missing_rate > 1.0:
         raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
     dataset = DatasetConfig.parse(cfg["dataset"], base)
+    seed = _number(cfg, "seed", "seed", int, 0)
+    source = "dataset.missing_seed"
+    if dataset.missing_seed is None:  # by default the run seed also draws the missing pattern
+        dataset, source = dataclasses.replace(dataset, missing_seed=seed), "run seed"
     spec = dataset.task_spec()
-    batch = (cfg.get("eval") or {}).get("assignment_batch")
+    evaluation = cfg.get("eval") or {}
+    batch = evaluation.get("assignment_batch")
+    validation_fraction = _number(evaluation, "validation_fraction", "eval.validation_fraction", float, 0.0)
+    if validation_fraction >= 1.0:
+        raise ConfigError(f"eval.validation_fraction must be in [0, 1), got {validation_fraction}.")
     return RunConfig(
         dataset=dataset,
         missing_rate=missing_rate,
-        seed=_number(cfg, "seed", "seed", int, 0),
+        seed=seed,
+        missing_seed_source=source,
         spec=spec,
         method=build_method(cfg["method"], spec),
         bounds=workload_bounds(cfg["workload"], spec.num_experts),
         train=TrainSettings.parse(cfg["train"]),
+        validation_fraction=validation_fraction,
+        validation_seed=_number(evaluation, "validation_seed", "eval.validation_seed", int, 0),
         assignment_batch=None if batch is None else _number(cfg["eval"], "assignment_batch",
                                                             "eval.assignment_batch", int, 1),
         results_dir=resolve_path(cfg["results_dir"], base),

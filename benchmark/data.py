@@ -39,13 +39,41 @@ class DatasetFiles:
 
 @dataclasses.dataclass(frozen=True)
 class CellData:
-    """Everything a cell needs from the dataset, decoded in memory."""
+    """Everything a cell needs from the dataset, decoded in memory.
+
+    ``validation`` is held out of the training split (never trained on); its ``t`` holds
+    the experts' complete labels where known (the answers they would give when deferred
+    to), else the observed ones (a missing one counts as a wrong answer).
+    """
 
     files: DatasetFiles
     train: Any  # datasets.source.ArraySplit
     test: Any
     train_complete_t: np.ndarray | None
     manifests: dict[str, Path]
+    validation: Any = None  # datasets.source.ArraySplit, or None with validation_fraction 0
+
+
+def hold_out_validation(data: CellData, fraction: float, seed: int) -> CellData:
+    """Split a seeded, class-stratified ``fraction`` of the training split off as validation."""
+    from datasets.generators import stratified_split
+    from datasets.source import ArraySplit
+
+    if fraction <= 0.0:
+        return data
+    keep, held = stratified_split(np.asarray(data.train.y), fraction, seed)
+
+    def rows(split, index, t=None):
+        return ArraySplit(images=split.images[index], y=split.y[index],
+                          t=split.t[index] if t is None else t[index])
+
+    complete = data.train_complete_t
+    return dataclasses.replace(
+        data,
+        train=rows(data.train, keep),
+        train_complete_t=None if complete is None else complete[keep],
+        validation=rows(data.train, held, t=complete),
+    )
 
 
 def _is_managed(root: Path) -> bool:
@@ -182,10 +210,12 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
 _ERRORS: dict[tuple, Exception] = {}
 
 
-def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) -> CellData:
+def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
+              validation: tuple[float, int] = (0.0, 0)) -> CellData:
     """Resolve, validate and decode a cell's data (memoised per process while the image
-    files are unchanged; errors too). Derived files go below ``cache_dir`` (decoded images
-    only if ``dataset.cache``), never into the dataset root."""
+    files are unchanged; errors too) and hold out ``validation`` = (fraction, seed) of the
+    training split. Derived files go below ``cache_dir`` (decoded images only if
+    ``dataset.cache``), never into the dataset root."""
     from datasets.manifest import read_manifest
 
     key = (dataset, missing_rate, cache_dir)
@@ -197,7 +227,7 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) -> C
             image_signature(files.root, read_manifest(files.root / gt, files.num_classes).files)
             for gt in (files.train_ground_truth, files.test_ground_truth))
         images = cache_dir / "images" if dataset.cache else None
-        return _decode(files, dataset.image, images, signatures)
+        return hold_out_validation(_decode(files, dataset.image, images, signatures), *validation)
     except Exception as err:
         _ERRORS[key] = err
         raise

@@ -8,6 +8,8 @@ Decisions are agent indices (classifier = E). Metric names and directions are fi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from benchmark.spec import WorkloadBounds, agent_names
@@ -27,6 +29,15 @@ METRICS: dict[str, str | None] = {
     "train_seconds": "lower",
     "compile_seconds": "lower",
     "samples_per_second": "higher",
+}
+
+# the range of every metric (intervals are clipped to it); None = unbounded on that side
+METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "accuracy": (0.0, 1.0), "coverage": (0.0, 1.0), "workload/": (0.0, 1.0),
+    "workload_violation": (0.0, 1.0), "human_workload_cv": (0.0, None),
+    "classifier_accuracy": (0.0, 1.0), "expert_accuracy/": (0.0, 1.0),
+    "classifier_ece": (0.0, 1.0), "deferral_auc": (0.0, 1.0), "imputation_accuracy": (0.0, 1.0),
+    "train_seconds": (0.0, None), "compile_seconds": (0.0, None), "samples_per_second": (0.0, None),
 }
 
 CURVE_POINTS = 101
@@ -106,15 +117,19 @@ def area_under_curve(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
+def correct_answers(agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether the system's answer under decisions ``agent`` is right."""
+    return final_predictions(agent, logits.argmax(axis=1), t) == y
+
+
 def decision_metrics(
     agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds
 ) -> dict[str, float]:
     """Metrics of one set of decisions (``agent`` per sample)."""
     num_experts = t.shape[1]
-    class_pred = logits.argmax(axis=1)
     shares = workload_shares(agent, num_experts + 1)
     metrics = {
-        "accuracy": float((final_predictions(agent, class_pred, t) == y).mean()),
+        "accuracy": float(correct_answers(agent, logits, y, t).mean()),
         "coverage": float(shares[num_experts]),
     }
     for name, share in zip(agent_names(num_experts), shares):
@@ -124,15 +139,25 @@ def decision_metrics(
     return metrics
 
 
+class Evaluation(NamedTuple):
+    """What ``evaluate`` returns."""
+
+    metrics: dict[str, dict[str, float]]  # {"argmax": {...}, "constrained": {...}}
+    curves: dict[str, list[float]]  # {"coverage": [...], "accuracy": [...]}
+    correct: dict[str, np.ndarray]  # per decision rule, (N,) bool: answer right per sample
+
+
 def evaluate(
     logits: np.ndarray, scores: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds,
-    assignment_batch: int | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
-    """All metrics for argmax and capacity-constrained decisions, plus the curve.
+    assignment_batch: int | None = None, probs: np.ndarray | None = None,
+) -> Evaluation:
+    """All metrics for argmax and capacity-constrained decisions, the curve, and which
+    samples each rule answers correctly.
 
-    Returns ``({"argmax": {...}, "constrained": {...}}, {"coverage": [...], "accuracy": [...]})``.
     ``assignment_batch`` solves the constrained assignment per chunk of that many test
     samples (as a deployed system would per batch); None solves it over the whole set.
+    ``probs`` are the classifier's class probabilities for calibration (default: the
+    softmax of ``logits``; a method may supply its own, e.g. OvA's sigmoids).
     """
     from benchmark.assignment import capacity_assignment
 
@@ -140,7 +165,7 @@ def evaluate(
     class_pred = logits.argmax(axis=1)
     shared = {
         "classifier_accuracy": float((class_pred == y).mean()),
-        "classifier_ece": expected_calibration_error(softmax(logits), y),
+        "classifier_ece": expected_calibration_error(softmax(logits) if probs is None else probs, y),
     }
     for j in range(num_experts):
         shared[f"expert_accuracy/{j}"] = float((t[:, j] == y).mean())
@@ -153,11 +178,13 @@ def evaluate(
         capacity_assignment(scores[i : i + chunk], np.asarray(bounds.lo), np.asarray(bounds.hi))
         for i in range(0, len(y), chunk)
     ])
-    metrics = {
-        "argmax": {**decision_metrics(argmax_agent, logits, y, t, bounds), **shared},
-        "constrained": {**decision_metrics(constrained_agent, logits, y, t, bounds), **shared},
-    }
-    return metrics, {"coverage": coverage.tolist(), "accuracy": curve.tolist()}
+    agents = {"argmax": argmax_agent, "constrained": constrained_agent}
+    return Evaluation(
+        metrics={rule: {**decision_metrics(agent, logits, y, t, bounds), **shared}
+                 for rule, agent in agents.items()},
+        curves={"coverage": coverage.tolist(), "accuracy": curve.tolist()},
+        correct={rule: correct_answers(agent, logits, y, t) for rule, agent in agents.items()},
+    )
 
 
 def imputation_accuracy(q_t: np.ndarray, t_observed: np.ndarray, t_complete: np.ndarray) -> float | None:

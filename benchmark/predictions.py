@@ -9,8 +9,8 @@ training settings, seed) and are re-scored under each workload by the evaluator.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from benchmark.config import RunConfig
 from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
 from benchmark.identity import stable_hash
+from datasets.manifest import atomic_write_bytes
 
 
 def training_key(run: RunConfig, data: CellData) -> str:
@@ -33,13 +34,19 @@ def training_key(run: RunConfig, data: CellData) -> str:
         "missing_rate": run.missing_rate,
         "manifests": {k: file_sha256(p) for k, p in sorted(data.manifests.items())},
         "seed": run.seed,
+        "validation": (run.validation_fraction, run.validation_seed),
         "bounds": dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
     }
     return stable_hash(payload, 20)
 
 
+SPLITS = ("test", "validation")
+OUTPUTS = ("logits", "probs", "scores")
+
+
 def train_and_predict(run: RunConfig, data: CellData) -> dict:
-    """Train the method and return its test outputs and run metrics (numpy / floats)."""
+    """Train the method; returns ``{"test": outputs, "validation": outputs | None,
+    "run_metrics": {...}}`` with outputs ``{"logits", "probs", "scores"}`` (numpy)."""
     from tqdm.auto import tqdm
 
     from benchmark import training
@@ -71,8 +78,13 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
     )
     bar.close()
     eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
-    test_x = np.concatenate([b.x for b in epoch_batches(data.test, eval_loader, seed=0, epoch=0, shuffle=False)])
-    logits, scores = trained.predict(test_x)
+
+    def outputs(split):
+        if split is None:
+            return None
+        batches = epoch_batches(split, eval_loader, seed=0, epoch=0, shuffle=False)
+        return trained.predict(np.concatenate([b.x for b in batches]))
+
     imputed = None
     if data.train_complete_t is not None:
         train_batches = epoch_batches(data.train, eval_loader, seed=0, epoch=0, shuffle=False)
@@ -80,8 +92,8 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
         if q_t is not None:
             imputed = imputation_accuracy(q_t, data.train.t, data.train_complete_t)
     return {
-        "logits": logits,
-        "scores": scores,
+        "test": outputs(data.test),
+        "validation": outputs(data.validation),
         "run_metrics": {
             "train_seconds": trained.train_seconds,
             "compile_seconds": trained.compile_seconds,
@@ -98,13 +110,14 @@ def cached_predictions(run: RunConfig, data: CellData) -> dict:
     if path.is_file() and not run.force:
         with np.load(path, allow_pickle=False) as saved:
             return {
-                "logits": saved["logits"],
-                "scores": saved["scores"],
+                **{split: {name: saved[f"{split}/{name}"] for name in OUTPUTS}
+                   if f"{split}/logits" in saved else None for split in SPLITS},
                 "run_metrics": json.loads(str(saved["run_metrics"])),
             }
     out = train_and_predict(run, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, logits=out["logits"], scores=out["scores"], run_metrics=json.dumps(out["run_metrics"]))
-    Path(tmp).replace(path)
+    arrays = {f"{split}/{name}": out[split][name]
+              for split in SPLITS if out[split] is not None for name in OUTPUTS}
+    buffer = io.BytesIO()
+    np.savez(buffer, run_metrics=json.dumps(out["run_metrics"]), **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
     return out

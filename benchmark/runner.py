@@ -67,24 +67,33 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
 
     run = parse_run(cfg, base)
     record["role"] = run.method.role
-    data = load_data(run.dataset, run.missing_rate, run.data_cache_dir)
+    data = load_data(run.dataset, run.missing_rate, run.data_cache_dir,
+                     (run.validation_fraction, run.validation_seed))
     record["fingerprint"] = fingerprint_now(cfg, base)  # the data exist now (built on first use)
     out = cached_predictions(run, data)
-    scores = out["scores"]
-    if run.method.sees_test_labels:  # the oracle reference row
-        scores = run.method.scores_from_labels(out["logits"], scores, data.test.y, data.test.t)
-    check_scores(run.method.name, np.asarray(scores), np.asarray(out["logits"]))
-    metrics, curves = evaluate(out["logits"], scores, data.test.y, data.test.t, run.bounds,
-                               assignment_batch=run.assignment_batch)
+
+    def evaluate_split(outputs, split):
+        scores = outputs["scores"]
+        if run.method.sees_test_labels:  # the oracle reference row
+            scores = run.method.scores_from_labels(outputs["logits"], scores, split.y, split.t)
+        check_scores(run.method.name, np.asarray(scores), np.asarray(outputs["logits"]))
+        return evaluate(outputs["logits"], scores, split.y, split.t, run.bounds,
+                        assignment_batch=run.assignment_batch, probs=outputs["probs"])
+
+    test = evaluate_split(out["test"], data.test)
     record.update(
         status="ok",
         agents=agent_names(run.spec.num_experts),
         workload_bounds={"lo": list(run.bounds.lo), "hi": list(run.bounds.hi)},
-        metrics=metrics,
+        metrics=test.metrics,
+        correct={rule: "".join("1" if c else "0" for c in right) for rule, right in test.correct.items()},
         run_metrics=out["run_metrics"],
-        curves=curves,
+        curves=test.curves,
+        missing_seed={"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
         provenance=provenance(data.manifests),
     )
+    if data.validation is not None:
+        record["validation"] = evaluate_split(out["validation"], data.validation).metrics
 
 
 def track(cfg: Mapping[str, Any], record: ResultRecord, path: Path) -> ResultRecord:

@@ -131,6 +131,12 @@ class Method(Protocol):
     def agent_scores(self, model: Any, x: jax.Array) -> jax.Array:
         """(B, E+1) scores in [0, 1] on the scale stated in this module's docstring."""
 
+    def class_probabilities(self, model: Any, x: jax.Array) -> jax.Array:
+        """(B, K) the classifier's class probabilities, for calibration metrics.
+
+        Default: the softmax of ``classify`` (OvA overrides it with its sigmoids).
+        """
+
     def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
         """(B, E, K) inferred distribution of the experts' labels; default None (not modelled)."""
 
@@ -187,13 +193,17 @@ class ResultRecord(TypedDict, total=False):
     fingerprint: str  # hash of every setting that defines the result
     agents: list[str]
     workload_bounds: dict[str, list[float]]  # {"lo": [...], "hi": [...]}
-    metrics: dict[str, dict[str, float]]  # {"argmax": {...}, "constrained": {...}}
+    metrics: dict[str, dict[str, float]]  # test set: {"argmax": {...}, "constrained": {...}}
+    validation: dict[str, dict[str, float]]  # the same metrics on the held-out validation split
+    correct: dict[str, str]  # per decision rule, "0"/"1" per test sample: answered correctly
+    missing_seed: dict[str, Any]  # {"seed": int, "from": "run seed" | "dataset.missing_seed"}
     run_metrics: dict[str, float | None]  # train_seconds, samples_per_second, ...
     curves: dict[str, list[float]]  # {"coverage": [...], "accuracy": [...]}
     provenance: dict[str, Any]
     mlflow_run_id: str | None
     tracking_error: str | None
     finished_at: str
+    path: str  # set by the loader: the file the record was read from
 
 
 def check_record(record: Any, where: str = "record") -> ResultRecord:

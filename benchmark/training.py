@@ -89,9 +89,9 @@ def train_step(
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def predict(method: Method, graphdef: Any, params: Any, rest: Any, x: jax.Array):
-    """(logits (B, K), agent scores (B, E+1)) in evaluation mode."""
+    """(logits (B, K), class probabilities (B, K), agent scores (B, E+1)) in evaluation mode."""
     model = nnx.merge(graphdef, params, rest)
-    return method.classify(model, x), method.agent_scores(model, x)
+    return method.classify(model, x), method.class_probabilities(model, x), method.agent_scores(model, x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -115,15 +115,15 @@ class TrainedModel:
     samples_seen: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
-    def predict(self, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and agent scores for every row of ``x``, batched."""
-        logits, scores = [], []
+    def predict(self, x: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
+        """``logits``, class ``probs`` and agent ``scores`` for every row of ``x``, batched."""
+        parts: dict[str, list[np.ndarray]] = {"logits": [], "probs": [], "scores": []}
         for start in range(0, len(x), batch_size):
             chunk = jnp.asarray(x[start : start + batch_size])
             out = predict(self.method, self.graphdef, self.params, self.rest, chunk)
-            logits.append(np.asarray(out[0]))
-            scores.append(np.asarray(out[1]))
-        return np.concatenate(logits), np.concatenate(scores)
+            for name, value in zip(parts, out):
+                parts[name].append(np.asarray(value))
+        return {name: np.concatenate(values) for name, values in parts.items()}
 
     def impute(self, batches: list[Batch], bounds: WorkloadBounds) -> np.ndarray | None:
         """Inferred (N, E, K) expert-label distributions over ``batches`` (None if unmodelled)."""

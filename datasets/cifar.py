@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from datasets.generators import class_specialist_labels, sample_from_distribution
+from datasets.generators import class_specialist_labels, sample_from_distribution, stratified_split
 from datasets.manifest import write_manifest
 from datasets.materialise import check_unknown_options, materialise
 
@@ -301,35 +301,6 @@ def _check_common(builder: str, num_experts: int, limit: int | None) -> None:
 
 
 # ----------------------------------------------------------------------------- CIFAR-10H
-
-
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, test) row indices, seeded and class-stratified.
-
-    The test split has exactly ``round(fraction * N)`` rows; each class contributes
-    ``floor(fraction * n_c)`` plus one for the classes with the largest remainders.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
-    rng = np.random.default_rng(seed)
-    classes, class_counts = np.unique(labels, return_counts=True)
-    exact = test_fraction * class_counts
-    quota = np.floor(exact).astype(np.int64)
-    shortfall = int(round(test_fraction * len(labels))) - int(quota.sum())
-    quota[np.argsort(-(exact - quota), kind="stable")[:shortfall]] += 1
-    test = []
-    for c, take in zip(classes, quota):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        test.append(rows[:take])
-    test_rows = np.sort(np.concatenate(test))
-    train_rows = np.setdiff1d(np.arange(len(labels)), test_rows)
-    if len(test_rows) == 0 or len(train_rows) == 0:
-        raise ValueError(
-            f"test_fraction {test_fraction} of {len(labels)} images leaves an empty split."
-        )
-    return train_rows, test_rows
 
 
 def build_cifar10h(

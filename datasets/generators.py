@@ -100,3 +100,30 @@ def write_missing_manifests(
     """Write one manifest per expert with annotations dropped at ``rate``."""
     kept = drop_annotations(experts, ground_truth_files, rate, seed)
     return [write_manifest(path, files, labels) for path, (files, labels) in zip(out_paths, kept)]
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (kept, held-out) row indices, seeded and class-stratified.
+
+    The held-out split has exactly ``round(fraction * N)`` rows; each class contributes
+    ``floor(fraction * n_c)`` plus one for the classes with the largest remainders.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}.")
+    rng = np.random.default_rng(seed)
+    classes, class_counts = np.unique(labels, return_counts=True)
+    exact = fraction * class_counts
+    quota = np.floor(exact).astype(np.int64)
+    shortfall = int(round(fraction * len(labels))) - int(quota.sum())
+    quota[np.argsort(-(exact - quota), kind="stable")[:shortfall]] += 1
+    held_out = []
+    for c, take in zip(classes, quota):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        held_out.append(rows[:take])
+    held_out_rows = np.sort(np.concatenate(held_out))
+    kept_rows = np.setdiff1d(np.arange(len(labels)), held_out_rows)
+    if len(held_out_rows) == 0 or len(kept_rows) == 0:
+        raise ValueError(f"a held-out fraction of {fraction} of {len(labels)} samples leaves an empty split.")
+    return kept_rows, held_out_rows

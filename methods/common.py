@@ -46,6 +46,10 @@ class MethodBase:
     def prepare(self, model: Any, train_split: Any) -> None:
         """Hook run before training with the in-memory training split (default: nothing)."""
 
+    def class_probabilities(self, model: Any, x: jax.Array) -> jax.Array:
+        """(B, K) class probabilities for calibration (default: softmax of ``classify``)."""
+        return jax.nn.softmax(self.classify(model, x), axis=-1)
+
     def scores_from_labels(self, logits, scores, y, t):
         """Test-time scores for reference rows that may look at the labels (default: as is)."""
         return scores

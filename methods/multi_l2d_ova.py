@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from methods import METHODS
 from methods.common import DeferralSurrogate
 from methods.surrogates import deferral_scores_ova, ova_deferral_loss
@@ -22,3 +24,7 @@ class MultiL2DOvA(DeferralSurrogate):
     missing_policies = ("as_incorrect", "drop", "mask")
     surrogate = staticmethod(ova_deferral_loss)
     deferral_scores = staticmethod(deferral_scores_ova)
+
+    def class_probabilities(self, model, x):
+        """The K one-vs-all sigmoids (calibrated per class; they need not sum to one)."""
+        return jax.nn.sigmoid(self.classify(model, x))

@@ -82,7 +82,7 @@ def test_constrained_decisions_meet_capacities():
     scores = rng.normal(size=(n, e + 1))
     scores[:, -1] += 3.0  # argmax would send almost everything to the classifier
     bounds = WorkloadBounds(lo=(0.2, 0.2, 0.2, 0.0), hi=(1.0, 1.0, 1.0, 0.3))
-    metrics, curves = evaluate(logits, scores, y, t, bounds)
+    metrics, curves, correct = evaluate(logits, scores, y, t, bounds)
     assert metrics["argmax"]["workload_violation"] > 0.5
     constrained = metrics["constrained"]
     assert constrained["workload_violation"] <= 1e-12
@@ -90,6 +90,23 @@ def test_constrained_decisions_meet_capacities():
     for j in range(e):
         assert constrained[f"workload/expert_{j}"] >= 0.2
     assert len(curves["coverage"]) == 101
+    for rule in ("argmax", "constrained"):  # per-sample correctness agrees with the accuracy
+        assert correct[rule].shape == (n,) and correct[rule].mean() == metrics[rule]["accuracy"]
+
+
+def test_calibration_uses_the_methods_own_probabilities():
+    """OvA-style sigmoids: confidence is their max, not a softmax of the logits."""
+    y = np.array([0, 1])
+    logits = np.array([[2.0, 0.0], [0.0, 2.0]])
+    sigmoids = np.array([[0.6, 0.1], [0.2, 0.6]])  # both right, confidence 0.6
+    bounds = WorkloadBounds(lo=(0.0,), hi=(1.0,))
+    t = np.zeros((2, 0), np.int64)
+    scores = np.ones((2, 1))
+    own = evaluate(logits, scores, y, t, bounds, probs=sigmoids).metrics["argmax"]["classifier_ece"]
+    assert own == pytest.approx(1.0 - 0.6)
+    softmax_confidence = 1.0 / (1.0 + np.exp(-2.0))
+    default = evaluate(logits, scores, y, t, bounds).metrics["argmax"]["classifier_ece"]
+    assert default == pytest.approx(1.0 - softmax_confidence)
 
 
 def test_imputation_accuracy_only_on_withheld_labels():

@@ -78,7 +78,9 @@ def run(method, seed=0, steps=2, batch=None, inputs=None):
     model = nnx.merge(graphdef, state.params, state.rest)
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    logits, scores = training.predict(method, graphdef, params, rest, batch.x)
+    logits, probs, scores = training.predict(method, graphdef, params, rest, batch.x)
+    probs = np.asarray(probs)
+    assert probs.shape == (batch.x.shape[0], K) and probs.min() >= 0.0 and probs.max() <= 1.0
     return history, np.asarray(logits), np.asarray(scores), (graphdef, params, rest)
 
 

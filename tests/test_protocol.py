@@ -1,0 +1,68 @@
+"""The comparison protocol: validation split, seeds, reference rows, intervals, ties."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+
+from benchmark.config import DatasetConfig
+from benchmark.data import load_data
+from benchmark.runner import run_cell
+from datasets.generators import stratified_split
+from tests.conftest import REPO_ROOT, tiny_overrides
+from tests.test_pipeline import compose_cfg
+
+
+def image_keys(split) -> set[str]:
+    return {hashlib.sha256(image.tobytes()).hexdigest() for image in split.images}
+
+
+def test_validation_is_held_out_stratified_and_disjoint(tiny_root, tmp_path):
+    cfg, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    dataset = DatasetConfig.parse(cfg["dataset"], REPO_ROOT)
+    dataset = dataclasses.replace(dataset, missing_seed=0)
+    whole = load_data(dataset, 0.0, tmp_path / "cache")
+    data = load_data(dataset, 0.0, tmp_path / "cache", validation=(0.25, 0))
+    assert whole.validation is None
+    assert len(data.train) + len(data.validation) == len(whole.train)
+    assert len(data.validation) == round(0.25 * len(whole.train))
+    train, validation, test = image_keys(data.train), image_keys(data.validation), image_keys(data.test)
+    assert not validation & train and not validation & test
+    assert validation | train == image_keys(whole.train)
+    # stratified: every class keeps its share (within one sample)
+    for c in np.unique(whole.train.y):
+        share = (whole.train.y == c).sum() * 0.25
+        assert abs((data.validation.y == c).sum() - share) <= 1
+
+
+def test_stratified_split_is_seeded_and_exact():
+    labels = np.repeat(np.arange(4), [10, 20, 30, 40])
+    kept, held = stratified_split(labels, 0.1, seed=3)
+    assert len(held) == 10 and not set(kept) & set(held) and len(kept) + len(held) == 100
+    assert [int((labels[held] == c).sum()) for c in range(4)] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(held, stratified_split(labels, 0.1, seed=3)[1])
+    assert not np.array_equal(held, stratified_split(labels, 0.1, seed=4)[1])
+
+
+def test_records_hold_validation_metrics_and_the_missing_seed(tiny_root, tmp_path):
+    records = []
+    for seed in (0, 1):
+        cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + [f"seed={seed}", "missing_rate=0.5"])
+        records.append(run_cell(cfg, choices))
+    for seed, record in enumerate(records):
+        assert record["status"] == "ok", record.get("error")
+        assert set(record["validation"]) == {"argmax", "constrained"}
+        assert 0.0 <= record["validation"]["constrained"]["accuracy"] <= 1.0
+        assert record["missing_seed"] == {"seed": seed, "from": "run seed"}
+        assert len(record["correct"]["constrained"]) == 24  # one flag per test sample
+    # each run seed draws its own missing annotations
+    sources = [r["provenance"]["manifests"]["train/expert_0"] for r in records]
+    assert sources[0] != sources[1]
+    pinned, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["seed=1", "missing_rate=0.5",
+                                                                         "dataset.missing_seed=0"])
+    record = run_cell(pinned, choices)
+    assert record["missing_seed"] == {"seed": 0, "from": "dataset.missing_seed"}
+    assert record["provenance"]["manifests"]["train/expert_0"] == sources[0]
