@@ -73,7 +73,7 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
     out = cached_predictions(run, data)
 
     def evaluate_split(outputs, split):
-        scores = outputs["scores"]
+        scores = run.method.finalize_scores(np.asarray(outputs["scores"]))
         if run.method.sees_test_labels:  # the oracle reference row
             scores = run.method.scores_from_labels(outputs["logits"], scores, split.y, split.t)
         check_scores(run.method.name, np.asarray(scores), np.asarray(outputs["logits"]))

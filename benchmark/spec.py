@@ -140,6 +140,11 @@ class Method(Protocol):
     def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
         """(B, E, K) inferred distribution of the experts' labels; default None (not modelled)."""
 
+    def finalize_scores(self, scores: Any) -> Any:
+        """(N, E+1) scores of a whole evaluation split, on the host, before decisions: for a
+        rule that needs the split's size (random deferral of an exact share). Default: as is.
+        """
+
     def scores_from_labels(self, logits: Any, scores: Any, y: Any, t: Any) -> Any:
         """Test-time scores of a method with ``sees_test_labels`` (numpy, on the host).
 

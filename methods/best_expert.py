@@ -1,30 +1,24 @@
 """``best_expert``: the single most accurate human answers every sample (a reference row).
 
-Nothing is trained. ``prepare`` picks the expert with the highest training accuracy and
-stores its index in the model; agent scores are one-hot on that expert. Accuracy is
-measured on each expert's observed labels ("mask", default) or over all samples with a
-missing label counted as wrong ("as_incorrect"). The classifier is unused: its logits are
-uniform (zeros), so its reported classifier metrics are those of a constant guess.
+Nothing is trained. ``prepare`` stores each expert's training accuracy, measured on its
+observed labels ("mask", default) or over all samples with a missing label counted as
+wrong ("as_incorrect"). Scores: each human its accuracy (plus an order-independent
+tie-break of at most 1e-5 from the sample's pixels), the classifier 0, so the best expert
+answers everything, and when a workload caps it the next most accurate humans take the
+rest (samples chosen by the tie-break): a stated rule, not the solver's. The classifier
+is unused: its logits are uniform (zeros), so its classifier metrics are a constant guess's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmark.spec import MISSING
 from methods import METHODS
-from methods.common import Constant, MethodBase, Networks, require_experts
-
-
-def expert_accuracies(y: np.ndarray, t: np.ndarray, policy: str) -> np.ndarray:
-    """(E,) training accuracy of each expert under ``policy`` ("mask" or "as_incorrect")."""
-    correct = (t == y[:, None]).sum(axis=0)
-    seen = (t != MISSING).sum(axis=0) if policy == "mask" else np.full(t.shape[1], len(y))
-    return correct / np.maximum(seen, 1)
+from methods.common import (Constant, MethodBase, Networks, expert_accuracies, human_scores,
+                            require_experts)
 
 
 @METHODS.register("best_expert")
@@ -40,13 +34,13 @@ class BestExpert(MethodBase):
 
     def init_model(self, spec, rngs):
         require_experts(self.name, spec.num_experts)
-        return Networks(expert=Constant(jnp.zeros((), jnp.int32)))
+        return Networks(accuracy=Constant(jnp.zeros((spec.num_experts,), jnp.float32)))
 
     def prepare(self, model, train_split):
-        """Store the index of the most accurate expert on ``train_split`` (y, t) in ``model``."""
+        """Store every expert's accuracy on ``train_split`` (y, t) in ``model``."""
         accuracy = expert_accuracies(np.asarray(train_split.y), np.asarray(train_split.t),
                                      self.missing_policy)
-        model.expert[...] = jnp.int32(np.argmax(accuracy))
+        model.accuracy[...] = jnp.asarray(accuracy, jnp.float32)
 
     def loss(self, model, batch, inputs):
         return jnp.float32(0.0), {}
@@ -55,5 +49,5 @@ class BestExpert(MethodBase):
         return jnp.zeros((x.shape[0], self.num_classes), jnp.float32)
 
     def agent_scores(self, model, x):
-        choice = jnp.broadcast_to(model.expert[...], (x.shape[0],))
-        return jax.nn.one_hot(choice, self.num_experts + 1)
+        return jnp.concatenate([human_scores(model.accuracy[...], x), jnp.zeros((x.shape[0], 1))],
+                               axis=1)

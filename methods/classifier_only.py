@@ -1,17 +1,28 @@
 """``classifier_only``: the classifier answers every sample (a reference row).
 
-Trained by cross-entropy on the ground truth; expert annotations are ignored. Under a
-workload preset that forces deferral, its least confident samples go to the humans.
+Trained by cross-entropy on the ground truth; expert annotations are ignored. Scores: the
+classifier its max-probability (plus an order-independent tie-break of at most 1e-5 from
+the sample's pixels), each human ``1e-3 x`` its accuracy on its observed training labels
+(with the same kind of tie-break per sample and human).
+So when a workload forces deferral, the least confident samples go to the humans, the most
+accurate human first: a stated rule, not the solver's tie-breaking.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from benchmark.spec import TaskSpec
 from methods import METHODS
-from methods.common import MethodBase, classifier_confidence_scores, cross_entropy
+from methods.common import (TIE_BREAK_SCALE, Constant, MethodBase, Networks, cross_entropy,
+                            expert_accuracies, human_scores, sample_uniform)
 from methods.nets import Network
+
+HUMAN_SCALE = 1e-3  # humans' scores: their training accuracy, scaled below any confidence gap
 
 
 @METHODS.register("classifier_only")
@@ -22,14 +33,23 @@ class ClassifierOnly(MethodBase):
     num_experts: int = 0
 
     def init_model(self, spec: TaskSpec, rngs):
-        return Network(spec.backbone, spec.input_shape[-1], spec.num_classes, rngs=rngs)
+        classifier = Network(spec.backbone, spec.input_shape[-1], spec.num_classes, rngs=rngs)
+        return Networks(classifier=classifier,
+                        expert_accuracy=Constant(jnp.zeros((spec.num_experts,), jnp.float32)))
+
+    def prepare(self, model, train_split):
+        """Store each expert's accuracy on its observed training labels (the tie-break rule)."""
+        accuracy = expert_accuracies(np.asarray(train_split.y), np.asarray(train_split.t))
+        model.expert_accuracy[...] = jnp.asarray(accuracy, jnp.float32)
 
     def loss(self, model, batch, inputs):
-        loss = cross_entropy(model(batch.x), batch.y)
-        return loss, {}
+        return cross_entropy(model.classifier(batch.x), batch.y), {}
 
     def classify(self, model, x):
-        return model(x)
+        return model.classifier(x)
 
     def agent_scores(self, model, x):
-        return classifier_confidence_scores(model(x), self.num_experts)
+        confidence = jax.nn.softmax(model.classifier(x), axis=-1).max(axis=-1)
+        classifier = (1.0 - TIE_BREAK_SCALE) * confidence + TIE_BREAK_SCALE * sample_uniform(x)
+        return jnp.concatenate([human_scores(HUMAN_SCALE * model.expert_accuracy[...], x),
+                                classifier[:, None]], axis=1)

@@ -7,10 +7,11 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from benchmark.spec import Batch, TrainInputs
+from benchmark.spec import MISSING, Batch, TrainInputs
 from methods.nets import Network
 
 
@@ -49,6 +50,10 @@ class MethodBase:
     def class_probabilities(self, model: Any, x: jax.Array) -> jax.Array:
         """(B, K) class probabilities for calibration (default: softmax of ``classify``)."""
         return jax.nn.softmax(self.classify(model, x), axis=-1)
+
+    def finalize_scores(self, scores):
+        """Scores of a whole evaluation split, before decisions (default: as is)."""
+        return scores
 
     def scores_from_labels(self, logits, scores, y, t):
         """Test-time scores for reference rows that may look at the labels (default: as is)."""
@@ -110,6 +115,36 @@ class DeferralSurrogate(MethodBase):
 
     def agent_scores(self, model, x):
         return self.deferral_scores(model(x), self.num_experts)
+
+
+TIE_BREAK_SCALE = 1e-5  # below any meaningful score difference, above the LP solver's tolerance
+
+
+def sample_uniform(x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """(B,) uniform draws in [0, 1) that depend only on each sample's pixels (and ``key``):
+    a stated, order-independent tie-break, the same whatever the batching."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(x.shape[0], -1)
+    weights = np.random.default_rng(0).integers(0, 2**31, bits.shape[1], dtype=np.uint32) * 2 + 1
+    hashed = jnp.sum(bits * jnp.asarray(weights, jnp.uint32), axis=1, dtype=jnp.uint32)
+    key = jax.random.key(0) if key is None else key
+    return jax.vmap(lambda h: jax.random.uniform(jax.random.fold_in(key, h)))(hashed)
+
+
+def human_scores(accuracy: jax.Array, x: jax.Array) -> jax.Array:
+    """(B, E) each human's accuracy, with a tie-break of at most ``TIE_BREAK_SCALE`` drawn
+    per sample and human from the pixels (which sample a capped human gives up is then
+    a stated, order-independent rule, not the solver's choice)."""
+    draws = jnp.stack([sample_uniform(x, jax.random.key(j + 1)) for j in range(accuracy.shape[0])],
+                      axis=1)
+    return (1.0 - TIE_BREAK_SCALE) * accuracy[None, :] + TIE_BREAK_SCALE * draws
+
+
+def expert_accuracies(y: np.ndarray, t: np.ndarray, policy: str = "mask") -> np.ndarray:
+    """(E,) training accuracy of each expert: on its observed labels ("mask") or over all
+    samples with a missing label counted as wrong ("as_incorrect")."""
+    correct = (t == y[:, None]).sum(axis=0)
+    seen = (t != MISSING).sum(axis=0) if policy == "mask" else np.full(t.shape[1], len(y))
+    return correct / np.maximum(seen, 1)
 
 
 def require_experts(name: str, num_experts: int) -> None:

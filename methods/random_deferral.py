@@ -1,12 +1,14 @@
-"""``random``: random deferral at a fixed coverage (a reference row).
+"""``random``: random deferral of an exact share of the samples (a reference row).
 
 The classifier is trained by cross-entropy exactly as in ``classifier_only`` (same
-initialisation for the same seed, so the two rows share their classifier); only the
-deferral is random: each sample goes to the classifier with probability ``coverage``
-(default 0.5; set it to a learned method's coverage for a matched comparison), otherwise
-to a uniformly drawn human. The draw is a deterministic function of the run's seed and of
-the sample's pixels (a hash of ``x`` folded into a PRNG key kept in the model), so
-predictions are reproducible and independent of batching.
+initialisation for the same seed). Deferral is random: over an evaluation split of N
+samples, exactly ``round(coverage * N)`` samples, drawn at random, go to the classifier
+(score 1) and the others to a human drawn at random (each human's score is an independent
+uniform draw below 1, so a workload-constrained assignment, which maximises the sum of
+scores, still picks humans at random within the bounds). Every draw is a function of the
+run's seed and of the sample's pixels, so predictions are reproducible and independent of
+batching and of the order of the samples. To compare with a learned method at its
+coverage, set ``method.params.coverage`` to it (the coverage sweep does so over a grid).
 """
 
 from __future__ import annotations
@@ -19,15 +21,8 @@ import numpy as np
 
 from methods import METHODS
 from methods.common import (Constant, MethodBase, MethodConfigError, Networks, cross_entropy,
-                            require_experts)
+                            require_experts, sample_uniform)
 from methods.nets import Network
-
-
-def hash_rows(x: jax.Array) -> jax.Array:
-    """(B,) uint32 hash of each row's bytes (a fixed random linear form, wrapping mod 2^32)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(x.shape[0], -1)
-    weights = np.random.default_rng(0).integers(0, 2**31, bits.shape[1], dtype=np.uint32) * 2 + 1
-    return jnp.sum(bits * jnp.asarray(weights, jnp.uint32), axis=1, dtype=jnp.uint32)
 
 
 @METHODS.register("random")
@@ -36,7 +31,7 @@ class RandomDeferral(MethodBase):
     name = "random"
     role = "reference"
     num_experts: int = 0
-    coverage: float = 0.5  # probability that a sample goes to the classifier
+    coverage: float = 0.5  # share of the samples that goes to the classifier
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,8 +51,17 @@ class RandomDeferral(MethodBase):
         return model.classifier(x)
 
     def agent_scores(self, model, x):
+        """Per sample: E uniform human scores in [0, 0.5) and the classifier's draw in [0, 1)
+        (``finalize_scores`` turns the draws into an exact share)."""
         key = jax.random.key(model.seed[...])
-        draws = jax.vmap(lambda h: jax.random.uniform(jax.random.fold_in(key, h), (2,)))(hash_rows(x))
-        human = jnp.minimum(jnp.floor(draws[:, 1] * self.num_experts), self.num_experts - 1)
-        agent = jnp.where(draws[:, 0] < self.coverage, self.num_experts, human.astype(jnp.int32))
-        return jax.nn.one_hot(agent, self.num_experts + 1)
+        humans = jnp.stack([sample_uniform(x, jax.random.fold_in(key, j + 1))
+                            for j in range(self.num_experts)], axis=1)
+        return jnp.concatenate([0.5 * humans, sample_uniform(x, key)[:, None]], axis=1)
+
+    def finalize_scores(self, scores):
+        """The ``round(coverage * N)`` samples with the smallest draws go to the classifier."""
+        scores = np.array(scores, dtype=np.float64)
+        chosen = np.argsort(scores[:, -1], kind="stable")[: int(round(self.coverage * len(scores)))]
+        scores[:, -1] = 0.0
+        scores[chosen, -1] = 1.0
+        return scores

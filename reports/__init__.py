@@ -12,6 +12,7 @@ or from a shell: ``python -m reports <run dir> [--out DIR] [--primary-metric acc
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +24,11 @@ from reports.frames import (
     NoRecordsError,
     aggregate,
     bounds_frame,
+    correct_frame,
     curves_frame,
     failures,
     load_records,
+    method_roles,
     provenance_frame,
     tidy,
 )
@@ -35,13 +38,14 @@ from reports.leaderboard import (
     format_console,
     leaderboard_table,
     rank_methods,
+    tied_with_best,
     write_csv,
     write_markdown,
 )
 from reports.metrics import METRIC_DIRECTIONS, direction
 
 __all__ = [
-    "METRIC_DIRECTIONS", "NoRecordsError", "aggregate", "build_report", "direction",
+    "METRIC_DIRECTIONS", "NoRecordsError", "aggregate", "analyse", "build_report", "direction",
     "failures", "format_console", "leaderboard_from_records", "leaderboard_table",
     "load_leaderboard", "load_records", "rank_methods", "tidy", "write_report",
 ]
@@ -54,10 +58,36 @@ def _records_or_raise(run_dir: str | Path) -> list[dict]:
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """Everything the report shows, computed once from the records."""
+
+    agg: pd.DataFrame  # mean, std, interval, n per (row, decision, metric)
+    table: pd.DataFrame  # the compact leaderboard
+    full_table: pd.DataFrame  # every aggregated metric (the CSV)
+    roles: dict[str, str]
+
+
+def analyse(records: list[dict], primary_metric: str = "accuracy",
+            decision: str = "constrained") -> Analysis:
+    """Aggregate, intervals, ranks, roles and ties of loaded records."""
+    tidy_frame, correct, roles = tidy(records), correct_frame(records), method_roles(records)
+    agg = aggregate(tidy_frame, correct)
+    ties = tied_with_best(agg, tidy_frame, primary_metric, decision, roles, correct)
+    options = {"roles": roles, "ties": ties}
+    return Analysis(
+        agg=agg,
+        table=leaderboard_table(agg, primary_metric, decision, **options),
+        full_table=leaderboard_table(agg, primary_metric, decision,
+                                     columns=all_columns(agg, primary_metric, decision), **options),
+        roles=roles,
+    )
+
+
 def leaderboard_from_records(records: list[dict], primary_metric: str = "accuracy",
                              decision: str = "constrained") -> pd.DataFrame:
     """The compact leaderboard table (see ``leaderboard_table``) of loaded records."""
-    return leaderboard_table(aggregate(tidy(records)), primary_metric, decision)
+    return analyse(records, primary_metric, decision).table
 
 
 def load_leaderboard(run_dir: str | Path, primary_metric: str = "accuracy",
@@ -76,11 +106,9 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(tidy(records))
+    analysis = analyse(records, primary_metric, decision)
+    agg, table, full_table = analysis.agg, analysis.table, analysis.full_table
     failed = failures(records)
-    table = leaderboard_table(agg, primary_metric, decision)
-    full_table = leaderboard_table(agg, primary_metric, decision,
-                                   columns=all_columns(agg, primary_metric, decision))
     paths = {
         "leaderboard.md": write_markdown(table, out_dir / "leaderboard.md", failed),
         "leaderboard.csv": write_csv(full_table, out_dir / "leaderboard.csv"),
@@ -89,11 +117,13 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     atomic_write_text(text_path, format_console(table, failed) + "\n")
     paths["leaderboard.txt"] = text_path
 
-    figures = all_figures(agg, curves_frame(records), bounds_frame(records))
-    figure_paths = save_figures(figures, out_dir / "figures")
+    figures = all_figures(agg, curves_frame(records), bounds_frame(records), analysis.roles,
+                          primary_metric, decision)
+    figure_paths = save_figures({name: made.figure for name, made in figures.items()},
+                                out_dir / "figures")
     paths.update({f"figures/{path.name}": path for path in figure_paths})
 
-    images = {path.stem: path.read_bytes() for path in figure_paths}
+    images = {path.stem: (path.read_bytes(), figures[path.stem].caption) for path in figure_paths}
     page = render_html(table, failed, provenance_frame(records), images)
     html_path = out_dir / "report.html"
     atomic_write_text(html_path, page)

@@ -12,6 +12,7 @@ import functools
 import io
 import re
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
 from datasets.manifest import atomic_write_bytes
-from reports.frames import ci95_half_width
+from reports.metrics import direction
+from reports.uncertainty import group_rng, percentile_interval, seed_resamples
 
 PANEL_SIZE = (4.2, 3.3)  # inches per panel
 WORKLOAD_PREFIX = "workload/"
@@ -39,11 +41,38 @@ def _styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
     return wrapper
 
 
-def method_palette(methods: Iterable[str]) -> dict[str, tuple]:
-    """A fixed colour per method (sorted names, tab10 up to ten methods, husl beyond)."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<")  # 9 markers x 10 colours: 90 distinct
+
+
+class Style(NamedTuple):
+    """How one method is drawn: colour, marker and line style (dashed: a reference row)."""
+
+    colour: tuple
+    marker: str
+    linestyle: str
+
+
+def method_styles(methods: Iterable[str], roles: dict[str, str] | None = None) -> dict[str, Style]:
+    """A fixed, distinguishable style per method (sorted names): the i-th gets tab10 colour
+    i mod 10 and marker i mod 9, so no two of up to 90 methods look alike; reference rows
+    are dashed."""
     names = sorted(set(methods))
-    colours = sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))
-    return dict(zip(names, colours))
+    colours = sns.color_palette("tab10", 10)
+    return {name: Style(colours[i % 10], MARKERS[i % len(MARKERS)],
+                        "--" if (roles or {}).get(name) == "reference" else "-")
+            for i, name in enumerate(names)}
+
+
+def method_palette(methods: Iterable[str]) -> dict[str, tuple]:
+    """The colour of each method's style (for seaborn's ``palette``)."""
+    return {name: style.colour for name, style in method_styles(methods).items()}
+
+
+def _yerr(rows: pd.DataFrame) -> np.ndarray:
+    """(2, n) error-bar lengths of the intervals ``lo``/``hi`` around ``mean`` (0 where absent)."""
+    below = (rows["mean"] - rows["lo"]).fillna(0).clip(lower=0)
+    above = (rows["hi"] - rows["mean"]).fillna(0).clip(lower=0)
+    return np.vstack([below.to_numpy(float), above.to_numpy(float)])
 
 
 def _pick(values: Iterable, wanted, what: str):
@@ -81,12 +110,13 @@ def _select(agg: pd.DataFrame, **equal) -> pd.DataFrame:
 
 @_styled
 def plot_accuracy_vs_missing_rate(agg: pd.DataFrame, dataset: str | None = None,
-                                  metric: str = "accuracy", decision: str = "constrained") -> Figure:
-    """Mean ``metric`` vs missing rate, one line per method, one panel per workload (bars = 95% CI)."""
+                                  metric: str = "accuracy", decision: str = "constrained",
+                                  roles: dict[str, str] | None = None) -> Figure:
+    """Mean ``metric`` vs missing rate, one line per method, one panel per workload (bars = 95% interval)."""
     dataset = _pick(agg["dataset"], dataset, "dataset")
     rows = _select(agg, dataset=dataset, decision=decision, metric=metric)
     workloads = sorted(rows["workload"].unique())
-    palette = method_palette(agg["method"])
+    styles = method_styles(agg["method"], roles)
     rates = sorted(rows["missing_rate"].unique())
     span = (max(rates) - min(rates)) if len(rates) > 1 else 1.0
     methods = sorted(rows["method"].unique())
@@ -95,44 +125,61 @@ def plot_accuracy_vs_missing_rate(agg: pd.DataFrame, dataset: str | None = None,
         for position, method in enumerate(methods):
             line = _select(rows, workload=workload, method=method).sort_values("missing_rate")
             dodge = (position - (len(methods) - 1) / 2) * 0.012 * span  # keep error bars apart
-            ax.errorbar(line["missing_rate"] + dodge, line["mean"], yerr=line["ci95"].fillna(0),
-                        marker="o", markersize=4, capsize=3, color=palette[method], label=method)
+            style = styles[method]
+            ax.errorbar(line["missing_rate"] + dodge, line["mean"], yerr=_yerr(line),
+                        marker=style.marker, markersize=4, capsize=3, color=style.colour,
+                        linestyle=style.linestyle, label=method)
         ax.set(title=f"workload: {workload}", xlabel="missing annotation rate", xticks=rates)
     axes[0].set_ylabel(f"{decision} {metric}")
     _figure_legend(figure, *axes[0].get_legend_handles_labels())
-    figure.suptitle(f"{dataset}: {decision} {metric} vs missing rate (mean ± 95% CI over seeds)")
+    figure.suptitle(f"{dataset}: {decision} {metric} vs missing rate (mean, 95% interval)")
     return figure
 
 
 def average_curves(curves: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy-coverage curves averaged over seeds, with a 95% CI per coverage point.
+    """Accuracy-coverage curves averaged over seeds, with a 95% bootstrap-over-seeds
+    interval per coverage point (clipped to [0, 1]; none with one seed).
 
-    Returns dataset, method, missing_rate, workload, coverage, mean, ci95, n.
+    Returns dataset, method, missing_rate, workload, coverage, mean, lo, hi, n.
     """
     keys = ["dataset", "method", "missing_rate", "workload", "coverage"]
     points = curves.assign(coverage=curves["coverage"].round(6))
-    out = points.groupby(keys)["accuracy"].agg(mean="mean", std="std", n="count").reset_index()
-    out["ci95"] = ci95_half_width(out["std"], out["n"])
-    return out[[*keys, "mean", "ci95", "n"]]
+    out = points.groupby(keys)["accuracy"].agg(mean="mean", n="count").reset_index()
+    out["lo"], out["hi"] = np.nan, np.nan
+    for key, part in points.groupby(keys[:-1], sort=False):
+        matrix = part.pivot_table(index="seed", columns="coverage", values="accuracy")
+        resampled = seed_resamples(matrix.to_numpy(), group_rng("curve", *key))
+        if resampled is None:
+            continue
+        lo, hi = percentile_interval(resampled, "accuracy")
+        where = np.ones(len(out), dtype=bool)
+        for column, value in zip(keys[:-1], key):
+            where &= (out[column] == value).to_numpy()
+        out.loc[where, "lo"], out.loc[where, "hi"] = lo, hi
+    return out[[*keys, "mean", "lo", "hi", "n"]]
 
 
 @_styled
 def plot_accuracy_coverage_curves(curves: pd.DataFrame, dataset: str | None = None,
-                                  workload: str | None = None) -> Figure:
-    """Accuracy vs coverage per method (mean over seeds, band = 95% CI), one panel per missing rate."""
+                                  workload: str | None = None,
+                                  roles: dict[str, str] | None = None) -> Figure:
+    """Accuracy vs coverage per method (mean over seeds, band = 95% interval), one panel per
+    missing rate; reference rows dashed."""
     dataset = _pick(curves["dataset"], dataset, "dataset")
     workload = _pick(_select(curves, dataset=dataset)["workload"], workload, "workload")
     averaged = average_curves(_select(curves, dataset=dataset, workload=workload))
     rates = sorted(averaged["missing_rate"].unique())
-    palette = method_palette(curves["method"])
+    styles = method_styles(curves["method"], roles)
     figure, axes = _panels(len(rates))
     for ax, rate in zip(axes, rates):
         for method, line in _select(averaged, missing_rate=rate).groupby("method"):
-            colour = palette[method]
-            ax.plot(line["coverage"], line["mean"], color=colour, label=method, linewidth=1.5)
-            band = line["ci95"].fillna(0)
-            ax.fill_between(line["coverage"], line["mean"] - band, line["mean"] + band,
-                            color=colour, alpha=0.15, linewidth=0)
+            style = styles[method]
+            ax.plot(line["coverage"], line["mean"], color=style.colour, label=method,
+                    linewidth=1.5, linestyle=style.linestyle, marker=style.marker, markevery=10,
+                    markersize=4)
+            ax.fill_between(line["coverage"], line["lo"].fillna(line["mean"]),
+                            line["hi"].fillna(line["mean"]),
+                            color=style.colour, alpha=0.15, linewidth=0)
         ax.set(title=f"missing rate {rate:g}", xlabel="coverage (share to classifier)", xlim=(0, 1))
     axes[0].set_ylabel("accuracy")
     _figure_legend(figure, *axes[0].get_legend_handles_labels())
@@ -161,7 +208,7 @@ def plot_workload_shares(agg: pd.DataFrame, bounds: pd.DataFrame, dataset: str |
     shares = shares.assign(agent=shares["metric"].str.slice(len(WORKLOAD_PREFIX)))
     workloads = sorted(shares["workload"].unique())
     methods = sorted(shares["method"].unique())
-    palette = method_palette(agg["method"])
+    styles = method_styles(agg["method"])
     width = 0.8 / max(len(methods), 1)
     figure, axes = _panels(len(workloads))
     for ax, workload in zip(axes, workloads):
@@ -172,8 +219,8 @@ def plot_workload_shares(agg: pd.DataFrame, bounds: pd.DataFrame, dataset: str |
         for offset, method in enumerate(methods):
             bars = _select(panel, method=method)
             x = bars["agent"].map(positions) + (offset - (len(methods) - 1) / 2) * width
-            ax.bar(x, bars["mean"], width=width, yerr=bars["ci95"].fillna(0), capsize=2,
-                   color=palette[method], label=method)
+            ax.bar(x, bars["mean"], width=width, yerr=_yerr(bars), capsize=2,
+                   color=styles[method].colour, label=method)
         for bound in panel_bounds.itertuples(index=False):
             if bound.agent not in positions:
                 continue
@@ -198,10 +245,11 @@ def plot_workload_shares(agg: pd.DataFrame, bounds: pd.DataFrame, dataset: str |
 
 
 @_styled
-def plot_accuracy_vs_violation(agg: pd.DataFrame, dataset: str | None = None) -> Figure:
+def plot_accuracy_vs_violation(agg: pd.DataFrame, dataset: str | None = None,
+                               roles: dict[str, str] | None = None) -> Figure:
     """Accuracy vs workload violation, one point per (method, missing rate, decision), per workload.
 
-    Colour = method; marker = decision rule (argmax vs constrained).
+    Colour and marker = method; filled = constrained decisions, hollow = argmax decisions.
     """
     dataset = _pick(agg["dataset"], dataset, "dataset")
     rows = _select(agg, dataset=dataset)
@@ -211,20 +259,57 @@ def plot_accuracy_vs_violation(agg: pd.DataFrame, dataset: str | None = None) ->
                               columns="metric", values="mean").reset_index()
     points = points.dropna(subset=["accuracy", "workload_violation"])
     workloads = sorted(points["workload"].unique())
-    palette = method_palette(agg["method"])
+    styles = method_styles(agg["method"], roles)
     figure, axes = _panels(len(workloads))
     for ax, workload in zip(axes, workloads):
-        sns.scatterplot(data=_select(points, workload=workload), x="workload_violation", y="accuracy",
-                        hue="method", style="decision", palette=palette,
-                        markers={"argmax": "o", "constrained": "X"}, s=50, ax=ax, legend=False)
+        for (method, decision), part in _select(points, workload=workload).groupby(["method", "decision"]):
+            style = styles[method]
+            filled = decision == "constrained"
+            ax.scatter(part["workload_violation"], part["accuracy"], s=40, marker=style.marker,
+                       color=style.colour if filled else "none", edgecolors=style.colour)
         ax.set(title=f"workload: {workload}", xlabel="workload violation")
-    method_handles = [Line2D([], [], marker="o", linestyle="", color=palette[m]) for m in palette]
-    decision_handles = [Line2D([], [], marker=marker, linestyle="", color="grey")
-                        for marker in ("o", "X")]
-    _figure_legend(figure, method_handles + decision_handles,
-                   [*palette, "argmax decisions", "constrained decisions"])
+    handles = [Line2D([], [], marker=style.marker, linestyle="", color=style.colour)
+               for style in styles.values()]
+    handles += [Line2D([], [], marker="o", linestyle="", color="grey"),
+                Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey")]
+    _figure_legend(figure, handles, [*styles, "constrained decisions", "argmax decisions"])
     figure.suptitle(f"{dataset}: accuracy vs workload violation (means over seeds)")
     return figure
+
+
+@_styled
+def plot_critical_difference(agg: pd.DataFrame, roles: dict[str, str] | None = None,
+                             metric: str = "accuracy", decision: str = "constrained"
+                             ) -> tuple[Figure, str] | None:
+    """Critical-difference diagram of the learned methods across every (dataset, missing
+    rate, workload) group: mean ranks, Friedman test, Nemenyi post-hoc (scikit-posthocs).
+
+    Returns the figure and a caption with the test's result, or None when it cannot be
+    drawn (fewer than 3 learned methods or 2 groups with all of them).
+    """
+    import scikit_posthocs as sp
+    from scipy.stats import friedmanchisquare
+
+    rows = agg[(agg["decision"] == decision) & (agg["metric"] == metric)]
+    rows = rows[rows["method"].map(lambda m: (roles or {}).get(m, "method")) == "method"]
+    blocks = rows.pivot_table(index=["dataset", "missing_rate", "workload"], columns="method",
+                              values="mean").dropna(axis=0)
+    if blocks.shape[1] < 3 or blocks.shape[0] < 2:
+        return None
+    higher = direction(metric) != "lower"
+    ranks = blocks.rank(axis=1, ascending=not higher).mean(axis=0)
+    statistic, p_value = friedmanchisquare(*(blocks[column] for column in blocks.columns))
+    significance = sp.posthoc_nemenyi_friedman(blocks.to_numpy())
+    significance.index = significance.columns = blocks.columns
+    figure = Figure(figsize=(8.0, 0.35 * len(ranks) + 1.6), layout="constrained")
+    ax = figure.subplots()
+    sp.critical_difference_diagram(ranks, significance, ax=ax)
+    ax.set_title(f"mean rank on {decision} {metric} over {len(blocks)} groups (1 = best)")
+    caption = (f"Critical-difference diagram: mean rank of each learned method on {decision} "
+               f"{metric} across {len(blocks)} (dataset, missing rate, workload) groups; methods "
+               f"joined by a bar are not significantly different (Nemenyi post-hoc, 5%). "
+               f"Friedman test: chi2 = {statistic:.2f}, p = {p_value:.3g}.")
+    return figure, caption
 
 
 # ---------------------------------------------------------------------------- all figures
@@ -234,28 +319,60 @@ def _slug(text: object) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", str(text)).strip("_")
 
 
-def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame) -> dict[str, Figure]:
-    """Every report figure, keyed by a file-safe name; kinds without data are skipped.
+class MadeFigure(NamedTuple):
+    """A report figure and the caption that says what it shows."""
+
+    figure: Figure
+    caption: str
+
+
+INTERVAL_CAPTION = ("Bars/bands: 95% bootstrap intervals (accuracy over seeds and test samples, "
+                    "other metrics over seeds), clipped to the metric's range.")
+
+
+def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
+                roles: dict[str, str] | None = None, metric: str = "accuracy",
+                decision: str = "constrained") -> dict[str, MadeFigure]:
+    """Every report figure with its caption, keyed by a file-safe name; kinds without data
+    are skipped.
 
     Per dataset: accuracy vs missing rate; accuracy-coverage curves per workload; workload
-    shares per missing rate; accuracy vs workload violation.
+    shares per missing rate; accuracy vs workload violation. Across datasets: the
+    critical-difference diagram of the learned methods on the primary metric.
     """
-    figures: dict[str, Figure] = {}
+    figures: dict[str, MadeFigure] = {}
     for dataset in sorted(agg["dataset"].unique()):
         rows = _select(agg, dataset=dataset)
         name = _slug(dataset)
         if (rows["metric"] == "accuracy").any():
-            figures[f"accuracy_vs_missing_rate_{name}"] = plot_accuracy_vs_missing_rate(agg, dataset)
+            figures[f"accuracy_vs_missing_rate_{name}"] = MadeFigure(
+                plot_accuracy_vs_missing_rate(agg, dataset, roles=roles),
+                f"{dataset}: constrained accuracy of every method against the missing-annotation "
+                f"rate, one panel per workload; reference rows dashed. {INTERVAL_CAPTION}")
         dataset_curves = _select(curves, dataset=dataset)
         for workload in sorted(dataset_curves["workload"].unique()):
-            figures[f"accuracy_coverage_{name}_{_slug(workload)}"] = plot_accuracy_coverage_curves(
-                curves, dataset, workload)
+            figures[f"accuracy_coverage_{name}_{_slug(workload)}"] = MadeFigure(
+                plot_accuracy_coverage_curves(curves, dataset, workload, roles),
+                f"{dataset}, workload {workload}: post-hoc accuracy-coverage curve of each "
+                "trained model (the top-c share by classifier-vs-best-human score goes to the "
+                "classifier), mean over seeds; reference rows dashed; bands: 95% bootstrap "
+                "intervals over seeds.")
         if rows["metric"].str.startswith(WORKLOAD_PREFIX).any():
             for rate in sorted(rows["missing_rate"].unique()):
-                figures[f"workload_shares_{name}_missing_{rate:g}"] = plot_workload_shares(
-                    agg, bounds, dataset, rate)
+                figures[f"workload_shares_{name}_missing_{rate:g}"] = MadeFigure(
+                    plot_workload_shares(agg, bounds, dataset, rate),
+                    f"{dataset}, missing rate {rate:g}: share of the test set each agent receives "
+                    "under constrained decisions, against the workload bounds (dashed: upper, "
+                    f"dotted: lower). {INTERVAL_CAPTION}")
         if {"accuracy", "workload_violation"} <= set(rows["metric"]):
-            figures[f"accuracy_vs_violation_{name}"] = plot_accuracy_vs_violation(agg, dataset)
+            figures[f"accuracy_vs_violation_{name}"] = MadeFigure(
+                plot_accuracy_vs_violation(agg, dataset, roles),
+                f"{dataset}: accuracy against workload violation per method and missing rate; "
+                "filled markers: constrained decisions, hollow: argmax decisions.")
+    if direction(metric) is not None:
+        diagram = plot_critical_difference(agg, roles, metric, decision)
+        if diagram is not None:
+            figures["critical_difference"] = MadeFigure(*diagram)
     return figures
 
 

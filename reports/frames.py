@@ -10,17 +10,17 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from benchmark.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
 from benchmark.spec import CELL_KEYS as SPEC_CELL_KEYS
 from benchmark.spec import RECORD_NAME  # noqa: F401 (re-exported)
+from reports.uncertainty import accuracy_intervals, group_rng, percentile_interval, seed_resamples
 
 CELL_KEYS = list(SPEC_CELL_KEYS)
 RUN_DECISION = "run"  # the "decision" of metrics that belong to the run, not a decision rule
 TIDY_COLUMNS = [*CELL_KEYS, "decision", "metric", "value"]
 GROUP_KEYS = ["dataset", "method", "missing_rate", "workload", "decision", "metric"]
-AGGREGATE_COLUMNS = [*GROUP_KEYS, "mean", "std", "ci95", "n"]
+AGGREGATE_COLUMNS = [*GROUP_KEYS, "mean", "std", "lo", "hi", "n"]
 
 
 # ---------------------------------------------------------------------------- records
@@ -113,6 +113,22 @@ def curves_frame(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "point", "coverage", "accuracy"])
 
 
+def correct_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """Per-sample outcomes of the successful records: dataset, method, missing_rate,
+    workload, seed, decision, ``correct`` (an int8 array of 0/1 per test sample)."""
+    rows = []
+    for record in ok_records(records):
+        cell = list(cell_of(record).values())
+        for decision, flags in (record.get("correct") or {}).items():
+            rows.append([*cell, decision, np.frombuffer(flags.encode(), np.uint8) - ord("0")])
+    return pd.DataFrame(rows, columns=[*CELL_KEYS, "decision", "correct"])
+
+
+def method_roles(records: Iterable[dict]) -> dict[str, str]:
+    """Method label -> role ("method", or "reference" for the reference rows)."""
+    return {str(record["cell"]["method"]): str(record["role"]) for record in records if record.get("role")}
+
+
 def bounds_frame(records: Iterable[dict]) -> pd.DataFrame:
     """Workload bounds per (dataset, workload, agent): columns dataset, workload, agent, lo, hi."""
     rows = []
@@ -150,25 +166,34 @@ def provenance_frame(records: Iterable[dict]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- aggregation
 
 
-def ci95_half_width(std: np.ndarray | pd.Series, n: np.ndarray | pd.Series) -> np.ndarray:
-    """Half-width of the Student-t 95% confidence interval of a mean; NaN where n < 2."""
-    n = np.asarray(n, dtype=float)
-    std = np.asarray(std, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t_quantile = stats.t.ppf(0.975, n - 1)
-        half_width = t_quantile * std / np.sqrt(n)
-    return np.where(n >= 2, half_width, np.nan)
+def seed_intervals(tidy_frame: pd.DataFrame) -> pd.DataFrame:
+    """Bootstrap-over-seeds interval (``lo``, ``hi``) of every group's mean, clipped to the
+    metric's range; NaN for a single seed (see ``reports.uncertainty``)."""
+    rows = []
+    for key, part in tidy_frame.groupby(GROUP_KEYS, sort=True):
+        resampled = seed_resamples(part["value"].to_numpy(), group_rng(*key))
+        interval = (np.nan, np.nan) if resampled is None else percentile_interval(resampled, key[-1])
+        rows.append([*key, *interval])
+    return pd.DataFrame(rows, columns=[*GROUP_KEYS, "lo", "hi"])
 
 
-def aggregate(tidy_frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std, 95% CI half-width and n over seeds.
+def aggregate(tidy_frame: pd.DataFrame, correct: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean, sample std, n and a 95% interval (``lo``, ``hi``) over seeds.
 
-    Grouped by dataset, method, missing_rate, workload, decision, metric. The CI is
-    ``t(0.975, n-1) * std / sqrt(n)`` and NaN when there is a single seed.
+    Grouped by dataset, method, missing_rate, workload, decision, metric. Accuracy gets the
+    two-level (seeds x test samples) bootstrap interval when ``correct`` (``correct_frame``)
+    holds the per-sample outcomes; every other metric a bootstrap over seeds (NaN with one
+    seed). Intervals are clipped to the metric's range.
     """
     if tidy_frame.empty:
         return pd.DataFrame(columns=AGGREGATE_COLUMNS)
     grouped = tidy_frame.groupby(GROUP_KEYS, sort=True)["value"]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
-    out["ci95"] = ci95_half_width(out["std"], out["n"])
+    out = out.merge(seed_intervals(tidy_frame), on=GROUP_KEYS, how="left")
+    if correct is not None and not correct.empty:
+        sampled = accuracy_intervals(correct).assign(metric="accuracy")
+        out = out.merge(sampled, on=GROUP_KEYS, how="left", suffixes=("", "_sampled"))
+        has = out["lo_sampled"].notna()
+        out.loc[has, "lo"] = out.loc[has, "lo_sampled"]
+        out.loc[has, "hi"] = out.loc[has, "hi_sampled"]
     return out[AGGREGATE_COLUMNS]

@@ -11,16 +11,26 @@ from html import escape
 
 import pandas as pd
 
-from reports.leaderboard import failure_summary, format_leaderboard, primary_caption
+from reports.leaderboard import (INTERVAL_NOTE, failure_summary, format_leaderboard,
+                                 group_blocks, primary_caption)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
        max-width: 1400px; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; }
 h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+h3 { margin: 1.6em 0 0.3em; }
+h4 { margin: 1.2em 0 0.2em; padding-top: 0.6em; border-top: 3px solid #bbb; }
+.scroll { overflow: auto; max-height: 32em; max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0; }
+.scroll table { margin: 0; }
+.scroll thead th { position: sticky; top: 0; z-index: 1; }
+.scroll tbody th, .scroll td:first-child { position: sticky; left: 0; background: #fff; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
 th { background: #f3f3f3; }
+.reference { margin-left: 1.5em; }
+.reference p { color: #555; font-style: italic; margin: 0.6em 0 0.2em; }
+.reference td { color: #555; background: #f4f6fb; }
 tr:nth-child(even) td { background: #fafafa; }
 td.error { white-space: pre-wrap; font-family: monospace; max-width: 60em; }
 figure { margin: 1.2em 0; }
@@ -36,7 +46,8 @@ def png_data_uri(png: bytes) -> str:
 
 
 def _table_html(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, escape=True, border=0, na_rep="–")
+    """A table in its own scrolling box (headers stay visible)."""
+    return '<div class="scroll">' + frame.to_html(index=False, escape=True, border=0, na_rep="–") + "</div>"
 
 
 def _distinct(values: pd.Series, format_value=str) -> str:
@@ -58,24 +69,35 @@ def _summary_html(provenance: pd.DataFrame) -> str:
 
 
 def _leaderboard_html(table: pd.DataFrame) -> str:
-    caption = (f"{primary_caption(table)} per (missing rate, workload). Cells are mean ± 95% CI "
-               "half-width over seeds (Student t; – where a single seed); n = seeds; ★ = best.")
+    caption = (f"{primary_caption(table)} per (missing rate, workload), learned methods only. "
+               f"Cells are {INTERVAL_NOTE}. ★ = best; ≈ = not significantly different from the "
+               "best (paired bootstrap, 95%). Reference rows are listed apart, unranked.")
     parts = [f'<p class="note">{escape(caption)}</p>']
     if table.empty:
         return parts[0] + "<p>No successful cells.</p>"
-    shown = format_leaderboard(table, best_format="{} ★")
-    for dataset, rows in shown.groupby("dataset", sort=False):
-        parts += [f"<h3>{escape(dataset)}</h3>", _table_html(rows.drop(columns="dataset"))]
+    shown = format_leaderboard(table, best_format="{} ★", tied_format="{} ≈")
+    previous = None
+    drop = ["dataset", "missing_rate", "workload"]
+    for dataset, rate, workload, learned, reference in group_blocks(shown, table):
+        if dataset != previous:
+            parts.append(f"<h3>{escape(dataset)}</h3>")
+            previous = dataset
+        parts.append(f"<h4>missing rate {escape(rate)}, workload {escape(workload)}</h4>")
+        if not learned.empty:
+            parts.append(_table_html(learned.drop(columns=drop)))
+        if not reference.empty:
+            parts.append('<div class="reference"><p>Reference rows (not ranked)</p>'
+                         + _table_html(reference.drop(columns=[*drop, "rank"])) + "</div>")
     return "\n".join(parts)
 
 
-def _figures_html(images: dict[str, bytes]) -> str:
+def _figures_html(images: dict[str, tuple[bytes, str]]) -> str:
     if not images:
         return "<p>No figures (no successful cells).</p>"
     return "\n".join(
         f'<figure><img alt="{escape(name)}" src="{png_data_uri(png)}">'
-        f"<figcaption>{escape(name)}</figcaption></figure>"
-        for name, png in images.items()
+        f"<figcaption><b>{escape(name)}</b>: {escape(caption)}</figcaption></figure>"
+        for name, (png, caption) in images.items()
     )
 
 
@@ -104,11 +126,12 @@ def _provenance_html(provenance: pd.DataFrame) -> str:
 
 
 def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.DataFrame,
-                images: dict[str, bytes], title: str = "l2d-bench report") -> str:
+                images: dict[str, tuple[bytes, str]], title: str = "l2d-bench report") -> str:
     """The whole report page as a string.
 
     ``table`` is a leaderboard table (``leaderboard_table``), ``failures`` and
-    ``provenance`` come from ``reports.frames``, ``images`` maps figure names to PNG bytes.
+    ``provenance`` come from ``reports.frames``, ``images`` maps figure names to (PNG
+    bytes, caption).
     """
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [

@@ -1,15 +1,17 @@
 """Rank methods and lay the aggregate out as a leaderboard (Markdown, CSV, console text).
 
-Methods are ranked per (dataset, missing_rate, workload) on one primary metric under one
-decision rule. The default is constrained accuracy: under workload bounds the constrained
-decisions are the ones that honour them, so they are the fair comparison. The direction
-registry (``reports.metrics``) decides whether higher or lower ranks first.
+Learned methods are ranked per (dataset, missing_rate, workload) on one primary metric
+under one decision rule; reference rows (``role = "reference"``: oracle, random,
+classifier-only, best expert) are shown in their own block, never ranked or marked best.
+The default is constrained accuracy: under workload bounds the constrained decisions are
+the ones that honour them, so they are the fair comparison. The direction registry
+(``reports.metrics``) decides whether higher or lower ranks first.
 
-A leaderboard table holds numbers (``<column>`` = mean, ``<column>_ci95`` = 95% CI
-half-width, ``n`` = seeds of the primary metric); ``format_leaderboard`` turns it into
-"mean ± ci" strings for display. Per-decision metric columns are named
-``<decision>/<metric>`` (``constrained/accuracy``), run metrics by their bare name
-(``train_seconds``).
+A leaderboard table holds numbers (``<column>`` = mean, ``<column>_lo`` / ``_hi`` = 95%
+interval, ``n`` = seeds of the primary metric, ``role``, ``tied_with_best``);
+``format_leaderboard`` turns it into "mean [lo, hi]" strings for display. Per-decision
+metric columns are named ``<decision>/<metric>`` (``constrained/accuracy``), run metrics
+by their bare name (``train_seconds``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pandas as pd
 from datasets.manifest import atomic_write_text
 from reports.frames import RUN_DECISION
 from reports.metrics import LOWER, METRIC_DIRECTIONS, direction
+from reports.uncertainty import ties_with_best
 
 ROW_KEYS = ["dataset", "method", "missing_rate", "workload"]
 GROUP_KEYS = ["dataset", "missing_rate", "workload"]
@@ -29,6 +32,7 @@ DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv", "defe
                     "classifier_ece"]
 RUN_METRICS = ["imputation_accuracy", "train_seconds"]
 MISSING_TEXT = "–"
+LEARNED, REFERENCE = "method", "reference"  # the roles of a row
 RANK_DECIMALS = 12
 CSV_FLOAT_FORMAT = "%.10g"
 
@@ -52,13 +56,14 @@ def _has_values(agg: pd.DataFrame, decision: str, metric: str) -> bool:
     return bool(((agg["decision"] == decision) & (agg["metric"] == metric)).any())
 
 
-def rank_methods(agg: pd.DataFrame, metric: str = "accuracy",
-                 decision: str = "constrained") -> pd.DataFrame:
-    """Rank methods per (dataset, missing_rate, workload) on the mean of ``metric``.
+def rank_methods(agg: pd.DataFrame, metric: str = "accuracy", decision: str = "constrained",
+                 roles: dict[str, str] | None = None) -> pd.DataFrame:
+    """Rank the learned methods per (dataset, missing_rate, workload) on the mean of ``metric``.
 
-    Returns columns dataset, missing_rate, workload, method, mean, ci95, n, rank (1 = best,
-    ties share the best rank). Raises ``ValueError`` for a metric without a direction or
-    absent from the aggregate, ``KeyError`` for an unregistered metric.
+    Returns columns dataset, missing_rate, workload, method, role, mean, lo, hi, n, rank
+    (1 = best, ties share the best rank; reference rows, per ``roles``, have no rank).
+    Raises ``ValueError`` for a metric without a direction or absent from the aggregate,
+    ``KeyError`` for an unregistered metric.
     """
     better = direction(metric)
     if better is None:
@@ -74,15 +79,40 @@ def rank_methods(agg: pd.DataFrame, metric: str = "accuracy",
         raise ValueError(
             f"no values of {metric!r} under decision {decision!r}; available: {', '.join(available)}"
         )
-    rows = rows[[*GROUP_KEYS, "method", "mean", "ci95", "n"]].copy()
+    rows = rows[[*GROUP_KEYS, "method", "mean", "lo", "hi", "n"]].copy()
+    rows.insert(4, "role", rows["method"].map(lambda m: (roles or {}).get(m, LEARNED)))
     # round away float noise so that equal results tie instead of ranking by the last bit
-    score = rows["mean"].round(RANK_DECIMALS)
+    score = rows["mean"].round(RANK_DECIMALS).where(rows["role"] == LEARNED)
     rows["rank"] = (
         score.groupby([rows[key] for key in GROUP_KEYS])
         .rank(method="min", ascending=(better == LOWER))
         .astype("Int64")
     )
-    return rows.sort_values([*GROUP_KEYS, "rank", "method"]).reset_index(drop=True)
+    return rows.sort_values([*GROUP_KEYS, "rank", "method"], na_position="last").reset_index(drop=True)
+
+
+def tied_with_best(agg: pd.DataFrame, tidy_frame: pd.DataFrame, metric: str = "accuracy",
+                   decision: str = "constrained", roles: dict[str, str] | None = None,
+                   correct: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``tied_with_best`` per (group, learned method) on the primary metric.
+
+    Accuracy with per-sample outcomes (``correct``) is compared by a paired bootstrap over
+    seeds and test samples, anything else by a paired bootstrap over seeds
+    (``reports.uncertainty.ties_with_best``).
+    """
+    decision = resolve_decision(agg, metric, decision)
+    ranked = rank_methods(agg, metric, decision, roles)
+    learned = ranked[ranked["role"] == LEARNED]
+    best = learned[learned["rank"] == 1].drop_duplicates(GROUP_KEYS)
+    higher = direction(metric) != LOWER
+    if metric == "accuracy" and correct is not None and not correct.empty:
+        outcomes = correct[(correct["decision"] == decision)
+                           & correct["method"].isin(learned["method"])]
+        if not outcomes.empty:
+            return ties_with_best(None, best, higher, correct=outcomes)
+    values = tidy_frame[(tidy_frame["decision"] == decision) & (tidy_frame["metric"] == metric)
+                        & tidy_frame["method"].isin(learned["method"])]
+    return ties_with_best(values, best, higher)
 
 
 # ---------------------------------------------------------------------------- table
@@ -126,32 +156,45 @@ def _decision_order(decision: str) -> int:
 
 
 def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str = "constrained",
-                      columns: list[tuple[str, str]] | None = None) -> pd.DataFrame:
-    """One row per (dataset, method, missing_rate, workload) with its rank and metric columns.
+                      columns: list[tuple[str, str]] | None = None,
+                      roles: dict[str, str] | None = None,
+                      ties: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (dataset, method, missing_rate, workload): rank, role, tie, metric columns.
 
     ``columns`` lists (decision, metric) pairs (default: ``default_columns``; pass
-    ``all_columns(agg)`` for everything); each gives a mean column and a ``_ci95`` column,
-    and columns without any value are dropped. ``n`` counts the seeds of the primary
-    metric. The primary metric and decision are kept in ``table.attrs``.
+    ``all_columns(agg)`` for everything); each gives a mean column and ``_lo`` / ``_hi``
+    interval columns, and columns without any value are dropped. ``n`` counts the seeds of
+    the primary metric. ``roles`` marks reference rows (unranked, listed after the learned
+    methods of each group); ``ties`` (``reports.uncertainty.ties_with_best``) fills
+    ``tied_with_best``. The primary metric and decision are kept in ``table.attrs``.
     """
     decision = resolve_decision(agg, metric, decision)
     columns = columns if columns is not None else default_columns(metric, decision)
-    ranked = rank_methods(agg, metric, decision)
+    ranked = rank_methods(agg, metric, decision, roles)
     table = agg[ROW_KEYS].drop_duplicates().merge(
-        ranked[[*ROW_KEYS, "rank", "n"]], on=ROW_KEYS, how="left"
+        ranked[[*ROW_KEYS, "role", "rank", "n"]], on=ROW_KEYS, how="left"
     )
+    table["role"] = table["method"].map(lambda m: (roles or {}).get(m, LEARNED))
+    if ties is not None and not ties.empty:
+        table = table.merge(ties, on=ROW_KEYS, how="left")
+    else:
+        table["tied_with_best"] = pd.Series([pd.NA] * len(table), dtype="object")
+    table["tied_with_best"] = table["tied_with_best"].where(table["role"] == LEARNED)
     for column_decision, column_metric in columns:
         name = column_name(column_decision, column_metric)
         part = agg[(agg["decision"] == column_decision) & (agg["metric"] == column_metric)]
         if part.empty:
             continue
-        part = part[[*ROW_KEYS, "mean", "ci95"]].rename(columns={"mean": name, "ci95": f"{name}_ci95"})
+        part = part[[*ROW_KEYS, "mean", "lo", "hi"]].rename(
+            columns={"mean": name, "lo": f"{name}_lo", "hi": f"{name}_hi"})
         table = table.merge(part, on=ROW_KEYS, how="left")
     table["n"] = table["n"].astype("Int64")
-    metric_columns = [c for c in table.columns if c not in [*ROW_KEYS, "rank", "n"]]
-    table = table[[*GROUP_KEYS, "rank", "method", *metric_columns, "n"]]
-    table = table.sort_values([*GROUP_KEYS, "rank", "method"], na_position="last")
-    table = table.reset_index(drop=True)
+    fixed = [*ROW_KEYS, "role", "rank", "tied_with_best", "n"]
+    metric_columns = [c for c in table.columns if c not in fixed]
+    table = table[[*GROUP_KEYS, "role", "rank", "method", "tied_with_best", *metric_columns, "n"]]
+    table = table.assign(_reference=table["role"] == REFERENCE).sort_values(
+        [*GROUP_KEYS, "_reference", "rank", "method"], na_position="last")
+    table = table.drop(columns="_reference").reset_index(drop=True)
     table.attrs.update(primary_metric=metric, primary_decision=decision,
                        primary_column=column_name(decision, metric))
     return table
@@ -159,7 +202,7 @@ def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str
 
 def mean_columns(table: pd.DataFrame) -> list[str]:
     """The metric (mean) columns of a leaderboard table, in order."""
-    return [c for c in table.columns if f"{c}_ci95" in table.columns]
+    return [c for c in table.columns if f"{c}_lo" in table.columns]
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -173,33 +216,41 @@ def decimals_for(values: pd.Series) -> int:
     return 1 if magnitude < 100 else 0
 
 
-def format_mean_ci(mean: float, ci95: float, decimals: int = 3) -> str:
-    """``"0.912 ± 0.013"``; a missing CI (one seed) shows as "–", a missing mean as "–"."""
+def format_interval(mean: float, lo: float, hi: float, decimals: int = 3) -> str:
+    """``"0.912 [0.890, 0.930]"``; without an interval (one seed) just the mean; "–" if no mean."""
     if mean is None or pd.isna(mean):
         return MISSING_TEXT
-    ci_text = MISSING_TEXT if ci95 is None or pd.isna(ci95) else f"{ci95:.{decimals}f}"
-    return f"{mean:.{decimals}f} ± {ci_text}"
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
 
 
-def format_leaderboard(table: pd.DataFrame, best_format: str = "{}") -> pd.DataFrame:
-    """Display strings: one "mean ± ci" column per metric; best methods via ``best_format``.
+def format_leaderboard(table: pd.DataFrame, best_format: str = "{}",
+                       tied_format: str = "{}") -> pd.DataFrame:
+    """Display strings: one "mean [lo, hi]" column per metric; markers on method names.
 
-    ``best_format`` is applied to the method name of every rank-1 row (e.g. "**{}**").
+    ``best_format`` is applied to every rank-1 learned method (e.g. "**{}**"),
+    ``tied_format`` to the other learned methods tied with the best (e.g. "_{}_").
+    Reference rows show "ref" as their rank.
     """
+    def marked(method, rank, tied):
+        if rank == 1:
+            return best_format.format(method)
+        return tied_format.format(method) if tied is True else method
+
     shown = pd.DataFrame({
         "dataset": table["dataset"].astype(str),
         "missing_rate": table["missing_rate"].map(lambda rate: f"{rate:g}"),
         "workload": table["workload"].astype(str),
-        "rank": table["rank"].map(lambda rank: MISSING_TEXT if pd.isna(rank) else str(int(rank))),
-        "method": [
-            best_format.format(method) if rank == 1 else method
-            for method, rank in zip(table["method"], table["rank"].fillna(0))
-        ],
+        "rank": [("ref" if role == REFERENCE else MISSING_TEXT) if pd.isna(rank) else str(int(rank))
+                 for rank, role in zip(table["rank"], table["role"])],
+        "method": [marked(m, r, t) for m, r, t in
+                   zip(table["method"], table["rank"].fillna(0), table["tied_with_best"])],
     })
     for name in mean_columns(table):
         decimals = decimals_for(table[name])
-        shown[name] = [format_mean_ci(mean, ci95, decimals)
-                       for mean, ci95 in zip(table[name], table[f"{name}_ci95"])]
+        shown[name] = [format_interval(mean, lo, hi, decimals) for mean, lo, hi in
+                       zip(table[name], table[f"{name}_lo"], table[f"{name}_hi"])]
     shown["n"] = table["n"].map(lambda n: MISSING_TEXT if pd.isna(n) else str(int(n)))
     return shown
 
@@ -227,22 +278,45 @@ def _one_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
-    """The leaderboard as Markdown: one section and table per dataset, best methods in bold.
+INTERVAL_NOTE = ("mean [95% bootstrap interval] (accuracy: over seeds and test samples; other "
+                 "metrics: over seeds, none with one seed); n = seeds")
 
-    ``failed`` (``reports.frames.failures``) adds a section listing the failed cells.
-    """
+
+def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
+    """(dataset, missing_rate, workload, learned rows, reference rows) in table order."""
+    reference = (table["role"] == REFERENCE).to_numpy()
+    for (dataset, rate, workload), rows in shown.groupby(["dataset", "missing_rate", "workload"],
+                                                         sort=False):
+        is_reference = reference[rows.index]
+        yield dataset, rate, workload, rows[~is_reference], rows[is_reference]
+
+
+def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
+    """The leaderboard as Markdown: per dataset and (missing rate, workload) group, a table of
+    the ranked learned methods (best in bold, tied with the best in italics), then the
+    reference rows in their own table. ``failed`` adds a section listing the failed cells."""
     lines = [
         "# Leaderboard",
         "",
-        f"{primary_caption(table)} per (missing rate, workload). Cells are mean ± 95% CI "
-        "half-width over seeds (Student t; – where a single seed); n = seeds; best in bold.",
+        f"{primary_caption(table)} per (missing rate, workload), learned methods only. Cells are "
+        f"{INTERVAL_NOTE}. **Bold**: best; _italics_: not significantly different from the best "
+        "(paired bootstrap, 95%). Reference rows are listed apart and not ranked.",
     ]
     if table.empty:
         lines += ["", "No successful cells."]
-    shown = format_leaderboard(table, best_format="**{}**")
-    for dataset, rows in shown.groupby("dataset", sort=False):
-        lines += ["", f"## {dataset}", "", _markdown_table(rows.drop(columns="dataset"))]
+    shown = format_leaderboard(table, best_format="**{}**", tied_format="_{}_")
+    previous = None
+    for dataset, rate, workload, learned, reference in group_blocks(shown, table):
+        if dataset != previous:
+            lines += ["", f"## {dataset}"]
+            previous = dataset
+        lines += ["", f"### missing rate {rate}, workload {workload}", ""]
+        drop = ["dataset", "missing_rate", "workload"]
+        if not learned.empty:
+            lines.append(_markdown_table(learned.drop(columns=drop)))
+        if not reference.empty:
+            lines += ["", "Reference rows (not ranked):", "",
+                      _markdown_table(reference.drop(columns=[*drop, "rank"]))]
     if failed is not None and not failed.empty:
         shown_failed = failed.drop(columns="path").assign(
             missing_rate=failed["missing_rate"].map(lambda rate: f"{rate:g}"),
@@ -285,13 +359,14 @@ def failure_summary(failed: pd.DataFrame) -> str:
 
 
 def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
-    """Compact text leaderboard for the end of a run; the best method per group is starred.
+    """Compact text leaderboard for the end of a run: per group the ranked learned methods
+    (``*`` best, ``=`` tied with the best), then the reference rows, unranked.
 
     ``failed`` (``reports.frames.failures``) adds a line counting failed cells per method.
     """
     decision = _shown_decision(table.attrs.get("primary_decision", "constrained"))
-    title = (f"Leaderboard. {primary_caption(table)}; mean ± 95% CI over seeds; * = best; "
-             f"columns are {decision} decisions unless named")
+    title = (f"Leaderboard. {primary_caption(table)}, learned methods only; {INTERVAL_NOTE}; "
+             f"* = best, = = tied with the best; columns are {decision} decisions unless named")
     if failed is not None and not failed.empty:
         title += "\n" + failure_summary(failed)
     if table.empty:
@@ -300,20 +375,18 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> s
     wanted = [primary, "constrained/accuracy", "argmax/accuracy",
               f"{decision}/workload_violation", f"{decision}/coverage"]
     metric_names = [name for name in dict.fromkeys(wanted) if name in table.columns]
-    shown = format_leaderboard(table)
-    shown["method"] = [("*" if rank == 1 else " ") + method
-                       for method, rank in zip(table["method"], table["rank"].fillna(0))]
+    shown = format_leaderboard(table, best_format="*{}", tied_format="={}")
+    shown["method"] = [name if name[:1] in "*=" else f" {name}" for name in shown["method"]]
     labels = [name.removeprefix(f"{decision}/").replace("/", " ") for name in metric_names]
     header = ["missing", "workload", "rank", "method", *labels, "n"]
-    lines = [title]
-    for dataset, rows in shown.groupby("dataset", sort=False):
-        body, previous_group = [], None
-        for _, row in rows.iterrows():
-            group = (row["missing_rate"], row["workload"])
-            if previous_group is not None and group != previous_group:
-                body.append([""] * len(header))
-            previous_group = group
-            body.append([row[name] for name in ["missing_rate", "workload", "rank", "method",
-                                                 *metric_names, "n"]])
+    lines, bodies = [title], {}
+    for dataset, _, _, learned, reference in group_blocks(shown, table):
+        body = bodies.setdefault(dataset, [])
+        if body:
+            body.append([""] * len(header))
+        for rows in (learned, reference):
+            body += [[row[name] for name in ["missing_rate", "workload", "rank", "method",
+                                             *metric_names, "n"]] for _, row in rows.iterrows()]
+    for dataset, body in bodies.items():
         lines += ["", f"[{dataset}]", *_text_table(body, header)]
     return "\n".join(lines)

@@ -66,3 +66,69 @@ def test_records_hold_validation_metrics_and_the_missing_seed(tiny_root, tmp_pat
     record = run_cell(pinned, choices)
     assert record["missing_seed"] == {"seed": 0, "from": "dataset.missing_seed"}
     assert record["provenance"]["manifests"]["train/expert_0"] == sources[0]
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def record(method: str, role: str, workload: str, seed: int, right: np.ndarray) -> dict:
+    """A minimal ok record whose constrained decisions are right where ``right`` is 1."""
+    accuracy = float(right.mean())
+    metrics = {"accuracy": accuracy, "coverage": 0.5, "workload_violation": 0.0}
+    return {"schema": 2, "status": "ok", "error": None, "method_name": method, "role": role,
+            "cell": {"dataset": "toy", "method": method, "missing_rate": 0.0,
+                     "workload": workload, "seed": seed},
+            "metrics": {"argmax": metrics, "constrained": metrics},
+            "correct": {"constrained": "".join(map(str, right.astype(int)))},
+            "run_metrics": {}, "curves": {}}
+
+
+def outcomes(accuracy: float, seed: int, size: int = 400) -> np.ndarray:
+    right = np.zeros(size, dtype=int)
+    right[np.random.default_rng(seed).permutation(size)[: round(accuracy * size)]] = 1
+    return right
+
+
+@pytest.fixture(scope="module")
+def toy_records() -> list[dict]:
+    records = []
+    for workload in ("none", "paper"):
+        for seed in (0, 1):
+            best = outcomes(0.90, seed)
+            close = best.copy()
+            close[np.flatnonzero(best)[:2]] = 0  # 2 of 400 samples worse: not significant
+            records += [record("best", "method", workload, seed, best),
+                        record("close", "method", workload, seed, close),
+                        record("weak", "method", workload, seed, outcomes(0.6, seed + 7)),
+                        record("oracle", "reference", workload, seed, np.ones(400, int))]
+    return records
+
+
+def test_reference_rows_are_unranked_apart_and_never_best(toy_records, tmp_path):
+    from reports import build_report, leaderboard_from_records
+    from benchmark.records import write_record
+
+    table = leaderboard_from_records(toy_records)
+    oracle = table[table["method"] == "oracle"]
+    assert set(oracle["role"]) == {"reference"} and oracle["rank"].isna().all()
+    assert oracle["tied_with_best"].isna().all()
+    learned = table[table["role"] == "method"]
+    assert set(learned.loc[learned["rank"] == 1, "method"]) == {"best"}  # not the oracle
+    for group, rows in table.groupby(["missing_rate", "workload"]):
+        assert list(rows["role"]) == ["method"] * 3 + ["reference"]  # references listed last
+    ties = dict(zip(learned["method"], learned["tied_with_best"]))
+    assert ties == {"best": True, "close": True, "weak": False}
+
+    for i, rec in enumerate(toy_records):
+        write_record(tmp_path / "runs" / f"{i}" / "result.json", rec)
+    written = build_report(tmp_path / "runs", tmp_path / "report")
+    markdown = written["leaderboard.md"].read_text()
+    assert "**best**" in markdown and "_close_" in markdown and "**oracle**" not in markdown
+    assert "Reference rows (not ranked):" in markdown
+    text = written["leaderboard.txt"].read_text()
+    assert "*best" in text and "=close" in text and "*oracle" not in text
+    assert " ref " in text
+    page = written["report.html"].read_text()
+    assert 'class="reference"' in page and 'class="scroll"' in page
+    assert "Critical-difference diagram" in page  # 3 learned methods over 2 groups
+    assert "figures/critical_difference.png" in written

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from scipy import stats
 
 from reports import (
     aggregate,
@@ -31,8 +30,9 @@ from reports import (
     rank_methods,
     tidy,
 )
-from reports.frames import curves_frame
-from reports.leaderboard import format_mean_ci
+from reports.frames import correct_frame, curves_frame
+from reports.leaderboard import format_interval
+from reports.uncertainty import metric_range
 from reports.metrics import direction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ METHODS = ["alpha", "beta"]
 MISSING_RATES = [0.0, 0.5]
 WORKLOADS = ["none", "paper"]
 SEEDS = [0, 1, 2]
-T_975_2 = stats.t.ppf(0.975, 2)  # Student t quantile for n = 3 seeds
+TEST_SAMPLES = 20  # per-sample outcomes of the constrained decisions: round(accuracy * 20) right
 
 # Hand-chosen constrained accuracy per (method, missing rate), by seed (same for both workloads).
 # alpha wins at missing rate 0.0, beta at 0.5.
@@ -66,12 +66,21 @@ def decision_metrics(accuracy: float, violation: float) -> dict:
     }
 
 
+def outcomes(accuracy: float, seed: int) -> str:
+    """A 0/1 string with round(accuracy * TEST_SAMPLES) ones (which samples: by seed)."""
+    right = round(accuracy * TEST_SAMPLES)
+    flags = np.zeros(TEST_SAMPLES, dtype=int)
+    flags[np.random.default_rng(seed).permutation(TEST_SAMPLES)[:right]] = 1
+    return "".join(map(str, flags))
+
+
 def golden_record(method: str, missing_rate: float, workload: str, seed: int) -> dict:
     accuracy = CONSTRAINED_ACCURACY[(method, missing_rate)][seed]
     coverage = np.linspace(0.0, 1.0, 101)
     return {
         "schema": 2,
         "method_name": method,
+        "role": "method",
         "status": "ok",
         "error": None,
         "cell": {"dataset": "digits", "method": method, "missing_rate": missing_rate,
@@ -83,6 +92,7 @@ def golden_record(method: str, missing_rate: float, workload: str, seed: int) ->
             "argmax": decision_metrics(accuracy + 0.05, VIOLATION[method] + 0.2),
             "constrained": decision_metrics(accuracy, VIOLATION[method]),
         },
+        "correct": {"constrained": outcomes(accuracy, seed)},
         "run_metrics": {
             "train_seconds": TRAIN_SECONDS[method][seed],
             "samples_per_second": 1000.0,
@@ -130,7 +140,7 @@ def records(run_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def agg(records) -> pd.DataFrame:
-    return aggregate(tidy(records))
+    return aggregate(tidy(records), correct_frame(records))
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +189,50 @@ def test_tidy_excludes_failed_cells_and_null_values(records):
     assert set(imputation["method"]) == {"beta"}  # alpha's null values are left out
 
 
-def test_aggregate_mean_ci_n_match_hand_computed(agg):
+def test_aggregate_mean_interval_n_match_hand_computed(agg):
     alpha = one(agg, "alpha", 0.0, "none", "constrained", "accuracy")
-    assert alpha["mean"] == pytest.approx(0.9)
-    assert alpha["ci95"] == pytest.approx(T_975_2 * 0.1 / math.sqrt(3))
-    assert alpha["n"] == 3
+    assert alpha["mean"] == pytest.approx(0.9) and alpha["n"] == 3
+    assert alpha["lo"] < 0.9 < alpha["hi"] <= 1.0  # over seeds and samples, clipped to [0, 1]
 
+    # over seeds only: the 3 seeds' values 10, 20, 30 give bootstrap means from 10 to 30,
+    # each extreme with probability 1/27 > 2.5%, so the 95% interval is exactly [10, 30]
     seconds = one(agg, "alpha", 0.5, "paper", "run", "train_seconds")
     assert seconds["mean"] == pytest.approx(20.0)
-    assert seconds["ci95"] == pytest.approx(T_975_2 * 10.0 / math.sqrt(3))
+    assert (seconds["lo"], seconds["hi"]) == (pytest.approx(10.0), pytest.approx(30.0))
 
+    # the same accuracy on every seed still has test-sample uncertainty (20 samples)
     constant = one(agg, "beta", 0.0, "none", "constrained", "accuracy")
     assert constant["mean"] == pytest.approx(0.7)
-    assert constant["ci95"] == pytest.approx(0.0)
+    binomial = 1.96 * math.sqrt(0.7 * 0.3 / TEST_SAMPLES)
+    assert constant["lo"] == pytest.approx(0.7 - binomial, abs=0.06)
+    assert constant["hi"] == pytest.approx(0.7 + binomial, abs=0.06)
+    # without per-sample outcomes (argmax here) a constant metric has a zero-width interval
+    violation = one(agg, "beta", 0.0, "none", "constrained", "workload_violation")
+    assert violation["lo"] == violation["hi"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("seeds", [1, 2, 3])
+def test_intervals_stay_in_the_metric_range(seeds):
+    rng = np.random.default_rng(seeds)
+    rows, outcomes_rows = [], []
+    for seed in range(seeds):
+        for metric, value in (("accuracy", 0.98 + 0.02 * rng.random()),
+                              ("workload_violation", 0.01 * rng.random()),
+                              ("classifier_ece", 0.99), ("train_seconds", 5.0 * rng.random())):
+            rows.append(["d", "m", 0.0, "none", seed, "constrained", metric, value])
+        outcomes_rows.append(["d", "m", 0.0, "none", seed, "constrained",
+                              (rng.random(50) < 0.98).astype(np.uint8)])
+    frame = pd.DataFrame(rows, columns=["dataset", "method", "missing_rate", "workload", "seed",
+                                        "decision", "metric", "value"])
+    correct = pd.DataFrame(outcomes_rows, columns=["dataset", "method", "missing_rate", "workload",
+                                                   "seed", "decision", "correct"])
+    for row in aggregate(frame, correct).itertuples(index=False):
+        low, high = metric_range(row.metric)
+        if row.metric == "accuracy" or seeds > 1:
+            assert row.lo <= row.hi, row
+            assert (low is None or row.lo >= low) and (high is None or row.hi <= high), row
+        else:  # one seed and no per-sample outcomes: no interval
+            assert math.isnan(row.lo) and math.isnan(row.hi)
 
 
 def test_failed_cell_is_listed_and_excluded_from_aggregates(records, agg):
@@ -206,13 +247,14 @@ def test_failed_cell_is_listed_and_excluded_from_aggregates(records, agg):
     assert beta["mean"] == pytest.approx(0.85)  # the failed record's 0.0 is not averaged in
 
 
-def test_single_seed_ci_is_nan_and_renders_as_dash():
+def test_single_seed_without_outcomes_has_no_interval():
     single = pd.DataFrame([["d", "m", 0.0, "none", 0, "constrained", "accuracy", 0.5]],
                           columns=["dataset", "method", "missing_rate", "workload", "seed",
                                    "decision", "metric", "value"])
     row = aggregate(single).iloc[0]
-    assert row["n"] == 1 and row["mean"] == 0.5 and math.isnan(row["ci95"])
-    assert format_mean_ci(row["mean"], row["ci95"]) == "0.500 ± –"
+    assert row["n"] == 1 and row["mean"] == 0.5 and math.isnan(row["lo"]) and math.isnan(row["hi"])
+    assert format_interval(row["mean"], row["lo"], row["hi"]) == "0.500"
+    assert format_interval(0.5, 0.41, 0.59) == "0.500 [0.410, 0.590]"
 
 
 def test_curves_frame_has_every_point_of_successful_cells(records):
@@ -271,8 +313,9 @@ def test_leaderboard_on_a_run_metric(agg):
 def test_leaderboard_table_and_console(records, agg):
     table = leaderboard_table(agg)
     assert len(table) == 8
-    expected = {"constrained/accuracy", "constrained/accuracy_ci95", "argmax/accuracy",
-                "constrained/workload_violation", "train_seconds", "imputation_accuracy", "n"}
+    expected = {"constrained/accuracy", "constrained/accuracy_lo", "constrained/accuracy_hi",
+                "argmax/accuracy", "constrained/workload_violation", "train_seconds",
+                "imputation_accuracy", "n", "role", "tied_with_best"}
     assert expected <= set(table.columns)
     text = format_console(table, failures(records))
     assert "*alpha" in text and "*beta" in text  # best per group is marked
@@ -298,20 +341,20 @@ def test_csv_has_one_row_per_method_missing_rate_workload(report):
     assert len(csv) == len(METHODS) * len(MISSING_RATES) * len(WORKLOADS)
     assert not csv.duplicated(keys).any()
     for column in ["constrained/accuracy", "argmax/accuracy", "constrained/workload_violation",
-                   "constrained/workload/classifier", "train_seconds", "n"]:
+                   "constrained/workload/classifier", "train_seconds", "n", "role", "tied_with_best"]:
         assert column in csv.columns
-        if column != "n":
-            assert f"{column}_ci95" in csv.columns
+        if column not in ("n", "role", "tied_with_best"):
+            assert {f"{column}_lo", f"{column}_hi"} <= set(csv.columns)
     row = csv[(csv["method"] == "alpha") & (csv["missing_rate"] == 0.0) & (csv["workload"] == "none")]
     assert row["constrained/accuracy"].item() == pytest.approx(0.9)
-    assert row["constrained/accuracy_ci95"].item() == pytest.approx(T_975_2 * 0.1 / math.sqrt(3))
-    assert row["rank"].item() == 1 and row["n"].item() == 3
+    assert 0.0 <= row["constrained/accuracy_lo"].item() < 0.9 < row["constrained/accuracy_hi"].item() <= 1.0
+    assert row["rank"].item() == 1 and row["n"].item() == 3 and row["role"].item() == "method"
 
 
 def test_markdown_marks_best_method(report):
     text = report["leaderboard.md"].read_text()
     assert "## digits" in text and "**alpha**" in text and "**beta**" in text
-    assert "0.900 ± " in text
+    assert "0.900 [" in text and "### missing rate 0, workload none" in text
 
 
 def test_pngs_are_valid(report):
