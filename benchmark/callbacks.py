@@ -89,7 +89,9 @@ class SweepCallback(Callback):
         if self.tracking_problem:
             print(f"[l2d-bench] {self.tracking_problem}", file=sys.stderr)
         PROGRESS.update(done=0, total=sweep_size(config))
-        self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr)
+        # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead
+        self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr,
+                        disable=None)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:
@@ -98,11 +100,15 @@ class SweepCallback(Callback):
             outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "cell": {}}
         self.outcomes.append(outcome)
         PROGRESS["done"] = len(self.outcomes)
-        if self.bar is not None:
-            failed = sum(o["status"] == "failed" for o in self.outcomes)
-            skipped = sum(o["status"] == "skipped" for o in self.outcomes)
+        failed = sum(o["status"] == "failed" for o in self.outcomes)
+        skipped = sum(o["status"] == "skipped" for o in self.outcomes)
+        if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix(failed=failed, skipped=skipped)
             self.bar.update()
+        else:
+            cell = ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
+            print(f"[grid] {len(self.outcomes)}/{PROGRESS['total'] or '?'} {outcome['status']}: {cell} "
+                  f"({failed} failed, {skipped} skipped so far)", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from benchmark.config import resolve_path

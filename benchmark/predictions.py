@@ -65,7 +65,9 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
     )
     model = training.init_model(method, run.spec, seed)
     method.prepare(model, data.train)
-    bar = tqdm(total=epochs, desc=f"{method.name} seed {seed}", unit="epoch", leave=False)
+    # per-epoch bar in a terminal only (disable=None): a log file gets the grid's lines
+    bar = tqdm(total=epochs, desc=f"{method.name} seed {seed}", unit="epoch", leave=False,
+               disable=None)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
