@@ -29,7 +29,14 @@ def main(cfg: DictConfig) -> dict:
         print_cell(record)
         if record["status"] == "failed":
             sys.exit(1)
-    return {key: record.get(key) for key in ("status", "error", "cell", "tracking_error")}
+    outcome = {key: record.get(key) for key in ("status", "error", "cell", "tracking_error")}
+    if cfg.get("objective"):  # experiment=tune: the sweeper wants a number
+        from benchmark.callbacks import OUTCOMES
+        from benchmark.tuning import objective_value
+
+        OUTCOMES.append(outcome)
+        return objective_value(record, cfg.objective)
+    return outcome
 
 
 def interrupted_message() -> str:

@@ -30,7 +30,9 @@ def _count(key: str, value: str) -> int | None:
 
 
 def sweep_size(config: DictConfig) -> int | None:
-    """Number of cells the basic sweeper will run (None if it cannot be told)."""
+    """Number of cells the sweep will run (None if it cannot be told)."""
+    if config.hydra.sweeper.get("n_trials") is not None:  # a search (experiment=tune)
+        return int(config.hydra.sweeper.n_trials)
     params = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
     for override in config.hydra.overrides.task:
         key, _, value = override.partition("=")
@@ -45,6 +47,7 @@ def sweep_size(config: DictConfig) -> int | None:
 
 
 PROGRESS = {"done": 0, "total": None}  # read by the entry point when interrupted
+OUTCOMES: list[dict[str, Any]] = []  # cells' outcomes when jobs return a number (experiment=tune)
 
 
 def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) -> list[str]:
@@ -98,6 +101,8 @@ class SweepCallback(Callback):
             outcome = job_return.return_value
         except Exception as err:  # the task itself crashed
             outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "cell": {}}
+        if not isinstance(outcome, dict):  # a tuning trial returned its objective
+            outcome = OUTCOMES.pop() if OUTCOMES else {"status": "ok", "cell": {}}
         self.outcomes.append(outcome)
         PROGRESS["done"] = len(self.outcomes)
         failed = sum(o["status"] == "failed" for o in self.outcomes)
@@ -118,6 +123,17 @@ class SweepCallback(Callback):
         if self.bar is not None:
             self.bar.close()
         failed = any(o["status"] == "failed" for o in self.outcomes)
+        if config.get("objective"):  # tuning: no test-set report of the trials, only the choice
+            from benchmark.tuning import write_tuned_preset
+
+            preset = write_tuned_preset(config, resolve_path(config.tuned_dir, REPO_ROOT))
+            if preset is not None:
+                print(f"\nTuned preset (used by later runs of this dataset and method): {preset}\n"
+                      + preset.read_text())
+            lines = summary_lines(self.outcomes, self.tracking_problem)
+            if lines:
+                print("\n" + "\n".join(lines), file=sys.stderr)
+            return
         try:
             written = build_report(resolve_path(config.results_dir, REPO_ROOT),
                                    resolve_path(config.report_dir, REPO_ROOT))

@@ -5,9 +5,10 @@ A variant label is the preset or method name plus every setting that differs fro
 default, so different settings never share a record, a prediction-cache entry or an
 MLflow run:
 
-* method: ``prob_l2d[estep=meanfield]`` (options against the dataclass defaults), plus the
-  ``train.*`` / ``eval.*`` settings that differ from the experiment's defaults
-  (``classifier_only[train.learning_rate=0.01]``); ``method.label`` replaces the label;
+* method: ``prob_l2d[estep=meanfield]`` (options against the dataclass defaults and the
+  tuned preset of the dataset, if any), plus the ``train.*`` / ``eval.*`` settings that
+  differ from the experiment's defaults (``classifier_only[train.learning_rate=0.01]``);
+  ``method.label`` replaces the label;
 * workload: ``paper[classifier.hi=0.3]`` (against ``conf/workload/<preset>.yaml``);
 * dataset: ``digits`` or ``digits@<hash>`` when any setting that changes the data differs
   from ``conf/dataset/<preset>.yaml`` (the record lists them under ``variant``).
@@ -100,15 +101,18 @@ def preset(group: str, name: str) -> dict | None:
     return _load_yaml(str(path)) if path.is_file() else None
 
 
-def experiment_defaults(experiment: str | None) -> dict:
-    """``config.yaml`` overlaid with ``conf/experiment/<experiment>.yaml`` (top-level keys)."""
+def experiment_defaults(experiment: str | None, tuned: str | None = None) -> dict:
+    """``config.yaml`` overlaid with the tuned preset ``conf/tuned/<tuned>.yaml`` and then
+    ``conf/experiment/<experiment>.yaml`` (the defaults list's order; top-level keys)."""
     base = dict(_load_yaml(str(CONF_DIR / "config.yaml")))
-    overlay = _load_yaml(str(CONF_DIR / "experiment" / f"{experiment}.yaml")) if experiment else {}
-    for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
+    overlays = [preset("tuned", tuned) if tuned else None,
+                _load_yaml(str(CONF_DIR / "experiment" / f"{experiment}.yaml")) if experiment else None]
+    for overlay in filter(None, overlays):
+        for key, value in overlay.items():
+            if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
     return base
 
 
@@ -138,11 +142,13 @@ def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = No
                           ("method.label", cfg["method"].get("label"))):
         check_name(value, option)
     choices = dict(choices or {})
-    experiment = experiment_defaults(choices.get("experiment") or cfg.get("experiment_name"))
+    experiment = experiment_defaults(choices.get("experiment") or cfg.get("experiment_name"),
+                                     choices.get("tuned"))
     method_cfg = cfg["method"]
     method_name = str(method_cfg["name"])
-    method_changes = changed_settings(method_cfg.get("params") or {},
-                                      method_options(get_method_class(method_name)))
+    method_defaults = {**method_options(get_method_class(method_name)),
+                       **((experiment.get("method") or {}).get("params") or {})}  # tuned values
+    method_changes = changed_settings(method_cfg.get("params") or {}, method_defaults)
     training_changes = {
         f"{section}.{key}": value
         for section in TRAINING_SECTIONS
@@ -163,7 +169,8 @@ def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = No
         seed=int(cfg["seed"]),
     )
     variant = {"method": method_changes, "train": training_changes,
-               "workload": workload_changes, "dataset": dataset_changes}
+               "workload": workload_changes, "dataset": dataset_changes,
+               "tuned_preset": choices.get("tuned")}
     return cell, variant
 
 

@@ -81,10 +81,12 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
     bar.close()
     eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
 
-    def outputs(split):
+    def outputs(split, corrupt=False):
         if split is None:
             return None
-        batches = epoch_batches(split, eval_loader, seed=0, epoch=0, shuffle=False)
+        batches = epoch_batches(split, dataclasses.replace(loader, drop_remainder=False)
+                                if corrupt else eval_loader,
+                                seed=run.validation_seed, epoch=0, shuffle=False, corrupt=corrupt)
         return trained.predict(np.concatenate([b.x for b in batches]))
 
     imputed = None
@@ -95,7 +97,9 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
             imputed = imputation_accuracy(q_t, data.train.t, data.train_complete_t)
     return {
         "test": outputs(data.test),
-        "validation": outputs(data.validation),
+        # validation images come from the training split: they get the training inputs'
+        # corruption (one fixed draw), as the test images of a corrupted dataset have it baked in
+        "validation": outputs(data.validation, corrupt=True),
         "run_metrics": {
             "train_seconds": trained.train_seconds,
             "compile_seconds": trained.compile_seconds,

@@ -153,6 +153,13 @@ class Method(Protocol):
 
 
 TASK_FIELDS = ("num_experts", "num_classes")  # method fields the runner fills from the task
+SEARCH = "search"  # field metadata key: the option's range for experiment=tune
+
+
+def tunable(default: Any, low: float, high: float, *, log: bool = False) -> Any:
+    """A method option that ``experiment=tune`` searches over [low, high] (log scale if
+    ``log``); use as ``annotator_fraction: float = tunable(0.5, 0.05, 0.75)``."""
+    return dataclasses.field(default=default, metadata={SEARCH: (low, high, log)})
 
 
 # ----------------------------------------------------------------------------- result record

@@ -168,9 +168,15 @@ class LoaderConfig:
 
 
 def epoch_batches(
-    data: ArraySplit, config: LoaderConfig, *, seed: int, epoch: int, shuffle: bool = True
+    data: ArraySplit, config: LoaderConfig, *, seed: int, epoch: int, shuffle: bool = True,
+    corrupt: bool = False,
 ) -> Iterator[Batch]:
-    """Batches of one epoch from an in-memory split, shuffled by Grain under (seed, epoch)."""
+    """Batches of one epoch from an in-memory split, shuffled by Grain under (seed, epoch).
+
+    Shuffled (training) batches are augmented; unshuffled ones are not, but ``corrupt``
+    still adds the pixel noise (``augment.noise_std``), one draw fixed by (seed, epoch):
+    held-out training images then look like test images that carry baked-in noise.
+    """
     indices = grain.MapDataset.range(len(data))
     if shuffle:
         indices = indices.shuffle(seed=_epoch_seed(seed, epoch))
@@ -182,6 +188,7 @@ def epoch_batches(
         images, noise = data.images[rows], None
         if shuffle:
             images = augment_batch(images, config.augment, rng)
+        if shuffle or corrupt:
             noise = pixel_noise(images.shape, config.augment, rng)
         yield Batch(x=normalise(images, mean, std, noise), y=data.y[rows], t=data.t[rows])
 

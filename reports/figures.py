@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 from pathlib import Path
@@ -384,7 +385,9 @@ def save_figures(figures: dict[str, Figure], out_dir: str | Path, dpi: int = 110
     for name, figure in tqdm(figures.items(), desc="figures", unit="fig", disable=None):
         path = out_dir / f"{name}.png"
         buffer = io.BytesIO()
-        figure.savefig(buffer, dpi=dpi, format="png")
+        with warnings.catch_warnings():  # long legends: matplotlib then shrinks the axes itself
+            warnings.filterwarnings("ignore", message="constrained_layout not applied")
+            figure.savefig(buffer, dpi=dpi, format="png")
         atomic_write_bytes(path, buffer.getvalue())  # a kill never leaves a truncated PNG
         paths.append(path)
     return paths

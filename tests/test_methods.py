@@ -295,4 +295,8 @@ def test_hydra_config_builds_the_dataclass_defaults(name):
     from_hydra = config_lib.build_method(method_cfg, SPEC)
     fields = {f.name for f in dataclasses.fields(CLASSES[name])}
     task = {k: v for k, v in {"num_experts": E, "num_classes": K}.items() if k in fields}
-    assert from_hydra == CLASSES[name](**task)
+    # the dataclass defaults, with the validation-tuned values of the default dataset, if any
+    tuned = REPO_ROOT / "conf" / "tuned" / f"digits_{name}.yaml"
+    tuned_params = (OmegaConf.to_container(OmegaConf.load(tuned)).get("method") or {}).get(
+        "params", {}) if tuned.is_file() else {}
+    assert from_hydra == CLASSES[name](**task, **tuned_params)

@@ -130,6 +130,14 @@ def test_smoke_sweep_writes_report(tiny_root, tmp_path):
     for name in ("leaderboard.md", "leaderboard.csv", "report.html"):
         assert (report / name).is_file()
     assert "Leaderboard" in result.stdout and "multi_l2d_softmax" in result.stdout
+    import pandas as pd
+
+    csv = pd.read_csv(report / "leaderboard.csv")
+    assert {"role", "tied_with_best", "constrained/accuracy_lo", "constrained/accuracy_hi"} <= set(csv.columns)
+    assert csv["constrained/accuracy_lo"].between(0, 1).all() and csv["constrained/accuracy_hi"].between(0, 1).all()
+    reference = csv[csv["method"].str.startswith("classifier_only")]
+    assert (reference["role"] == "reference").all() and reference["rank"].isna().all()
+    assert (csv.loc[csv["role"] == "method", "rank"] == 1).all()  # the only learned method
     records = list((tmp_path / "runs/smoke").rglob("result.json"))
     assert len(records) == 4  # 2 methods x 1 missing rate x 2 workloads x 1 seed
     again = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
@@ -172,13 +180,12 @@ def test_every_setting_keeps_its_own_row(tiny_root, tmp_path):
     assert len(load_records(tmp_path / "runs/single")) == 3
 
     grid = run_cli("-m", "experiment=single", "method=classifier_only", "workload=paper",
-                   "train.learning_rate=0.05,0.01", "workload.classifier.hi=0.3,0.6",
+                   "train.learning_rate=0.011,0.012", "workload.classifier.hi=0.3,0.6",
                    *common, f"results_dir={tmp_path}/grid")
     assert grid.returncode == 0, grid.stderr[-3000:]
     rows = {(r["method"], r["workload"]) for r in leaderboard_rows(tmp_path / "grid")}
-    assert rows == {(f"classifier_only[{extra}{lr}]", f"paper[classifier.hi={hi}]")
-                    for lr in ("", ",train.learning_rate=0.01") for hi in ("0.3", "0.6")}
-    # the default learning rate (0.05) adds nothing to the label; each bound is its own row
+    assert rows == {(f"classifier_only[{extra},train.learning_rate={lr}]", f"paper[classifier.hi={hi}]")
+                    for lr in ("0.011", "0.012") for hi in ("0.3", "0.6")}
     assert len(load_records(tmp_path / "grid")) == 4
 
 

@@ -132,3 +132,57 @@ def test_reference_rows_are_unranked_apart_and_never_best(toy_records, tmp_path)
     assert 'class="reference"' in page and 'class="scroll"' in page
     assert "Critical-difference diagram" in page  # 3 learned methods over 2 groups
     assert "figures/critical_difference.png" in written
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def test_tune_searches_on_validation_and_writes_a_preset(tiny_root, tmp_path):
+    import json
+
+    import yaml
+
+    from tests.test_pipeline import run_cli
+
+    result = run_cli("experiment=tune", "method=impute_then_defer", "hydra.sweeper.n_trials=3",
+                     *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
+                     f"tuned_dir={tmp_path / 'tuned'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    preset_path = tmp_path / "tuned" / "digits_impute_then_defer.yaml"
+    text = preset_path.read_text()
+    assert text.startswith("# @package _global_") and "never the test split" in text
+    preset = yaml.safe_load(text)
+    assert 0.05 <= preset["method"]["params"]["annotator_fraction"] <= 0.75
+    assert 0.005 <= preset["train"]["learning_rate"] <= 0.2
+    # the chosen trial is the one with the best validation accuracy (test is not read)
+    trials = [json.loads(p.read_text()) for p in (tmp_path / "runs/tune").rglob("result.json")]
+    assert len(trials) == 3
+    def validation(record):
+        return record["validation"]["constrained"]["accuracy"]
+
+    (chosen,) = [r for r in trials if r["variant"]["method"]["annotator_fraction"]
+                 == pytest.approx(preset["method"]["params"]["annotator_fraction"], rel=1e-2)]
+    assert validation(chosen) == max(validation(r) for r in trials)
+    assert not (tmp_path / "runs/tune/report").exists()  # no test-set report of the trials
+
+
+LEARNED_TRAINED = ["multi_l2d_softmax", "multi_l2d_ova", "realizable", "compare_confidence",
+                   "l2d_em", "impute_then_defer", "prob_l2d", "classifier_only"]
+
+
+@pytest.mark.parametrize("method", LEARNED_TRAINED)
+def test_the_default_grid_uses_the_tuned_presets(method):
+    """Every trained method has a validation-tuned preset on digits, and a default run of it
+    uses those values while keeping the plain method name as its row label."""
+    import yaml
+
+    from benchmark.identity import cell_identity
+
+    preset = yaml.safe_load((REPO_ROOT / "conf/tuned" / f"digits_{method}.yaml").read_text())
+    cfg, choices = compose_cfg([f"method={method}"])
+    assert choices["tuned"] == f"digits_{method}"
+    assert cfg["train"]["learning_rate"] == pytest.approx(preset["train"]["learning_rate"])
+    for option, value in (preset.get("method") or {}).get("params", {}).items():
+        assert cfg["method"]["params"][option] == pytest.approx(value)
+    cell, variant = cell_identity(cfg, choices)
+    assert cell["method"] == method and variant["tuned_preset"] == f"digits_{method}"
