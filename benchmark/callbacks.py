@@ -106,7 +106,7 @@ class SweepCallback(Callback):
         self.outcomes.append(outcome)
         PROGRESS["done"] = len(self.outcomes)
         failed = sum(o["status"] == "failed" for o in self.outcomes)
-        skipped = sum(o["status"] == "skipped" for o in self.outcomes)
+        skipped = sum(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix(failed=failed, skipped=skipped)
             self.bar.update()

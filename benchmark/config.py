@@ -156,7 +156,8 @@ class DatasetConfig:
     builder: str | None
     builder_args: tuple[tuple[str, Any], ...]
     num_classes: int
-    image: tuple[int, int, int]  # (H, W, C)
+    image: tuple[int, int, int]  # (H, W, C) images are decoded (resized) to
+    crop: int | None  # square crop fed to the network: random in training, centred at test
     backbone: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -168,6 +169,8 @@ class DatasetConfig:
     complete_experts: tuple[str, ...] | None
     test_ground_truth: str
     test_experts: tuple[str, ...]
+    manifest_dirs: tuple[str, ...] = (".",)  # folders (under root) searched for each manifest
+    published_missing: str | None = None  # e.g. "{stem}_{rate}.json": published missing draws
 
     @classmethod
     def parse(cls, cfg: Mapping[str, Any], base: Path) -> "DatasetConfig":
@@ -180,6 +183,7 @@ class DatasetConfig:
             builder_args=_frozen(cfg.get("builder_args") or {}),
             num_classes=_number(cfg, "num_classes", "dataset.num_classes", int, 2),
             image=(int(image["height"]), int(image["width"]), int(image["channels"])),
+            crop=None if cfg.get("crop") is None else _number(cfg, "crop", "dataset.crop", int, 1),
             backbone=str(cfg.get("backbone", "small_cnn")),
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
@@ -192,18 +196,22 @@ class DatasetConfig:
             complete_experts=_names(train.get("complete_experts"), "dataset.train.complete_experts") or None,
             test_ground_truth=str(test["ground_truth"]),
             test_experts=_names(test["experts"], "dataset.test.experts"),
+            manifest_dirs=_names(cfg.get("manifest_dirs"), "dataset.manifest_dirs") or (".",),
+            published_missing=cfg.get("published_missing"),
         )
 
     def task_spec(self) -> TaskSpec:
         """The static task description (experts counted from the training manifests)."""
-        return TaskSpec(self.num_classes, len(self.train_experts), self.image, self.backbone)
+        shape = self.image if self.crop is None else (self.crop, self.crop, self.image[2])
+        return TaskSpec(self.num_classes, len(self.train_experts), shape, self.backbone)
 
     def loader(self, batch_size: int):
         """The training loader configuration (``datasets.source.LoaderConfig``)."""
         from datasets.source import Augment, LoaderConfig
 
         return LoaderConfig(batch_size=batch_size, mean=self.mean, std=self.std,
-                            augment=Augment(**dict(self.augment)), drop_remainder=True)
+                            augment=Augment(**dict(self.augment)), drop_remainder=True,
+                            crop=self.crop)
 
 
 def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:

@@ -35,6 +35,7 @@ class DatasetFiles:
     test_ground_truth: str
     test_experts: tuple[str, ...]
     source_experts: tuple[str, ...]  # the configured expert manifests (before any drop)
+    missing_source: str = "none"  # "none", "published" (the dataset's own files) or "drawn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,44 @@ def _check_inside(dataset: DatasetConfig, names: tuple[str, ...], option: str) -
             )
 
 
+def locate(dataset: DatasetConfig, name: str) -> str:
+    """``name`` relative to the root: in the first of ``dataset.manifest_dirs`` holding it
+    (official layouts keep manifests under e.g. ``annotations_3/``); as given if none does."""
+    for folder in dataset.manifest_dirs:
+        candidate = name if folder in (".", "") else f"{folder}/{name}"
+        if (dataset.root / candidate).is_file():
+            return candidate
+    return name
+
+
+def published_missing(dataset: DatasetConfig, rate: float) -> tuple[str, ...] | None:
+    """The dataset's own manifests at missing ``rate`` (``published_missing`` pattern, e.g.
+    ``label_A_train_0.5.json``), if it names them and every expert has one; else None."""
+    if not dataset.published_missing:
+        return None
+    names = tuple(locate(dataset, dataset.published_missing.format(stem=Path(name).stem, rate=f"{rate:g}"))
+                  for name in dataset.train_experts)
+    return names if all((dataset.root / name).is_file() for name in names) else None
+
+
+def refuse_stacked_drop(dataset: DatasetConfig, rate: float) -> None:
+    """A drawn missing rate needs complete expert manifests: dropping annotations from
+    manifests that already miss some would stack two missing rates without a word."""
+    from datasets.layout import load_split
+
+    split = load_split(dataset.root, dataset.train_ground_truth, dataset.train_experts,
+                       dataset.num_classes, check_files=False)
+    for j, name in enumerate(dataset.train_experts):
+        annotated = int((split.t[:, j] != -1).sum())
+        if annotated < len(split):
+            raise ConfigError(
+                f"missing_rate={rate:g} would drop annotations a second time: {name} already "
+                f"annotates only {annotated} of {len(split)} training samples. Train on them as "
+                "they are with missing_rate=0, point dataset.train.experts at complete "
+                "manifests, or use the dataset's published files for this rate."
+            )
+
+
 def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_dir: Path
                              ) -> tuple[str, ...]:
     """Absolute paths of the experts' manifests with annotations dropped at ``missing_rate``.
@@ -142,27 +181,45 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) 
             f"{root}: dataset root does not exist or is not a directory (dataset.root; "
             f"relative roots are resolved against {REPO_ROOT})."
         )
+    dataset = dataclasses.replace(
+        dataset,
+        train_ground_truth=locate(dataset, dataset.train_ground_truth),
+        test_ground_truth=locate(dataset, dataset.test_ground_truth),
+        train_experts=tuple(locate(dataset, name) for name in dataset.train_experts),
+        test_experts=tuple(locate(dataset, name) for name in dataset.test_experts),
+        complete_experts=None if dataset.complete_experts is None
+        else tuple(locate(dataset, name) for name in dataset.complete_experts),
+    )
     _check_inside(dataset, (dataset.train_ground_truth, dataset.test_ground_truth),
                   "dataset.train/test.ground_truth")
     _check_inside(dataset, dataset.train_experts + dataset.test_experts, "dataset.train/test.experts")
-    experts, complete = dataset.train_experts, dataset.complete_experts
+    experts, complete, source = dataset.train_experts, dataset.complete_experts, "none"
     if missing_rate > 0:
         complete = complete or experts
-        experts = derive_missing_manifests(dataset, float(missing_rate), cache_dir)
+        published = published_missing(dataset, float(missing_rate))
+        if published is not None:
+            experts, source = published, "published"
+        else:
+            refuse_stacked_drop(dataset, float(missing_rate))
+            experts, source = derive_missing_manifests(dataset, float(missing_rate), cache_dir), "drawn"
     return DatasetFiles(
         name=dataset.name, root=root, num_classes=dataset.num_classes,
         train_ground_truth=dataset.train_ground_truth, train_experts=experts,
         complete_experts=complete, test_ground_truth=dataset.test_ground_truth,
         test_experts=dataset.test_experts, source_experts=dataset.train_experts,
+        missing_source=source,
     )
 
 
-def source_manifest_hashes(dataset: DatasetConfig) -> dict[str, str | None]:
-    """sha256 of every configured manifest (None where a file does not exist yet)."""
+def source_manifest_hashes(dataset: DatasetConfig, missing_rate: float) -> dict[str, str | None]:
+    """sha256 of every manifest a cell reads (None where a file does not exist yet)."""
     from benchmark.provenance import file_sha256
 
     names = (dataset.train_ground_truth, *dataset.train_experts, *(dataset.complete_experts or ()),
              dataset.test_ground_truth, *dataset.test_experts)
+    names = tuple(locate(dataset, name) for name in names)
+    if missing_rate > 0:
+        names += published_missing(dataset, missing_rate) or ()
     return {name: file_sha256(dataset.root / name) if (dataset.root / name).is_file() else None
             for name in names}
 

@@ -95,6 +95,7 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
         q_t = trained.impute([Batch(*b) for b in train_batches], run.bounds)
         if q_t is not None:
             imputed = imputation_accuracy(q_t, data.train.t, data.train_complete_t)
+    first_batch = next(iter(epoch_batches(data.train, eval_loader, seed=0, epoch=0, shuffle=False)))
     return {
         "test": outputs(data.test),
         # validation images come from the training split: they get the training inputs'
@@ -106,6 +107,7 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
             "samples_per_second": trained.samples_seen / trained.train_seconds
             if trained.train_seconds > 0 else None,
             "imputation_accuracy": imputed,
+            **trained.diagnostics(first_batch, run.bounds),
         },
     }
 

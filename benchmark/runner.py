@@ -24,6 +24,9 @@ from benchmark.records import read_record, write_record
 from benchmark.spec import RECORD_SCHEMA, SCORE_RANGE, ResultRecord, agent_names
 
 
+NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
+
+
 def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
     """Raise unless test outputs are finite and scores follow the contract's scale."""
     if not np.isfinite(scores).all() or not np.isfinite(logits).all():
@@ -41,7 +44,8 @@ def fingerprint_now(cfg: Mapping[str, Any], base: Path) -> str:
     from benchmark.data import source_manifest_hashes
 
     try:
-        hashes = source_manifest_hashes(DatasetConfig.parse(cfg["dataset"], base))
+        hashes = source_manifest_hashes(DatasetConfig.parse(cfg["dataset"], base),
+                                        float(cfg.get("missing_rate") or 0.0))
     except Exception:  # an invalid dataset config fails the cell later, with its message
         hashes = None
     return settings_fingerprint(cfg, hashes)
@@ -90,6 +94,8 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
         run_metrics=out["run_metrics"],
         curves=test.curves,
         missing_seed={"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
+        missing_annotations={"source": data.files.missing_source,  # none | published | drawn
+                             "observed_rate": float(np.mean(data.train.t == -1))},
         provenance=provenance(data.manifests),
     )
     if data.validation is not None:
@@ -116,8 +122,20 @@ def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
     """Run one grid cell, write its record and track it; never raises for a failing cell.
 
     ``cfg`` is the composed config as a plain dict; ``choices`` Hydra's chosen presets.
-    Returns the record (``status`` "ok", "failed" or "skipped" for an existing ok record).
+    Returns the record (``status`` "ok", "failed" or "skipped" for an existing ok record;
+    "not_applicable" when a swept top-level ``missing_policy`` is one the method does not
+    support: nothing is run or written).
     """
+    policy = cfg.get("missing_policy")
+    if policy is not None:  # a sweep over policies: only the combinations a method supports
+        from methods import get_method_class
+
+        supported = get_method_class(str(cfg["method"]["name"])).missing_policies
+        if policy not in supported:
+            return {"status": NOT_APPLICABLE, "error": None, "cell": {"method": cfg["method"]["name"],
+                                                                    "missing_policy": policy}}
+        cfg = {**cfg, "method": {**cfg["method"], "params": {**(cfg["method"].get("params") or {}),
+                                                             "missing_policy": policy}}}
     try:
         cell, variant = cell_identity(cfg, choices)
         path = record_path(resolve_path(cfg["results_dir"], base), cell)

@@ -140,6 +140,11 @@ class Method(Protocol):
     def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
         """(B, E, K) inferred distribution of the experts' labels; default None (not modelled)."""
 
+    def diagnostics(self, model: Any, batch: Batch, inputs: TrainInputs) -> dict[str, float]:
+        """Extra run metrics measured once after training on one training batch, on the host
+        (e.g. ``estep_ms``, Prob-L2D's E-step time per step). Default: none.
+        """
+
     def finalize_scores(self, scores: Any) -> Any:
         """(N, E+1) scores of a whole evaluation split, on the host, before decisions: for a
         rule that needs the split's size (random deferral of an exact share). Default: as is.

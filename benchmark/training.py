@@ -125,6 +125,12 @@ class TrainedModel:
                 parts[name].append(np.asarray(value))
         return {name: np.concatenate(values) for name, values in parts.items()}
 
+    def diagnostics(self, batch: Batch, bounds: WorkloadBounds) -> dict[str, float]:
+        """The method's extra run metrics (``Method.diagnostics``) on one batch."""
+        model = nnx.merge(self.graphdef, self.params, self.rest)
+        batch = Batch(*(jnp.asarray(a) for a in batch))
+        return self.method.diagnostics(model, batch, train_inputs(self.method, bounds, 1.0))
+
     def impute(self, batches: list[Batch], bounds: WorkloadBounds) -> np.ndarray | None:
         """Inferred (N, E, K) expert-label distributions over ``batches`` (None if unmodelled)."""
         inputs = train_inputs(self.method, bounds, 1.0)

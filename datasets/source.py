@@ -165,6 +165,26 @@ class LoaderConfig:
     std: tuple[float, ...]
     augment: Augment = Augment()
     drop_remainder: bool = False
+    crop: int | None = None  # square crop: random in training batches, centred otherwise
+
+
+def crop_batch(images: np.ndarray, size: int | None, rng: np.random.Generator | None) -> np.ndarray:
+    """A ``size`` x ``size`` crop of each (B, H, W, C) image: at a random offset per image
+    when ``rng`` is given (training), else centred (evaluation); None keeps the images."""
+    if size is None:
+        return images
+    b, h, w, _ = images.shape
+    if size > min(h, w):
+        raise ValueError(f"crop {size} is larger than the decoded images ({h}x{w}); "
+                         "raise dataset.image or lower dataset.crop.")
+    if rng is None:
+        top, left = (h - size) // 2, (w - size) // 2
+        return images[:, top:top + size, left:left + size]
+    dy = rng.integers(0, h - size + 1, size=b)
+    dx = rng.integers(0, w - size + 1, size=b)
+    rows = dy[:, None] + np.arange(size)[None, :]
+    cols = dx[:, None] + np.arange(size)[None, :]
+    return images[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def epoch_batches(
@@ -186,6 +206,7 @@ def epoch_batches(
     for rows in batches:
         rows = np.asarray(rows)
         images, noise = data.images[rows], None
+        images = crop_batch(images, config.crop, rng if shuffle else None)
         if shuffle:
             images = augment_batch(images, config.augment, rng)
         if shuffle or corrupt:
@@ -206,7 +227,7 @@ def stream_batches(
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
     )
     for batch in dataset:
-        images = augment_batch(batch["image"], config.augment, rng)
+        images = augment_batch(crop_batch(batch["image"], config.crop, rng), config.augment, rng)
         noise = pixel_noise(images.shape, config.augment, rng)
         yield Batch(x=normalise(images, mean, std, noise), y=batch["y"], t=batch["t"])
 

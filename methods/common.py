@@ -51,6 +51,10 @@ class MethodBase:
         """(B, K) class probabilities for calibration (default: softmax of ``classify``)."""
         return jax.nn.softmax(self.classify(model, x), axis=-1)
 
+    def diagnostics(self, model: Any, batch: Batch, inputs: TrainInputs) -> dict[str, float]:
+        """Extra run metrics after training (default: none)."""
+        return {}
+
     def finalize_scores(self, scores):
         """Scores of a whole evaluation split, before decisions (default: as is)."""
         return scores

@@ -17,9 +17,11 @@ annotator and the classifier, evaluated together).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -31,6 +33,7 @@ from methods.estep import ESTEP_KINDS, estep
 from methods.nets import BACKBONES, Network, NetworkStack
 
 NETWORKS = ("separate", "shared")
+DIAGNOSTIC_REPEATS = 20
 
 
 class SeparateNets(nnx.Module):
@@ -113,6 +116,19 @@ class ProbL2D(MethodBase):
     def agent_scores(self, model, x):
         """The gating distribution ``p(z = k | x)`` (probabilities, as the contract asks)."""
         return jax.nn.softmax(model(x)[0], axis=-1)
+
+    def diagnostics(self, model, batch, inputs):
+        """``estep_ms``: median time of one jitted E-step + workload projection on ``batch``
+        (network outputs computed beforehand; compilation excluded)."""
+        gating_logits, agent_logits = model(batch.x)
+        step = jax.jit(lambda g, a, b, i: self.posterior(g, a, b, i)[0])
+        jax.block_until_ready(step(gating_logits, agent_logits, batch, inputs))  # compile
+        times = []
+        for _ in range(DIAGNOSTIC_REPEATS):
+            start = time.perf_counter()
+            jax.block_until_ready(step(gating_logits, agent_logits, batch, inputs))
+            times.append(time.perf_counter() - start)
+        return {"estep_ms": 1000.0 * float(np.median(times))}
 
     def impute(self, model, batch, inputs):
         """Posterior ``q(t_j)`` of every human's label given x, y and the observed labels."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from datasets.manifest import atomic_write_text
+from reports.coverage import coverage_auc, coverage_points, format_auc_table
 from reports.figures import all_figures, save_figures
 from reports.frames import (
     RECORD_NAME,
@@ -110,21 +111,26 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     agg, table, full_table = analysis.agg, analysis.table, analysis.full_table
     failed = failures(records)
     paths = {
-        "leaderboard.md": write_markdown(table, out_dir / "leaderboard.md", failed),
         "leaderboard.csv": write_csv(full_table, out_dir / "leaderboard.csv"),
     }
-    text_path = out_dir / "leaderboard.txt"
-    atomic_write_text(text_path, format_console(table, failed) + "\n")
-    paths["leaderboard.txt"] = text_path
 
+    points = coverage_points(records)
+    auc = coverage_auc(points, analysis.roles)
+    if not auc.empty:
+        paths["coverage_auc.csv"] = write_csv(auc, out_dir / "coverage_auc.csv")
     figures = all_figures(agg, curves_frame(records), bounds_frame(records), analysis.roles,
-                          primary_metric, decision)
+                          primary_metric, decision, points)
     figure_paths = save_figures({name: made.figure for name, made in figures.items()},
                                 out_dir / "figures")
     paths.update({f"figures/{path.name}": path for path in figure_paths})
 
+    auc_shown = format_auc_table(auc) if not auc.empty else None
+    paths["leaderboard.md"] = write_markdown(table, out_dir / "leaderboard.md", failed, auc_shown)
+    text_path = out_dir / "leaderboard.txt"
+    atomic_write_text(text_path, format_console(table, failed, auc_shown) + "\n")
+    paths["leaderboard.txt"] = text_path
     images = {path.stem: (path.read_bytes(), figures[path.stem].caption) for path in figure_paths}
-    page = render_html(table, failed, provenance_frame(records), images)
+    page = render_html(table, failed, provenance_frame(records), images, auc_shown)
     html_path = out_dir / "report.html"
     atomic_write_text(html_path, page)
     paths["report.html"] = html_path

@@ -313,6 +313,32 @@ def plot_critical_difference(agg: pd.DataFrame, roles: dict[str, str] | None = N
     return figure, caption
 
 
+@_styled
+def plot_accuracy_vs_coverage(averaged: pd.DataFrame, dataset: str, workload: str,
+                              roles: dict[str, str] | None = None) -> Figure:
+    """Constrained accuracy vs realised coverage as the classifier's bound moves, one line
+    per method (points = bounds, band = 95% interval over seeds), one panel per missing rate."""
+    rows = _select(averaged, dataset=dataset, workload=workload)
+    rates = sorted(rows["missing_rate"].unique())
+    styles = method_styles(averaged["method"], roles)
+    figure, axes = _panels(len(rates))
+    for ax, rate in zip(axes, rates):
+        for method, line in _select(rows, missing_rate=rate).groupby("method"):
+            line = line.sort_values("coverage")
+            style = styles[method]
+            ax.plot(line["coverage"], line["accuracy"], color=style.colour, marker=style.marker,
+                    markersize=4, linestyle=style.linestyle, linewidth=1.5, label=method)
+            ax.fill_between(line["coverage"], line["lo"].fillna(line["accuracy"]),
+                            line["hi"].fillna(line["accuracy"]), color=style.colour, alpha=0.12,
+                            linewidth=0)
+        ax.set(title=f"missing rate {rate:g}", xlabel="realised coverage (share to classifier)",
+               xlim=(-0.02, 1.02))
+    axes[0].set_ylabel("constrained accuracy")
+    _figure_legend(figure, *axes[0].get_legend_handles_labels())
+    figure.suptitle(f"{dataset}: accuracy vs coverage, classifier bound swept ({workload})")
+    return figure
+
+
 # ---------------------------------------------------------------------------- all figures
 
 
@@ -333,7 +359,8 @@ INTERVAL_CAPTION = ("Bars/bands: 95% bootstrap intervals (accuracy over seeds an
 
 def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                 roles: dict[str, str] | None = None, metric: str = "accuracy",
-                decision: str = "constrained") -> dict[str, MadeFigure]:
+                decision: str = "constrained",
+                coverage_points: pd.DataFrame | None = None) -> dict[str, MadeFigure]:
     """Every report figure with its caption, keyed by a file-safe name; kinds without data
     are skipped.
 
@@ -352,7 +379,7 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                 f"rate, one panel per workload; reference rows dashed. {INTERVAL_CAPTION}")
         dataset_curves = _select(curves, dataset=dataset)
         for workload in sorted(dataset_curves["workload"].unique()):
-            figures[f"accuracy_coverage_{name}_{_slug(workload)}"] = MadeFigure(
+            figures[f"deferral_curve_{name}_{_slug(workload)}"] = MadeFigure(
                 plot_accuracy_coverage_curves(curves, dataset, workload, roles),
                 f"{dataset}, workload {workload}: post-hoc accuracy-coverage curve of each "
                 "trained model (the top-c share by classifier-vs-best-human score goes to the "
@@ -370,6 +397,17 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                 plot_accuracy_vs_violation(agg, dataset, roles),
                 f"{dataset}: accuracy against workload violation per method and missing rate; "
                 "filled markers: constrained decisions, hollow: argmax decisions.")
+    if coverage_points is not None and not coverage_points.empty:
+        from reports.coverage import average_points
+
+        averaged = average_points(coverage_points)
+        for (dataset, workload), _ in averaged.groupby(["dataset", "workload"]):
+            figures[f"accuracy_coverage_{_slug(dataset)}_{_slug(workload)}"] = MadeFigure(
+                plot_accuracy_vs_coverage(averaged, dataset, workload, roles),
+                f"{dataset}: constrained accuracy against realised coverage as the classifier's "
+                f"upper workload bound is swept (preset {workload}), one point per bound, mean "
+                "over seeds; band: 95% bootstrap interval over seeds, clipped to [0, 1]; "
+                "reference rows dashed. The area under each curve is in coverage_auc.csv.")
     if direction(metric) is not None:
         diagram = plot_critical_difference(agg, roles, metric, decision)
         if diagram is not None:

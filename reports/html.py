@@ -11,7 +11,7 @@ from html import escape
 
 import pandas as pd
 
-from reports.leaderboard import (INTERVAL_NOTE, failure_summary, format_leaderboard,
+from reports.leaderboard import (AUC_NOTE, INTERVAL_NOTE, failure_summary, format_leaderboard,
                                  group_blocks, primary_caption)
 
 STYLE = """
@@ -126,7 +126,8 @@ def _provenance_html(provenance: pd.DataFrame) -> str:
 
 
 def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.DataFrame,
-                images: dict[str, tuple[bytes, str]], title: str = "l2d-bench report") -> str:
+                images: dict[str, tuple[bytes, str]], auc: pd.DataFrame | None = None,
+                title: str = "l2d-bench report") -> str:
     """The whole report page as a string.
 
     ``table`` is a leaderboard table (``leaderboard_table``), ``failures`` and
@@ -137,6 +138,8 @@ def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.Data
     sections = [
         ("Summary", _summary_html(provenance)),
         ("Leaderboard", _leaderboard_html(table)),
+        *([("Accuracy-coverage sweeps", f'<p class="note">{escape(AUC_NOTE)}</p>' + _table_html(auc))]
+          if auc is not None and not auc.empty else []),
         ("Figures", _figures_html(images)),
         ("Failures", _failures_html(failures)),
         ("Provenance", _provenance_html(provenance)),

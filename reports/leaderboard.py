@@ -30,7 +30,7 @@ GROUP_KEYS = ["dataset", "missing_rate", "workload"]
 # metrics shown per primary decision rule, beside argmax and constrained accuracy
 DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv", "deferral_auc",
                     "classifier_ece"]
-RUN_METRICS = ["imputation_accuracy", "train_seconds"]
+RUN_METRICS = ["imputation_accuracy", "train_seconds", "estep_ms"]
 MISSING_TEXT = "–"
 LEARNED, REFERENCE = "method", "reference"  # the roles of a row
 RANK_DECIMALS = 12
@@ -282,6 +282,12 @@ INTERVAL_NOTE = ("mean [95% bootstrap interval] (accuracy: over seeds and test s
                  "metrics: over seeds, none with one seed); n = seeds")
 
 
+AUC_NOTE = ("Area under the accuracy-coverage curve (constrained accuracy over realised "
+            "coverage, trapezoid) as the classifier's workload bound is swept; mean [95% "
+            "bootstrap interval over seeds]; * = best learned method, = = tied with it; "
+            "reference rows unranked.")
+
+
 def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
     """(dataset, missing_rate, workload, learned rows, reference rows) in table order."""
     reference = (table["role"] == REFERENCE).to_numpy()
@@ -291,7 +297,8 @@ def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
         yield dataset, rate, workload, rows[~is_reference], rows[is_reference]
 
 
-def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
+def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None,
+                         auc: pd.DataFrame | None = None) -> str:
     """The leaderboard as Markdown: per dataset and (missing rate, workload) group, a table of
     the ranked learned methods (best in bold, tied with the best in italics), then the
     reference rows in their own table. ``failed`` adds a section listing the failed cells."""
@@ -317,6 +324,8 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
         if not reference.empty:
             lines += ["", "Reference rows (not ranked):", "",
                       _markdown_table(reference.drop(columns=[*drop, "rank"]))]
+    if auc is not None and not auc.empty:
+        lines += ["", "## Accuracy-coverage sweeps", "", AUC_NOTE, "", _markdown_table(auc)]
     if failed is not None and not failed.empty:
         shown_failed = failed.drop(columns="path").assign(
             missing_rate=failed["missing_rate"].map(lambda rate: f"{rate:g}"),
@@ -327,10 +336,11 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None) -> Path:
-    """Write ``markdown_leaderboard(table, failed)`` to ``path``."""
+def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None,
+                   auc: pd.DataFrame | None = None) -> Path:
+    """Write ``markdown_leaderboard(table, failed, auc)`` to ``path``."""
     path = Path(path)
-    atomic_write_text(path, markdown_leaderboard(table, failed))
+    atomic_write_text(path, markdown_leaderboard(table, failed, auc))
     return path
 
 
@@ -358,7 +368,8 @@ def failure_summary(failed: pd.DataFrame) -> str:
     return f"{len(failed)} failed {noun} ({per_method}), left out of the leaderboard"
 
 
-def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
+def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
+                   auc: pd.DataFrame | None = None) -> str:
     """Compact text leaderboard for the end of a run: per group the ranked learned methods
     (``*`` best, ``=`` tied with the best), then the reference rows, unranked.
 
@@ -389,4 +400,6 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> s
                                              *metric_names, "n"]] for _, row in rows.iterrows()]
     for dataset, body in bodies.items():
         lines += ["", f"[{dataset}]", *_text_table(body, header)]
+    if auc is not None and not auc.empty:
+        lines += ["", AUC_NOTE, *_text_table(auc.values.tolist(), list(auc.columns))]
     return "\n".join(lines)

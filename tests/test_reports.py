@@ -331,8 +331,8 @@ def test_report_files_exist(report):
         assert report[name].is_file() and report[name].stat().st_size > 0
     figures = [path for name, path in report.items() if name.startswith("figures/")]
     kinds = {path.name.split("_digits")[0] for path in figures}
-    assert kinds == {"accuracy_vs_missing_rate", "accuracy_coverage", "workload_shares",
-                     "accuracy_vs_violation"}
+    assert kinds == {"accuracy_vs_missing_rate", "deferral_curve", "workload_shares",
+                     "accuracy_vs_violation"}  # 2 methods: no critical-difference diagram
 
 
 def test_csv_has_one_row_per_method_missing_rate_workload(report):
