@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 JAX_FLAVOUR=${L2D_JAX:-cpu}
 STAMP="$VENV/.installed"
-want=$(cat requirements.txt constraints.txt | sha256sum | cut -c1-16)-$JAX_FLAVOUR
+want=$(cat requirements.txt constraints.txt constraints-cuda.txt | sha256sum | cut -c1-16)-$JAX_FLAVOUR
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[run.sh] creating virtual environment in $VENV" >&2
@@ -22,9 +22,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "[run.sh] installing pinned dependencies (first run takes a few minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   extra=()
-  if [ "$JAX_FLAVOUR" = cuda ]; then
+  if [ "$JAX_FLAVOUR" = cuda ]; then  # the CUDA 12 plugin and libraries pinned for this JAX
     jax_version=$(grep -E '^jax==' constraints.txt | cut -d= -f3)
-    extra=("jax[cuda12]==$jax_version")
+    extra=(-c constraints-cuda.txt "jax[cuda12]==$jax_version")
   fi
   "$VENV/bin/python" -m pip install --quiet -c constraints.txt -r requirements.txt "${extra[@]}"
   echo "$want" > "$STAMP"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -73,6 +74,29 @@ def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) 
     return lines
 
 
+def report_is_current(results_dir, report_dir) -> bool:
+    """Whether the report was written after every record below ``results_dir``."""
+    from benchmark.spec import RECORD_NAME
+
+    page, text = report_dir / "report.html", report_dir / "leaderboard.txt"
+    if not page.is_file() or not text.is_file():
+        return False
+    newest = max((p.stat().st_mtime for p in results_dir.rglob(RECORD_NAME)), default=0.0)
+    return min(page.stat().st_mtime, text.stat().st_mtime) >= newest
+
+
+def outcomes_since(results_dir, started: str) -> list[dict[str, Any]]:
+    """Outcomes of the records finished at or after ``started`` (same clock and format)."""
+    from benchmark.records import NoRecordsError, load_records
+
+    try:
+        records = load_records(results_dir)
+    except (NoRecordsError, ValueError):
+        return []
+    return [{key: record.get(key) for key in ("status", "error", "cell", "tracking_error")}
+            for record in records if str(record.get("finished_at", "")) >= started]
+
+
 class SweepCallback(Callback):
     """Prepares tracking once, counts cells as they finish, and at the end prints the
     leaderboard, the failed cells and the tracking errors."""
@@ -81,6 +105,7 @@ class SweepCallback(Callback):
         self.bar = None
         self.outcomes: list[dict[str, Any]] = []
         self.tracking_problem: str | None = None
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
@@ -91,6 +116,7 @@ class SweepCallback(Callback):
         self.tracking_problem = Tracker(config.get("tracking") or {}).prepare()
         if self.tracking_problem:
             print(f"[l2d-bench] {self.tracking_problem}", file=sys.stderr)
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         PROGRESS.update(done=0, total=sweep_size(config))
         # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead
         self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr,
@@ -122,6 +148,8 @@ class SweepCallback(Callback):
 
         if self.bar is not None:
             self.bar.close()
+        if not self.outcomes:  # jobs ran in other processes (submitit, joblib...): read their records
+            self.outcomes = outcomes_since(resolve_path(config.results_dir, REPO_ROOT), self.started)
         failed = any(o["status"] == "failed" for o in self.outcomes)
         if config.get("objective"):  # tuning: no test-set report of the trials, only the choice
             from benchmark.tuning import write_tuned_preset
@@ -134,11 +162,17 @@ class SweepCallback(Callback):
             if lines:
                 print("\n" + "\n".join(lines), file=sys.stderr)
             return
+        results_dir = resolve_path(config.results_dir, REPO_ROOT)
+        report_dir = resolve_path(config.report_dir, REPO_ROOT)
+        unchanged = all(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
         try:
-            written = build_report(resolve_path(config.results_dir, REPO_ROOT),
-                                   resolve_path(config.report_dir, REPO_ROOT))
-            print("\n" + written["leaderboard.txt"].read_text())
-            print(f"Report: {written['report.html']}")
+            if unchanged and report_is_current(results_dir, report_dir):
+                print("\n" + (report_dir / "leaderboard.txt").read_text())
+                print(f"Report (unchanged: every cell was already done): {report_dir / 'report.html'}")
+            else:
+                written = build_report(results_dir, report_dir)
+                print("\n" + written["leaderboard.txt"].read_text())
+                print(f"Report: {written['report.html']}")
         except NoRecordsError:
             print("\nNo cell finished, so there is no report.", file=sys.stderr)
         except (OSError, ValueError) as err:

@@ -30,6 +30,7 @@ METRICS: dict[str, str | None] = {
     "compile_seconds": "lower",
     "samples_per_second": "higher",
     "estep_ms": "lower",
+    "num_devices": None,
 }
 
 # the range of every metric (intervals are clipped to it); None = unbounded on that side
@@ -40,6 +41,7 @@ METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "classifier_ece": (0.0, 1.0), "deferral_auc": (0.0, 1.0), "imputation_accuracy": (0.0, 1.0),
     "train_seconds": (0.0, None), "compile_seconds": (0.0, None), "samples_per_second": (0.0, None),
     "estep_ms": (0.0, None),
+    "num_devices": (1.0, None),
 }
 
 CURVE_POINTS = 101

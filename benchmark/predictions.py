@@ -107,6 +107,7 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
             "samples_per_second": trained.samples_seen / trained.train_seconds
             if trained.train_seconds > 0 else None,
             "imputation_accuracy": imputed,
+            "num_devices": trained.num_devices,
             **trained.diagnostics(first_batch, run.bounds),
         },
     }

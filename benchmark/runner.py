@@ -8,12 +8,10 @@ that run the same cell at the same time (the second one then finds the record an
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -22,6 +20,7 @@ from benchmark.identity import cell_identity, record_path, settings_fingerprint
 from benchmark.provenance import REPO_ROOT, provenance
 from benchmark.records import read_record, write_record
 from benchmark.spec import RECORD_SCHEMA, SCORE_RANGE, ResultRecord, agent_names
+from datasets.manifest import exclusive_lock
 
 
 NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
@@ -51,16 +50,9 @@ def fingerprint_now(cfg: Mapping[str, Any], base: Path) -> str:
     return settings_fingerprint(cfg, hashes)
 
 
-@contextlib.contextmanager
-def cell_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<record>.lock`` (released when the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def cell_lock(path: Path):
+    """An exclusive lock on ``<record>.lock`` (released when the process dies)."""
+    return exclusive_lock(path.with_name(path.name + ".lock"))
 
 
 def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:

@@ -8,7 +8,6 @@ provenance as JSON artifacts, and the result record itself.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 from benchmark.identity import stable_hash
 from benchmark.spec import ResultRecord
+from datasets.manifest import exclusive_lock
 
 
 CONNECT_TIMEOUT_S = 3.0
@@ -48,13 +48,8 @@ def _store_lock(uri: str | None) -> Iterator[None]:
         yield
         return
     db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 class Tracker:

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmark.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
@@ -114,6 +116,7 @@ class TrainedModel:
     compile_seconds: float = 0.0
     samples_seen: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    num_devices: int = 1  # devices the training batches were sharded over
 
     def predict(self, x: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """``logits``, class ``probs`` and agent ``scores`` for every row of ``x``, batched."""
@@ -142,6 +145,33 @@ class TrainedModel:
                 return None
             out.append(np.asarray(q_t))
         return np.concatenate(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Data-parallel training over the local devices: each batch is split along its first
+    axis across a 1-D mesh, parameters and optimiser state are replicated, and ``jit``
+    inserts the gradient all-reduce. One device (or a batch that does not split evenly)
+    leaves everything as it is."""
+
+    mesh: Mesh | None
+
+    @classmethod
+    def over_local_devices(cls, batch_size: int) -> "DataParallel":
+        devices = jax.local_devices()
+        if len(devices) < 2 or batch_size % len(devices):
+            return cls(None)
+        return cls(Mesh(np.asarray(devices), ("data",)))
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def replicate(self, tree: Any) -> Any:
+        return tree if self.mesh is None else jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def shard(self, batch: Batch) -> Batch:
+        return batch if self.mesh is None else jax.device_put(batch, NamedSharding(self.mesh, P("data")))
 
 
 def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float) -> TrainInputs:
@@ -178,11 +208,15 @@ def fit(
     state = TrainState(params, rest, make_optimizer(optim).init(params))
     total_steps = max(optim.total_steps, 1)
     step, seen, train_seconds, compile_seconds, history = 0, 0, 0.0, 0.0, []
+    parallel: DataParallel | None = None
     for epoch in range(epochs):
         epoch_metrics: list[dict[str, jax.Array]] = []
         start = time.perf_counter()
         for batch in epoch_batches(epoch):
-            batch = Batch(*(jnp.asarray(a) for a in batch))
+            if parallel is None:  # decided on the first batch: its size must split evenly
+                parallel = DataParallel.over_local_devices(len(batch.y))
+                state = parallel.replicate(state)
+            batch = parallel.shard(Batch(*(jnp.asarray(a) for a in batch)))
             inputs = train_inputs(method, bounds, step / total_steps)
             state, metrics = train_step(method, graphdef, optim, state, batch, inputs)
             if step == 0:
@@ -202,9 +236,11 @@ def fit(
         history.append(means)
         if progress is not None:
             progress(epoch, means)
+    state = jax.device_put(state, jax.devices()[0])  # evaluation runs on one device
     model = nnx.merge(graphdef, state.params, state.rest)
     model.eval()
     eval_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return TrainedModel(
-        method, eval_graphdef, params, rest, train_seconds, compile_seconds, seen, history
+        method, eval_graphdef, params, rest, train_seconds, compile_seconds, seen, history,
+        num_devices=parallel.num_devices if parallel is not None else 1,
     )

@@ -7,12 +7,14 @@ A manifest is a JSON list of records ``{"file": <path relative to the dataset ro
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -140,6 +142,20 @@ def write_manifest(path: str | Path, files: Sequence[str], labels) -> Path:
         )
     atomic_write_text(path, json.dumps(records, indent=1))
     return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if needed) between processes;
+    the kernel releases it if the holder dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -8,6 +8,7 @@ Backbones map (B, H, W, C) images to (B, D) features:
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
@@ -17,6 +18,59 @@ from flax import nnx
 from benchmark.registry import Registry
 
 BACKBONES: Registry = Registry("backbone")
+CONV_IMPLEMENTATIONS = ("auto", "native", "matmul")
+
+
+def conv_implementation() -> str:
+    """``native`` (XLA's convolution) or ``matmul`` (shifted slices + one matmul).
+
+    ``auto`` (default; ``L2D_CONV`` overrides it) picks ``matmul`` on CPU, where XLA's
+    convolution gradient is several times slower than the matmuls (see the train-step
+    benchmark), and ``native`` elsewhere (not measured faster there).
+    """
+    choice = os.environ.get("L2D_CONV", "auto")
+    if choice not in CONV_IMPLEMENTATIONS:
+        raise ValueError(f"L2D_CONV={choice!r} is not one of {', '.join(CONV_IMPLEMENTATIONS)}.")
+    if choice == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "native"
+    return choice
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """SAME-padded 2-D convolution (NHWC, HWIO kernel) as shifted slices + one matmul.
+
+    Equal to ``lax.conv_general_dilated(..., padding="SAME")``; its gradient is matmuls,
+    pads and adds, which XLA:CPU runs far faster than its convolution gradient.
+    """
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    (top, bottom), (left, right) = (_same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw))
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h, out_w = -(-x.shape[1] // sh), -(-x.shape[2] // sw)
+    patches = [padded[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+               for i in range(kh) for j in range(kw)]
+    columns = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
+    return columns @ kernel.reshape(kh * kw * cin, cout)
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (same parameters, same results) computed by ``conv_as_matmul`` where
+    ``conv_implementation()`` says so; other configurations use the native path."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        simple = (self.padding == "SAME" and self.feature_group_count == 1
+                  and self.kernel_dilation in (1, (1, 1), None) and self.input_dilation in (1, (1, 1), None)
+                  and x.ndim == 4)
+        if not simple or conv_implementation() != "matmul":
+            return super().__call__(x)
+        strides = self.strides if isinstance(self.strides, Sequence) else (self.strides, self.strides)
+        y = conv_as_matmul(x, self.kernel[...], tuple(strides))
+        return y + self.bias[...] if self.bias is not None else y
 
 
 @BACKBONES.register("small_cnn")
@@ -30,9 +84,9 @@ class SmallCNN(nnx.Module):
     grid = 4
 
     def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 16):
-        self.conv1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
-        self.conv3 = nnx.Conv(2 * width, 2 * width, (3, 3), rngs=rngs)
+        self.conv1 = Conv(in_channels, width, (3, 3), rngs=rngs)
+        self.conv2 = Conv(width, 2 * width, (3, 3), rngs=rngs)
+        self.conv3 = Conv(2 * width, 2 * width, (3, 3), rngs=rngs)
         self.dense = nnx.Linear(self.grid * self.grid * 2 * width, 64, rngs=rngs)
         self.features = 64
 
@@ -53,11 +107,11 @@ class SmallCNN(nnx.Module):
 class _PreActBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
         self.bn1 = nnx.BatchNorm(cin, momentum=0.9, rngs=rngs)
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.conv1 = Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.conv2 = Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
         self.shortcut = nnx.data(
-            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
             if stride != 1 or cin != cout
             else None
         )
@@ -72,13 +126,13 @@ class _PreActBlock(nnx.Module):
 
 class _BasicBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.conv1 = Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.conv2 = Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
         needs_projection = stride != 1 or cin != cout
         self.shortcut = nnx.data(
-            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
             if needs_projection
             else None
         )
@@ -109,7 +163,7 @@ class PreActResNet18(nnx.Module):
 
     def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 64):
         widths = [width, 2 * width, 4 * width, 8 * width]
-        self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
+        self.stem = Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
         self.blocks = _stages(_PreActBlock, widths, rngs)
         self.bn = nnx.BatchNorm(widths[-1], momentum=0.9, rngs=rngs)
         self.features = widths[-1]
@@ -127,7 +181,7 @@ class ResNet18(nnx.Module):
 
     def __init__(self, in_channels: int, *, rngs: nnx.Rngs, width: int = 64):
         widths = [width, 2 * width, 4 * width, 8 * width]
-        self.stem = nnx.Conv(in_channels, width, (7, 7), strides=2, use_bias=False, rngs=rngs)
+        self.stem = Conv(in_channels, width, (7, 7), strides=2, use_bias=False, rngs=rngs)
         self.bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
         self.blocks = _stages(_BasicBlock, widths, rngs)
         self.features = widths[-1]

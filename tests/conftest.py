@@ -14,10 +14,12 @@ NUM_CLASSES = 10
 NUM_EXPERTS = 3
 
 
-def write_tiny_dataset(root: Path, num_train: int = 48, num_test: int = 24, seed: int = 0) -> Path:
+def write_tiny_dataset(root: Path, num_train: int = 48, num_test: int = 24, seed: int = 0,
+                       incomplete: bool = False) -> Path:
     """8x8 grayscale PNGs whose brightness pattern encodes the class, plus manifests named
     as in conf/dataset/digits.yaml. Expert j is right on classes with c % 3 == j, else
-    answers (c + 1) % 10; training annotations of expert 2 are missing on every 3rd image."""
+    answers (c + 1) % 10. Complete annotations (a drawn missing rate applies to them), or
+    with ``incomplete`` expert 2's training annotations missing on every 3rd image."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", num_train), ("test", num_test)):
         files, labels = [], []
@@ -36,7 +38,7 @@ def write_tiny_dataset(root: Path, num_train: int = 48, num_test: int = 24, seed
         for j in range(NUM_EXPERTS):
             records = []
             for i, (f, y) in enumerate(zip(files, labels)):
-                if split == "train" and j == 2 and i % 3 == 0:
+                if incomplete and split == "train" and j == 2 and i % 3 == 0:
                     continue
                 records.append({"file": f, "label": y if y % 3 == j else (y + 1) % NUM_CLASSES})
             (root / f"{split}_expert_{j}.json").write_text(json.dumps(records))
@@ -46,6 +48,12 @@ def write_tiny_dataset(root: Path, num_train: int = 48, num_test: int = 24, seed
 @pytest.fixture
 def tiny_root(tmp_path: Path) -> Path:
     return write_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture
+def incomplete_root(tmp_path: Path) -> Path:
+    """The tiny dataset with expert 2's training annotations missing on every 3rd image."""
+    return write_tiny_dataset(tmp_path / "tiny", incomplete=True)
 
 
 def tiny_overrides(root: Path, output_dir: Path) -> list[str]:

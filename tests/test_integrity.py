@@ -186,3 +186,16 @@ def test_a_figure_that_fails_to_render_leaves_the_old_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save_figures({"plot": Broken()}, tmp_path)
     assert old.read_bytes() == before and list(tmp_path.iterdir()) == [old]
+
+
+def test_a_drawn_missing_rate_on_incomplete_experts_is_refused(incomplete_root, tmp_path):
+    cfg, choices = compose_cfg(tiny_overrides(incomplete_root, tmp_path) + ["missing_rate=0.5"])
+    record = run_cell(cfg, choices)
+    assert record["status"] == "failed"
+    assert ("missing_rate=0.5 would drop annotations a second time: train_expert_2.json already "
+            "annotates only 32 of 48 training samples") in record["error"]
+    cfg, choices = compose_cfg(tiny_overrides(incomplete_root, tmp_path))  # as they are: fine
+    record = run_cell(cfg, choices)
+    assert record["status"] == "ok"
+    assert record["missing_annotations"]["source"] == "none"
+    assert 0.0 < record["missing_annotations"]["observed_rate"] < 1.0

@@ -72,8 +72,8 @@ def test_missing_manifest_file(tmp_path):
         read_manifest(tmp_path / "nope.json", 3)
 
 
-def test_join_marks_missing_annotations(tiny_root):
-    split = load_split(tiny_root, "train_ground_truth.json", TRAIN_EXPERTS, 10)
+def test_join_marks_missing_annotations(incomplete_root):
+    split = load_split(incomplete_root, "train_ground_truth.json", TRAIN_EXPERTS, 10)
     assert split.t.shape == (48, 3) and split.t.dtype == np.int32
     missing = split.t[:, 2] == -1
     assert missing.tolist() == [i % 3 == 0 for i in range(48)]

@@ -252,3 +252,34 @@ def load_records_under(path):
     from benchmark.records import load_records
 
     return load_records(path)
+
+
+# ----------------------------------------------------------------------------- study experiments
+
+
+def test_policies_experiment_gives_one_row_per_supported_policy(tiny_root, tmp_path):
+    from tests.test_pipeline import run_cli
+
+    result = run_cli("experiment=policies", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
+                     "method=multi_l2d_softmax,prob_l2d", "missing_rate=0.3", "seed=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = load_records_under(tmp_path / "runs/policies")
+    labels = sorted(r["cell"]["method"].replace(",train.batch_size=16,train.epochs=1", "")
+                    .replace("[train.batch_size=16,train.epochs=1]", "") for r in records)
+    # softmax supports as_incorrect (its default: the plain name) and drop; prob_l2d none
+    assert labels == ["multi_l2d_softmax", "multi_l2d_softmax[missing_policy=drop]"]
+
+
+def test_estep_experiment_compares_the_three_e_steps(tiny_root, tmp_path):
+    from tests.test_pipeline import run_cli
+
+    result = run_cli("experiment=estep", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
+                     "missing_rate=0.5", "seed=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = load_records_under(tmp_path / "runs/estep")
+    estep = sorted(r["variant"]["method"].get("estep", "exact") for r in records)
+    assert estep == ["exact", "meanfield", "reference"]
+    for record in records:
+        assert 0.0 <= record["run_metrics"]["imputation_accuracy"] <= 1.0
+        assert record["run_metrics"]["estep_ms"] > 0.0
+    assert "estep_ms" in (tmp_path / "runs/estep/report/leaderboard.md").read_text()

@@ -26,8 +26,8 @@ def _split(root):
     return load_split(root, "train_ground_truth.json", EXPERTS, 10)
 
 
-def test_source_items(tiny_root):
-    source = ManifestSource(_split(tiny_root), FMT)
+def test_source_items(incomplete_root):
+    source = ManifestSource(_split(incomplete_root), FMT)
     item = source[3]
     assert len(source) == 48
     assert item["image"].shape == (8, 8, 1) and item["image"].dtype == np.uint8

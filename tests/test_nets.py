@@ -1,0 +1,57 @@
+"""The matmul convolution (used on CPU) equals XLA's native one, values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from methods.nets import Conv, Network, conv_implementation
+
+
+@pytest.mark.parametrize("kernel,stride,size,bias", [
+    ((3, 3), 1, 8, True), ((3, 3), 2, 9, False), ((3, 3), 2, 8, False),
+    ((1, 1), 2, 7, False), ((7, 7), 2, 16, False),
+])
+def test_matmul_convolution_equals_the_native_one(monkeypatch, kernel, stride, size, bias):
+    conv = Conv(3, 5, kernel, strides=stride, use_bias=bias, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+
+    def outputs_and_grads(implementation):
+        monkeypatch.setenv("L2D_CONV", implementation)
+        assert conv_implementation() == implementation
+
+        def loss(model, x):
+            return jnp.sum(jnp.sin(model(x)))
+
+        value, (grad_model, grad_x) = jax.value_and_grad(
+            lambda m, x: loss(m, x), argnums=(0, 1))(conv, x)
+        return conv(x), grad_model, grad_x
+
+    native, matmul = outputs_and_grads("native"), outputs_and_grads("matmul")
+    np.testing.assert_allclose(matmul[0], native[0], rtol=1e-5, atol=1e-5)
+    assert matmul[0].shape == native[0].shape
+    np.testing.assert_allclose(matmul[2], native[2], rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(nnx.state(matmul[1])), jax.tree.leaves(nnx.state(native[1]))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_uses_the_matmul_convolution_and_the_override_is_checked(monkeypatch):
+    monkeypatch.delenv("L2D_CONV", raising=False)
+    assert jax.default_backend() != "cpu" or conv_implementation() == "matmul"
+    monkeypatch.setenv("L2D_CONV", "fast")
+    with pytest.raises(ValueError, match="L2D_CONV='fast' is not one of auto, native, matmul"):
+        conv_implementation()
+
+
+@pytest.mark.parametrize("backbone,size", [("small_cnn", 16), ("preact_resnet18", 8)])
+def test_backbones_agree_across_implementations(monkeypatch, backbone, size):
+    network = Network(backbone, 3, 4, rngs=nnx.Rngs(0))
+    network.eval()
+    x = jax.random.normal(jax.random.key(2), (2, size, size, 3))
+    monkeypatch.setenv("L2D_CONV", "native")
+    native = network(x)
+    monkeypatch.setenv("L2D_CONV", "matmul")
+    np.testing.assert_allclose(network(x), native, rtol=1e-4, atol=1e-4)

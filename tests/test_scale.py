@@ -1,0 +1,49 @@
+"""Scale: data-parallel training over local devices, and grids through Hydra launchers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from benchmark.records import load_records
+from tests.conftest import tiny_overrides
+from tests.test_pipeline import run_cli
+
+
+def cached_outputs(cache_dir):
+    (path,) = list(cache_dir.glob("*.npz"))
+    with np.load(path) as saved:
+        return saved["test/logits"], saved["test/scores"]
+
+
+def test_two_local_devices_train_data_parallel_with_the_same_results(tiny_root, tmp_path):
+    common = [*tiny_overrides(tiny_root, tmp_path), "experiment=single", "method=multi_l2d_softmax"]
+    runs = {}
+    for devices in (1, 2):
+        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        result = run_cli(*common, f"output_dir={tmp_path / str(devices)}", env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (record,) = load_records(tmp_path / str(devices) / "runs/single")
+        assert record["run_metrics"]["num_devices"] == devices
+        runs[devices] = cached_outputs(tmp_path / str(devices) / "cache/predictions")
+    np.testing.assert_allclose(runs[2][0], runs[1][0], rtol=1e-3, atol=1e-3)  # logits
+    np.testing.assert_allclose(runs[2][1], runs[1][1], rtol=1e-3, atol=1e-3)  # agent scores
+
+
+def test_submitit_local_launcher_runs_the_grid_like_the_basic_one(tiny_root, tmp_path):
+    grid = ["experiment=smoke", "train.epochs=1", "method=classifier_only,multi_l2d_softmax",
+            "workload=none"]
+    basic = run_cli(*grid, *tiny_overrides(tiny_root, tmp_path / "basic"))
+    assert basic.returncode == 0, basic.stderr[-2000:]
+    launched = run_cli(*grid, *tiny_overrides(tiny_root, tmp_path / "submitit"),
+                       "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+
+    def results(folder):
+        records = load_records(folder / "runs/smoke")
+        return {r["cell"]["method"]: r["metrics"]["constrained"]["accuracy"] for r in records}
+
+    assert results(tmp_path / "submitit") == results(tmp_path / "basic")
+    assert (tmp_path / "submitit/runs/smoke/report/leaderboard.csv").is_file()
+    assert "Leaderboard" in launched.stdout
