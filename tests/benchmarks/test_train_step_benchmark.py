@@ -1,5 +1,5 @@
 """pytest-benchmark timings of one train step at 16x16 and 32x32 (small_cnn, batch 128),
-with XLA's native convolution and the matmul formulation used on CPU.
+with XLA's native convolution (the default) and the matmul formulation (``L2D_CONV=matmul``).
 
 Target (issue: CPU training at CIFAR size): with the convolution the harness uses, 32x32
 throughput is at least 1/5.5 of 16x16 throughput (4x the pixels; proportional is 1/4).

@@ -2,8 +2,8 @@
 
 Each row trains ``STEPS`` optimiser steps of one method on random data of batch ``BATCH``
 (one jitted step, compiled outside the timing, ``block_until_ready`` before reading the
-clock; median of ``REPEATS`` runs). ``native`` is XLA's convolution, ``matmul`` the
-slices + matmul formulation (``methods.nets.conv_as_matmul``) the harness uses on CPU.
+clock; median of ``REPEATS`` runs). ``native`` is XLA's convolution (the default),
+``matmul`` the slices + matmul formulation (``methods.nets.conv_as_matmul``).
 
     PYTHONPATH=. .venv/bin/python tests/benchmarks/train_step_table.py [--methods all]
 """
