@@ -128,13 +128,13 @@ def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
                                                                     "missing_policy": policy}}
         cfg = {**cfg, "method": {**cfg["method"], "params": {**(cfg["method"].get("params") or {}),
                                                              "missing_policy": policy}}}
+    cell = {key: cfg.get(key) for key in ("missing_rate", "seed")}  # until the labels are known
     try:
         cell, variant = cell_identity(cfg, choices)
         path = record_path(resolve_path(cfg["results_dir"], base), cell)
         with cell_lock(path):
             return _run_locked(cfg, cell, variant, path, base)
     except ConfigError as err:  # no identity: nothing can be recorded
-        cell = {key: cfg.get(key) for key in ("missing_rate", "seed")}
         return {"status": "failed", "error": f"ConfigError: {err}", "cell": cell}
     except OSError as err:  # the record (or its lock) cannot be written: say so, go on
         return {"status": "failed", "error": f"cannot write the result record: {err}",
@@ -149,17 +149,17 @@ def _run_locked(cfg, cell, variant, path: Path, base: Path) -> ResultRecord:
         if tracking.get("enabled") and not existing.get("mlflow_run_id"):
             existing = track(cfg, existing, path)  # killed before it was tracked: repair
         return {**existing, "status": "skipped"}
+    user_label = cfg["method"].get("label")
+    if user_label and existing and existing.get("variant") not in (None, variant):
+        return {"status": "failed", "cell": cell, "error": (  # the existing record is kept
+            f"ConfigError: method.label={user_label!r}: {path} holds the result of other settings "
+            f"under this label ({existing['variant']}); give each variant its own label.")}
     record: ResultRecord = {
         "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": cell,
         "method_name": str(cfg["method"]["name"]), "variant": variant,
         "fingerprint": fingerprint_now(cfg, base),
     }
     try:
-        if existing and existing.get("variant") not in (None, variant):
-            raise ConfigError(
-                f"{path} holds the result of other settings under the same labels "
-                f"({existing['variant']}); give this variant its own method.label."
-            )
         compute(cfg, record, base)
     except Exception as err:  # a failing cell is recorded, the sweep goes on
         record["error"] = f"{type(err).__name__}: {err}"

@@ -228,3 +228,16 @@ def test_force_replaces_the_cells_mlflow_run(tiny_root, tmp_path):
     # one active run per cell: the forced re-run replaced the first one
     assert sorted(r.info.run_id for r in runs) == sorted([forced["mlflow_run_id"],
                                                           another_cell["mlflow_run_id"]])
+
+
+def test_a_user_label_names_the_row_and_refuses_other_settings(tiny_root, tmp_path):
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["method.label=mine"])
+    record = run_cell(cfg, choices)
+    assert record["status"] == "ok" and record["cell"]["method"] == "mine"
+    other, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["method.label=mine",
+                                                                   "train.learning_rate=0.01"])
+    refused = run_cell(other, choices)
+    assert refused["status"] == "failed"
+    assert "method.label='mine'" in refused["error"] and "give each variant its own label" in refused["error"]
+    (kept,) = load_records(tmp_path / "runs/single")
+    assert kept["status"] == "ok" and kept["variant"] == record["variant"]  # not overwritten
