@@ -24,7 +24,7 @@ MIN_POINTS = 3
 SWEPT = "classifier.hi"
 POINT_COLUMNS = ["dataset", "method", "missing_rate", "workload", "seed", "bound", "coverage", "accuracy"]
 AUC_COLUMNS = ["dataset", "method", "missing_rate", "workload", "role", "auc", "auc_lo", "auc_hi",
-               "n", "rank", "tied_with_best"]
+               "coverage_span", "n", "rank", "tied_with_best"]
 
 
 def coverage_points(records: Iterable[dict], decision: str = "constrained") -> pd.DataFrame:
@@ -48,13 +48,16 @@ def coverage_points(records: Iterable[dict], decision: str = "constrained") -> p
 
 
 def area_per_seed(points: pd.DataFrame) -> pd.DataFrame:
-    """Trapezoid area of accuracy over realised coverage, per family and seed."""
+    """Trapezoid area of accuracy over realised coverage (``value``) and the realised
+    coverage range it spans (``span``: a curve ends where the method stops using the
+    classifier, whatever the bound), per family and seed."""
     rows = []
     keys = ["dataset", "method", "missing_rate", "workload", "seed"]
     for key, part in points.groupby(keys, sort=True):
         part = part.sort_values(["coverage", "bound"])
-        rows.append([*key, area_under_curve(part["coverage"].to_numpy(), part["accuracy"].to_numpy())])
-    return pd.DataFrame(rows, columns=[*keys, "value"])
+        rows.append([*key, area_under_curve(part["coverage"].to_numpy(), part["accuracy"].to_numpy()),
+                     part["coverage"].max() - part["coverage"].min()])
+    return pd.DataFrame(rows, columns=[*keys, "value", "span"])
 
 
 def coverage_auc(points: pd.DataFrame, roles: dict[str, str] | None = None) -> pd.DataFrame:
@@ -68,8 +71,10 @@ def coverage_auc(points: pd.DataFrame, roles: dict[str, str] | None = None) -> p
     for key, part in per_seed.groupby([*group, "method"], sort=True):
         resampled = seed_resamples(part["value"].to_numpy(), group_rng("auc", *key))
         lo, hi = (np.nan, np.nan) if resampled is None else percentile_interval(resampled, "accuracy")
-        rows.append([*key, (roles or {}).get(key[-1], "method"), part["value"].mean(), lo, hi, len(part)])
-    table = pd.DataFrame(rows, columns=[*group, "method", "role", "auc", "auc_lo", "auc_hi", "n"])
+        rows.append([*key, (roles or {}).get(key[-1], "method"), part["value"].mean(), lo, hi,
+                     part["span"].mean(), len(part)])
+    table = pd.DataFrame(rows, columns=[*group, "method", "role", "auc", "auc_lo", "auc_hi",
+                                        "coverage_span", "n"])
     learned = table["role"] == "method"
     table["rank"] = table["auc"].where(learned).groupby([table[k] for k in group]).rank(
         method="min", ascending=False).astype("Int64")
@@ -110,5 +115,6 @@ def format_auc_table(table: pd.DataFrame) -> pd.DataFrame:
                    for method, rank, tied in zip(table["method"], table["rank"].fillna(0),
                                                  table["tied_with_best"])],
         "AUC": [interval(row) for row in table.itertuples(index=False)],
+        "coverage span": table["coverage_span"].map(lambda span: f"{span:.2f}"),
         "n": table["n"].astype(str),
     })

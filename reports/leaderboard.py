@@ -284,8 +284,10 @@ INTERVAL_NOTE = ("mean [95% bootstrap interval] (accuracy: over seeds and test s
 
 AUC_NOTE = ("Area under the accuracy-coverage curve (constrained accuracy over realised "
             "coverage, trapezoid) as the classifier's workload bound is swept; mean [95% "
-            "bootstrap interval over seeds]; * = best learned method, = = tied with it; "
-            "reference rows unranked.")
+            "bootstrap interval over seeds]; coverage span: the realised coverage range the "
+            "curve covers (a method that stops using the classifier ends its curve early, so "
+            "its area is smaller); * = best learned method, = = tied with it; reference rows "
+            "unranked.")
 
 
 def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
