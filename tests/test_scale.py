@@ -1,4 +1,5 @@
-"""Scale: data-parallel training over local devices, and grids through Hydra launchers."""
+"""Scale: data-parallel training over local devices, grids through Hydra launchers, and
+tracking to an MLflow server."""
 
 from __future__ import annotations
 
@@ -46,3 +47,46 @@ def test_submitit_local_launcher_runs_the_grid_like_the_basic_one(tiny_root, tmp
     assert results(tmp_path / "submitit") == results(tmp_path / "basic")
     assert (tmp_path / "submitit/runs/smoke/report/leaderboard.csv").is_file()
     assert "Leaderboard" in launched.stdout
+
+
+def test_tracking_to_an_mlflow_server(tiny_root, tmp_path):
+    """A real `mlflow server` on 127.0.0.1: one run per cell, replaced (not added) on force."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        overrides = [o for o in tiny_overrides(tiny_root, tmp_path) if o != "tracking=none"]
+        uri = f"tracking.uri=http://127.0.0.1:{port}"
+        grid = ["experiment=smoke", *overrides, "train.epochs=1", "method=classifier_only",
+                "workload=none,paper", uri]
+        for extra in ([], ["force=true"]):
+            result = run_cli(*grid, *extra)
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert "not tracked" not in result.stderr and "does not answer" not in result.stderr
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+        runs = mlflow.search_runs(experiment_names=["l2d-bench-smoke"], output_format="list")
+        assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+        ids = {r["mlflow_run_id"] for r in load_records(tmp_path / "runs/smoke")}
+        assert ids == {run.info.run_id for run in runs}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
