@@ -64,11 +64,6 @@ def method_styles(methods: Iterable[str], roles: dict[str, str] | None = None) -
             for i, name in enumerate(names)}
 
 
-def method_palette(methods: Iterable[str]) -> dict[str, tuple]:
-    """The colour of each method's style (for seaborn's ``palette``)."""
-    return {name: style.colour for name, style in method_styles(methods).items()}
-
-
 def _yerr(rows: pd.DataFrame) -> np.ndarray:
     """(2, n) error-bar lengths of the intervals ``lo``/``hi`` around ``mean`` (0 where absent)."""
     below = (rows["mean"] - rows["lo"]).fillna(0).clip(lower=0)
