@@ -6,14 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reports import (
-    NoRecordsError,
-    failures,
-    format_console,
-    leaderboard_from_records,
-    load_records,
-    write_report,
-)
+from reports import NoRecordsError, load_records, write_report
 from reports.frames import RECORD_NAME
 
 
@@ -42,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         if not records:
             raise NoRecordsError(f"no {RECORD_NAME} records found under {args.run_dir}")
         out_dir = args.out if args.out is not None else args.run_dir / "report"
-        table = leaderboard_from_records(records, args.primary_metric, args.decision)
         paths = write_report(records, out_dir, args.primary_metric, args.decision)
     except KeyError as error:  # unknown metric: the message is the first argument
         print(f"error: {error.args[0]}", file=sys.stderr)
@@ -50,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NoRecordsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_console(table, failures(records)))
+    print(paths["leaderboard.txt"].read_text(encoding="utf-8"), end="")  # the console table
     print(f"\nreport: {paths['report.html']}")
     return 0
 
