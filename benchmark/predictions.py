@@ -21,14 +21,15 @@ from benchmark.identity import stable_hash
 from datasets.manifest import atomic_write_bytes
 
 
-def training_key(run: RunConfig, data: CellData) -> str:
-    """Hash of everything that can change the trained model and its test outputs."""
+def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -> str:
+    """Hash of everything that can change the trained model and its test outputs
+    (``method_id`` replaces the method's repr: a shared training problem's name)."""
     from benchmark.provenance import code_hash, file_sha256
 
     dataset = dataclasses.replace(run.dataset, name="", cache=False, builder=None)
     payload = {
         "code": code_hash(),
-        "method": repr(run.method),
+        "method": method_id or repr(run.method),
         "train": dataclasses.asdict(run.train),
         "dataset": repr(dataset),
         "missing_rate": run.missing_rate,
@@ -73,11 +74,21 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         bar.update()
 
-    trained = training.fit(
-        method, model,
-        lambda epoch: epoch_batches(data.train, loader, seed=seed, epoch=epoch),
-        epochs=epochs, optim=optim, bounds=run.bounds, progress=on_epoch,
-    )
+    shared = None  # a training problem shared with other methods: train it once
+    if method.training_problem is not None:
+        problem = method.training_problem
+        shared = run.cache_dir / f"trained-{problem}-{training_key(run, data, problem)}.npz"
+    trained = None
+    if shared is not None and shared.is_file() and not run.force:
+        trained = training.restore_trained(method, model, shared)
+    if trained is None:
+        trained = training.fit(
+            method, model,
+            lambda epoch: epoch_batches(data.train, loader, seed=seed, epoch=epoch),
+            epochs=epochs, optim=optim, bounds=run.bounds, progress=on_epoch,
+        )
+        if shared is not None:
+            training.save_trained(trained, shared)
     bar.close()
     eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
 

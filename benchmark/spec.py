@@ -112,6 +112,10 @@ class Method(Protocol):
     missing_policies: ClassVar[tuple[str, ...]]  # accepted ``missing_policy`` values; () = any
     sees_test_labels: ClassVar[bool]  # default False; True only for the oracle reference row
     role: ClassVar[str]  # "method" (default) or "reference" (oracle, random, ...)
+    # Methods naming the same training problem (same parameters, loss and data; e.g. the
+    # cross-entropy classifier of three reference rows) train once and share the trained
+    # parameters; default None: the method trains on its own.
+    training_problem: ClassVar[str | None]
 
     def init_model(self, spec: TaskSpec, rngs: Any) -> Any:
         """Build the NNX model (all networks of the method) from ``nnx.Rngs``."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
+import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
@@ -172,6 +175,39 @@ class DataParallel:
 
     def shard(self, batch: Batch) -> Batch:
         return batch if self.mesh is None else jax.device_put(batch, NamedSharding(self.mesh, P("data")))
+
+
+TRAINED = nnx.Any(nnx.Param, nnx.BatchStat)  # what training changes (shared between methods)
+
+
+def save_trained(trained: "TrainedModel", path: Path) -> None:
+    """Write what training produced (parameters, batch statistics, timings) to ``path``."""
+    from datasets.manifest import atomic_write_bytes
+
+    model = nnx.merge(trained.graphdef, trained.params, trained.rest)
+    leaves = jax.tree.leaves(nnx.state(model, TRAINED))
+    meta = {"train_seconds": trained.train_seconds, "compile_seconds": trained.compile_seconds,
+            "samples_seen": trained.samples_seen, "num_devices": trained.num_devices}
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=json.dumps(meta), **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def restore_trained(method: Method, model: Any, path: Path) -> "TrainedModel | None":
+    """``model`` (initialised and prepared) with the trained state saved at ``path``, in
+    evaluation mode; None when the file does not match the model's structure."""
+    state = nnx.state(model, TRAINED)
+    treedef = jax.tree.structure(state)
+    with np.load(path, allow_pickle=False) as saved:
+        if len([k for k in saved.files if k.startswith("leaf_")]) != treedef.num_leaves:
+            return None
+        leaves = [jnp.asarray(saved[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
+        meta = json.loads(str(saved["meta"]))
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return TrainedModel(method, graphdef, params, rest, meta["train_seconds"], meta["compile_seconds"],
+                        meta["samples_seen"], num_devices=meta["num_devices"])
 
 
 def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float) -> TrainInputs:

@@ -58,7 +58,11 @@ def tuned_preset(best_params: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_tuned_preset(config: DictConfig, tuned_dir: Path) -> Path | None:
     """Write the best trial of a finished ``experiment=tune`` sweep as the tuned preset of its
-    (dataset, method); returns its path (None if the sweeper left no results)."""
+    (dataset, method), and of every method sharing its training problem (they train the
+    same model: one choice serves them all); returns the tuned method's path (None if the
+    sweeper left no results)."""
+    from methods import METHODS, get_method_class
+
     from datasets.manifest import atomic_write_text
 
     results = Path(config.hydra.sweep.dir) / "optimization_results.yaml"
@@ -75,8 +79,16 @@ def write_tuned_preset(config: DictConfig, tuned_dir: Path) -> Path | None:
         f"{best['best_value']:.4f}, missing rate {config.missing_rate:g}, workload "
         f"{config.workload.name}, seed {config.seed}, {time.strftime('%Y-%m-%d')}.\n"
     )
+    body = OmegaConf.to_yaml(OmegaConf.create(tuned_preset(best["best_params"])))
+    problem = get_method_class(method).training_problem
+    sharing = [name for name in METHODS.names() if name != method and problem is not None
+               and METHODS.get(name).training_problem == problem]
+    for name in sharing:
+        atomic_write_text(tuned_dir / f"{dataset}_{name}.yaml", header.replace(
+            "# @package _global_\n", f"# @package _global_\n# Shared with {method}: the same training problem ({problem}).\n")
+            + body)
     path = tuned_dir / f"{dataset}_{method}.yaml"
-    atomic_write_text(path, header + OmegaConf.to_yaml(OmegaConf.create(tuned_preset(best["best_params"]))))
+    atomic_write_text(path, header + body)
     return path
 
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from benchmark.spec import TaskSpec
 from methods import METHODS
-from methods.common import (TIE_BREAK_SCALE, Constant, MethodBase, Networks, cross_entropy,
-                            expert_accuracies, human_scores, sample_uniform)
+from methods.common import (CE_CLASSIFIER, TIE_BREAK_SCALE, Constant, MethodBase, Networks,
+                            cross_entropy, expert_accuracies, human_scores, sample_uniform)
 from methods.nets import Network
 
 HUMAN_SCALE = 1e-3  # humans' scores: their training accuracy, scaled below any confidence gap
@@ -30,6 +30,7 @@ HUMAN_SCALE = 1e-3  # humans' scores: their training accuracy, scaled below any 
 class ClassifierOnly(MethodBase):
     name = "classifier_only"
     role = "reference"
+    training_problem = CE_CLASSIFIER  # the same trained classifier as the other reference rows
     num_experts: int = 0
 
     def init_model(self, spec: TaskSpec, rngs):

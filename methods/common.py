@@ -35,6 +35,7 @@ class MethodBase:
     missing_policies: ClassVar[tuple[str, ...]] = ()
     sees_test_labels: ClassVar[bool] = False
     role: ClassVar[str] = "method"
+    training_problem: ClassVar[str | None] = None
 
     def __post_init__(self):
         policy = getattr(self, "missing_policy", None)
@@ -66,6 +67,9 @@ class MethodBase:
     def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
         """(B, E, K) inferred distribution of expert labels, or None if not modelled."""
         return None
+
+
+CE_CLASSIFIER = "cross_entropy_classifier"  # training problem: Networks(classifier=Network) by CE
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -14,7 +14,8 @@ import dataclasses
 import numpy as np
 
 from methods import METHODS
-from methods.common import MethodBase, classifier_confidence_scores, cross_entropy
+from methods.common import (CE_CLASSIFIER, MethodBase, Networks, classifier_confidence_scores,
+                            cross_entropy)
 from methods.nets import Network
 
 TIE_BREAK = 1e-3
@@ -25,20 +26,22 @@ TIE_BREAK = 1e-3
 class Oracle(MethodBase):
     name = "oracle"
     role = "reference"
+    training_problem = CE_CLASSIFIER  # the same trained classifier as the other reference rows
     sees_test_labels = True
     num_experts: int = 0
 
     def init_model(self, spec, rngs):
-        return Network(spec.backbone, spec.input_shape[-1], spec.num_classes, rngs=rngs)
+        return Networks(classifier=Network(spec.backbone, spec.input_shape[-1], spec.num_classes,
+                                           rngs=rngs))
 
     def loss(self, model, batch, inputs):
-        return cross_entropy(model(batch.x), batch.y), {}
+        return cross_entropy(model.classifier(batch.x), batch.y), {}
 
     def classify(self, model, x):
-        return model(x)
+        return model.classifier(x)
 
     def agent_scores(self, model, x):
-        return classifier_confidence_scores(model(x), self.num_experts)
+        return classifier_confidence_scores(model.classifier(x), self.num_experts)
 
     def scores_from_labels(self, logits, scores, y, t):
         """(N, E+1) numpy: classifier 1 if correct, expert ``1 - TIE_BREAK`` if correct, else 0."""

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from methods import METHODS
-from methods.common import (Constant, MethodBase, MethodConfigError, Networks, cross_entropy,
-                            require_experts, sample_uniform)
+from methods.common import (CE_CLASSIFIER, Constant, MethodBase, MethodConfigError, Networks,
+                            cross_entropy, require_experts, sample_uniform)
 from methods.nets import Network
 
 
@@ -30,6 +30,7 @@ from methods.nets import Network
 class RandomDeferral(MethodBase):
     name = "random"
     role = "reference"
+    training_problem = CE_CLASSIFIER  # the same trained classifier as the other reference rows
     num_experts: int = 0
     coverage: float = 0.5  # share of the samples that goes to the classifier
 

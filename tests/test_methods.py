@@ -300,3 +300,17 @@ def test_hydra_config_builds_the_dataclass_defaults(name):
     tuned_params = (OmegaConf.to_container(OmegaConf.load(tuned)).get("method") or {}).get(
         "params", {}) if tuned.is_file() else {}
     assert from_hydra == CLASSES[name](**task, **tuned_params)
+
+
+def test_reference_rows_share_one_trained_classifier():
+    """classifier_only, oracle and random name the same training problem: the same
+    parameters after the same initialisation, so one training serves all three."""
+    shared = {name for name in NAMES if CLASSES[name].training_problem == "cross_entropy_classifier"}
+    assert shared == {"classifier_only", "oracle", "random"}
+    states = []
+    for name in sorted(shared):
+        model = training.init_model(build(name), SPEC, 3)
+        states.append(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for other in states[1:]:
+        for a, b in zip(states[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -90,3 +90,15 @@ def test_tracking_to_an_mlflow_server(tiny_root, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_identical_training_problems_train_once(tiny_root, tmp_path):
+    result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path), "workload=none",
+                     "method=classifier_only,oracle,random")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "cache/predictions").glob("trained-cross_entropy_classifier-*.npz"))) == 1
+    records = load_records(tmp_path / "runs/smoke")
+    accuracy = {r["method_name"]: r["metrics"]["argmax"]["classifier_accuracy"] for r in records}
+    assert len(accuracy) == 3 and len(set(accuracy.values())) == 1  # one classifier
+    train_seconds = {r["run_metrics"]["train_seconds"] for r in records}
+    assert len(train_seconds) == 1  # the timing of the one training, reported by all three
