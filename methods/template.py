@@ -69,4 +69,5 @@ class MyMethod(MethodBase):
     # Optional hooks (defaults in MethodBase): prepare(model, train_split) before training;
     # impute(model, batch, inputs) -> (B, E, K) inferred expert labels (scores imputation);
     # sees_test_labels + scores_from_labels(...) for reference rows such as the oracle;
-    # role = "reference" for a reference row (oracle, random, ...).
+    # role = "reference" for a reference row (oracle, random, ...);
+    # training_problem = "<name>" to share one training with methods naming the same problem.
