@@ -144,12 +144,12 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from benchmark.config import resolve_path
         from benchmark.provenance import REPO_ROOT
-        from reports import NoRecordsError, build_report
 
         if self.bar is not None:
             self.bar.close()
+        results_dir = resolve_path(config.results_dir, REPO_ROOT)
         if not self.outcomes:  # jobs ran in other processes (submitit, joblib...): read their records
-            self.outcomes = outcomes_since(resolve_path(config.results_dir, REPO_ROOT), self.started)
+            self.outcomes = outcomes_since(results_dir, self.started)
         failed = any(o["status"] == "failed" for o in self.outcomes)
         if config.get("objective"):  # tuning: no test-set report of the trials, only the choice
             from benchmark.tuning import write_tuned_preset
@@ -158,12 +158,19 @@ class SweepCallback(Callback):
             if preset is not None:
                 print(f"\nTuned preset (used by later runs of this dataset and method): {preset}\n"
                       + preset.read_text())
-            lines = summary_lines(self.outcomes, self.tracking_problem)
-            if lines:
-                print("\n" + "\n".join(lines), file=sys.stderr)
-            return
-        results_dir = resolve_path(config.results_dir, REPO_ROOT)
-        report_dir = resolve_path(config.report_dir, REPO_ROOT)
+        else:
+            failed = not self._show_report(results_dir, resolve_path(config.report_dir, REPO_ROOT)) or failed
+        lines = summary_lines(self.outcomes, self.tracking_problem)
+        if lines:
+            print("\n" + "\n".join(lines), file=sys.stderr)
+        if failed and not config.get("objective"):
+            sys.exit(1)
+
+    def _show_report(self, results_dir, report_dir) -> bool:
+        """Print the leaderboard, rebuilding the report unless every cell was already done;
+        False when the report could not be written."""
+        from reports import NoRecordsError, build_report
+
         unchanged = all(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
         try:
             if unchanged and report_is_current(results_dir, report_dir):
@@ -177,9 +184,5 @@ class SweepCallback(Callback):
             print("\nNo cell finished, so there is no report.", file=sys.stderr)
         except (OSError, ValueError) as err:
             print(f"\nThe report could not be written: {type(err).__name__}: {err}", file=sys.stderr)
-            failed = True
-        lines = summary_lines(self.outcomes, self.tracking_problem)
-        if lines:
-            print("\n" + "\n".join(lines), file=sys.stderr)
-        if failed:
-            sys.exit(1)
+            return False
+        return True

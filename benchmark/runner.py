@@ -143,8 +143,9 @@ def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
 
 def _run_locked(cfg, cell, variant, path: Path, base: Path) -> ResultRecord:
     existing = read_record(path)
+    fingerprint = fingerprint_now(cfg, base)
     if (existing and existing["status"] == "ok" and not cfg.get("force", False)
-            and existing.get("fingerprint") == fingerprint_now(cfg, base)):
+            and existing.get("fingerprint") == fingerprint):
         tracking = cfg.get("tracking") or {}
         if tracking.get("enabled") and not existing.get("mlflow_run_id"):
             existing = track(cfg, existing, path)  # killed before it was tracked: repair
@@ -157,7 +158,7 @@ def _run_locked(cfg, cell, variant, path: Path, base: Path) -> ResultRecord:
     record: ResultRecord = {
         "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": cell,
         "method_name": str(cfg["method"]["name"]), "variant": variant,
-        "fingerprint": fingerprint_now(cfg, base),
+        "fingerprint": fingerprint,  # recomputed once the data exist (built on first use)
     }
     try:
         compute(cfg, record, base)
