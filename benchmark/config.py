@@ -272,6 +272,7 @@ class RunConfig:
     data_cache_dir: Path  # derived data: missing-annotation manifests, decoded images
     force: bool
     tracking: Mapping[str, Any]
+    seeds_per_program: int = 1  # consecutive seeds trained together as one vmapped program
 
 
 def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
@@ -308,4 +309,6 @@ def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
         data_cache_dir=resolve_path(cfg["data_cache_dir"], base),
         force=bool(cfg.get("force", False)),
         tracking=dict(cfg.get("tracking") or {}),
+        seeds_per_program=_number({"seeds_per_program": 1, **cfg}, "seeds_per_program",
+                                   "seeds_per_program", int, 1),
     )

@@ -9,8 +9,11 @@ training settings, seed) and are re-scored under each workload by the evaluator.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -18,7 +21,7 @@ from benchmark.config import RunConfig
 from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
 from benchmark.identity import stable_hash
-from datasets.manifest import atomic_write_bytes
+from datasets.manifest import atomic_write_bytes, exclusive_lock
 
 
 def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -> str:
@@ -45,51 +48,80 @@ SPLITS = ("test", "validation")
 OUTPUTS = ("logits", "probs", "scores")
 
 
-def train_and_predict(run: RunConfig, data: CellData) -> dict:
-    """Train the method; returns ``{"test": outputs, "validation": outputs | None,
-    "run_metrics": {...}}`` with outputs ``{"logits", "probs", "scores"}`` (numpy)."""
+def seed_block(seed: int, size: int) -> list[int]:
+    """The seeds trained in one program with ``seed``: blocks of ``size`` consecutive seeds."""
+    first = seed - seed % size
+    return list(range(first, first + size))
+
+
+def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
+    """Train the method for each (run, data) of ``cells`` (the same cell under different
+    seeds: one vmapped program when there are several) and predict; returns per cell
+    ``{"test": outputs, "validation": outputs | None, "run_metrics": {...}}`` with outputs
+    ``{"logits", "probs", "scores"}`` (numpy)."""
     from tqdm.auto import tqdm
 
     from benchmark import training
-    from benchmark.spec import Batch
-    from datasets.source import Augment, epoch_batches
 
-    method, seed = run.method, run.seed
-    batch_size = min(run.train.batch_size, len(data.train))
+    run = cells[0][0]
+    method = run.method
+    train_size = len(cells[0][1].train)
+    batch_size = min(run.train.batch_size, train_size)
     epochs = run.train.epochs if method.trains else 0
     loader = run.dataset.loader(batch_size)
     optim = training.OptimConfig(
         learning_rate=run.train.learning_rate,
         momentum=run.train.momentum,
         weight_decay=run.train.weight_decay,
-        total_steps=max(1, epochs * (len(data.train) // batch_size)),
+        total_steps=max(1, epochs * (train_size // batch_size)),
     )
-    model = training.init_model(method, run.spec, seed)
-    method.prepare(model, data.train)
-    # per-epoch bar in a terminal only (disable=None): a log file gets the grid's lines
-    bar = tqdm(total=epochs, desc=f"{method.name} seed {seed}", unit="epoch", leave=False,
-               disable=None)
+    models, trained, shared = [], [], []
+    for cell_run, data in cells:
+        model = training.init_model(method, cell_run.spec, cell_run.seed)
+        method.prepare(model, data.train)
+        path = None  # a training problem shared with other methods: train it once
+        if method.training_problem is not None:
+            problem = method.training_problem
+            path = cell_run.cache_dir / f"trained-{problem}-{training_key(cell_run, data, problem)}.npz"
+        restored = None
+        if path is not None and path.is_file() and not cell_run.force:
+            restored = training.restore_trained(method, model, path)
+        models.append(model)
+        trained.append(restored)
+        shared.append(path)
+    todo = [i for i, done in enumerate(trained) if done is None]
+    if todo:
+        seeds = ",".join(str(cells[i][0].seed) for i in todo)
+        # per-epoch bar in a terminal only (disable=None): a log file gets the grid's lines
+        bar = tqdm(total=epochs, desc=f"{method.name} seed {seeds}", unit="epoch", leave=False,
+                   disable=None)
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-        bar.update()
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+            bar.update()
 
-    shared = None  # a training problem shared with other methods: train it once
-    if method.training_problem is not None:
-        problem = method.training_problem
-        shared = run.cache_dir / f"trained-{problem}-{training_key(run, data, problem)}.npz"
-    trained = None
-    if shared is not None and shared.is_file() and not run.force:
-        trained = training.restore_trained(method, model, shared)
-    if trained is None:
-        trained = training.fit(
-            method, model,
-            lambda epoch: epoch_batches(data.train, loader, seed=seed, epoch=epoch),
-            epochs=epochs, optim=optim, bounds=run.bounds, progress=on_epoch,
-        )
-        if shared is not None:
-            training.save_trained(trained, shared)
-    bar.close()
+        batches = [functools.partial(_train_batches, cells[i][1], loader, cells[i][0].seed) for i in todo]
+        fitted = training.fit(method, [models[i] for i in todo], batches, epochs=epochs,
+                              optim=optim, bounds=run.bounds, progress=on_epoch)
+        bar.close()
+        for i, model in zip(todo, fitted):
+            trained[i] = model
+            if shared[i] is not None:
+                training.save_trained(model, shared[i])
+    return [_predict(cell_run, data, model, loader) for (cell_run, data), model in zip(cells, trained)]
+
+
+def _train_batches(data: CellData, loader, seed: int, epoch: int):
+    from datasets.source import epoch_batches
+
+    return epoch_batches(data.train, loader, seed=seed, epoch=epoch)
+
+
+def _predict(run: RunConfig, data: CellData, trained, loader) -> dict:
+    """Test and validation outputs of a trained model, with its run metrics."""
+    from benchmark.spec import Batch
+    from datasets.source import Augment, epoch_batches
+
     eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
 
     def outputs(split, corrupt=False):
@@ -119,25 +151,65 @@ def train_and_predict(run: RunConfig, data: CellData) -> dict:
             if trained.train_seconds > 0 else None,
             "imputation_accuracy": imputed,
             "num_devices": trained.num_devices,
+            "seeds_in_program": trained.seeds_in_program,
             **trained.diagnostics(first_batch, run.bounds),
         },
     }
 
 
-def cached_predictions(run: RunConfig, data: CellData) -> dict:
-    """``train_and_predict`` memoised under ``run.cache_dir`` by ``training_key``."""
-    path = run.cache_dir / f"{run.method.name}-{training_key(run, data)}.npz"
-    if path.is_file() and not run.force:
-        with np.load(path, allow_pickle=False) as saved:
-            return {
-                **{split: {name: saved[f"{split}/{name}"] for name in OUTPUTS}
-                   if f"{split}/logits" in saved else None for split in SPLITS},
-                "run_metrics": json.loads(str(saved["run_metrics"])),
-            }
-    out = train_and_predict(run, data)
+def _prediction_path(run: RunConfig, data: CellData) -> Path:
+    return run.cache_dir / f"{run.method.name}-{training_key(run, data)}.npz"
+
+
+def _load_predictions(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return {
+            **{split: {name: saved[f"{split}/{name}"] for name in OUTPUTS}
+               if f"{split}/logits" in saved else None for split in SPLITS},
+            "run_metrics": json.loads(str(saved["run_metrics"])),
+        }
+
+
+def _save_predictions(path: Path, out: dict) -> None:
     arrays = {f"{split}/{name}": out[split][name]
               for split in SPLITS if out[split] is not None for name in OUTPUTS}
     buffer = io.BytesIO()
     np.savez(buffer, run_metrics=json.dumps(out["run_metrics"]), **arrays)
     atomic_write_bytes(path, buffer.getvalue())
-    return out
+
+
+def cached_predictions(run: RunConfig, data: CellData,
+                       seed_cell: Callable[[int], tuple[RunConfig, CellData]] | None = None) -> dict:
+    """``train_and_predict`` memoised under ``run.cache_dir`` by ``training_key``.
+
+    With ``run.seeds_per_program > 1`` and ``seed_cell`` (the (run, data) of this cell under
+    another seed), the seeds of this seed's block whose outputs are not cached yet train
+    together in one program, and each seed's outputs are cached for its own cell. ``force``
+    retrains this seed alone.
+    """
+    path = _prediction_path(run, data)
+    cached = None if run.force else _load_predictions(path)
+    if cached is not None:
+        return cached
+    if run.force or seed_cell is None or run.seeds_per_program == 1:
+        out = train_and_predict([(run, data)])[0]
+        _save_predictions(path, out)
+        return out
+    # one process trains a block; another one asking for it meanwhile waits, then reads
+    block = seed_block(run.seed, run.seeds_per_program)
+    block_key = stable_hash([repr(run.method), dataclasses.asdict(run.train), run.missing_rate,
+                             repr(dataclasses.replace(run.dataset, missing_seed=None)),
+                             dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
+                             block])  # the same for every seed of the block
+    with exclusive_lock(run.cache_dir / f"block-{run.method.name}-{block_key}.lock"):
+        cached = _load_predictions(path)
+        if cached is not None:
+            return cached
+        cells = [(run, data)] + [seed_cell(seed) for seed in block if seed != run.seed]
+        cells = [cell for cell in cells if cell[0] is run or not _prediction_path(*cell).is_file()]
+        outs = train_and_predict(cells)
+        for cell, out in zip(cells, outs):
+            _save_predictions(_prediction_path(*cell), out)
+    return outs[0]

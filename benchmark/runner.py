@@ -66,7 +66,13 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
     data = load_data(run.dataset, run.missing_rate, run.data_cache_dir,
                      (run.validation_fraction, run.validation_seed))
     record["fingerprint"] = fingerprint_now(cfg, base)  # the data exist now (built on first use)
-    out = cached_predictions(run, data)
+
+    def seed_cell(seed: int):  # this cell under another seed (seeds_per_program > 1)
+        other = parse_run({**cfg, "seed": seed}, base)
+        return other, load_data(other.dataset, other.missing_rate, other.data_cache_dir,
+                                (other.validation_fraction, other.validation_seed))
+
+    out = cached_predictions(run, data, seed_cell)
 
     def evaluate_split(outputs, split):
         scores = run.method.finalize_scores(np.asarray(outputs["scores"]))

@@ -92,6 +92,17 @@ def train_step(
     return TrainState(params, rest, opt_state), {"loss": loss, **metrics}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def train_step_seeds(
+    method: Method, graphdef: Any, optim: OptimConfig, state: TrainState, batch: Batch,
+    inputs: TrainInputs,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``train_step`` of S seeds as one program (``vmap``): ``state``, ``batch`` and the
+    returned metrics carry a leading seed axis; ``inputs`` (progress, bounds) are shared."""
+    step = functools.partial(train_step.__wrapped__, method, graphdef, optim)
+    return jax.vmap(step, in_axes=(0, 0, None))(state, batch, inputs)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def predict(method: Method, graphdef: Any, params: Any, rest: Any, x: jax.Array):
     """(logits (B, K), class probabilities (B, K), agent scores (B, E+1)) in evaluation mode."""
@@ -120,6 +131,7 @@ class TrainedModel:
     samples_seen: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     num_devices: int = 1  # devices the training batches were sharded over
+    seeds_in_program: int = 1  # seeds trained together in one vmapped program
 
     def predict(self, x: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """``logits``, class ``probs`` and agent ``scores`` for every row of ``x``, batched."""
@@ -159,12 +171,14 @@ class DataParallel:
 
     mesh: Mesh | None
 
+    batch_axis: int = 0  # 1 when batches carry a leading seed axis
+
     @classmethod
-    def over_local_devices(cls, batch_size: int) -> "DataParallel":
+    def over_local_devices(cls, batch_size: int, batch_axis: int = 0) -> "DataParallel":
         devices = jax.local_devices()
         if len(devices) < 2 or batch_size % len(devices):
             return cls(None)
-        return cls(Mesh(np.asarray(devices), ("data",)))
+        return cls(Mesh(np.asarray(devices), ("data",)), batch_axis)
 
     @property
     def num_devices(self) -> int:
@@ -173,8 +187,12 @@ class DataParallel:
     def replicate(self, tree: Any) -> Any:
         return tree if self.mesh is None else jax.device_put(tree, NamedSharding(self.mesh, P()))
 
-    def shard(self, batch: Batch) -> Batch:
-        return batch if self.mesh is None else jax.device_put(batch, NamedSharding(self.mesh, P("data")))
+    def put(self, batch: Batch) -> Batch:
+        """Host arrays of a batch on the device(s): split along ``batch_axis`` over the mesh."""
+        if self.mesh is None:
+            return jax.device_put(batch)
+        spec = P(*([None] * self.batch_axis), "data")
+        return jax.device_put(batch, NamedSharding(self.mesh, spec))
 
 
 TRAINED = nnx.Any(nnx.Param, nnx.BatchStat)  # what training changes (shared between methods)
@@ -187,7 +205,8 @@ def save_trained(trained: "TrainedModel", path: Path) -> None:
     model = nnx.merge(trained.graphdef, trained.params, trained.rest)
     leaves = jax.tree.leaves(nnx.state(model, TRAINED))
     meta = {"train_seconds": trained.train_seconds, "compile_seconds": trained.compile_seconds,
-            "samples_seen": trained.samples_seen, "num_devices": trained.num_devices}
+            "samples_seen": trained.samples_seen, "num_devices": trained.num_devices,
+            "seeds_in_program": trained.seeds_in_program}
     buffer = io.BytesIO()
     np.savez(buffer, meta=json.dumps(meta), **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
     atomic_write_bytes(path, buffer.getvalue())
@@ -207,7 +226,8 @@ def restore_trained(method: Method, model: Any, path: Path) -> "TrainedModel | N
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return TrainedModel(method, graphdef, params, rest, meta["train_seconds"], meta["compile_seconds"],
-                        meta["samples_seen"], num_devices=meta["num_devices"])
+                        meta["samples_seen"], num_devices=meta["num_devices"],
+                        seeds_in_program=meta.get("seeds_in_program", 1))
 
 
 def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float) -> TrainInputs:
@@ -225,58 +245,76 @@ def init_model(method: Method, spec: TaskSpec, seed: int):
 
 def fit(
     method: Method,
-    model: Any,
-    epoch_batches: Callable[[int], Iterator[Batch]],
+    models: list[Any],
+    epoch_batches: list[Callable[[int], Iterator[Batch]]],
     *,
     epochs: int,
     optim: OptimConfig,
     bounds: WorkloadBounds | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainedModel:
-    """Train ``model`` for ``epochs`` (``epoch_batches(e)`` yields epoch e's batches).
+) -> list[TrainedModel]:
+    """Train ``models`` (one per seed) for ``epochs``; ``epoch_batches[i](e)`` yields seed
+    i's batches of epoch e (each seed its own order, augmentation and labels).
 
-    Each step gets ``TrainInputs``: the fraction of training done and, if the method
-    declares ``workload_in_training``, the workload ``bounds``. The first step, which compiles, is timed
-    apart as ``compile_seconds`` and left out of ``train_seconds``.
+    One model trains with ``train_step``; several train as one program
+    (``train_step_seeds``), their arrays stacked on a leading seed axis. Each step gets
+    ``TrainInputs``: the fraction of training done and, if the method declares
+    ``workload_in_training``, the workload ``bounds``. The first step, which compiles, is
+    timed apart as ``compile_seconds``; a program's times are shared equally by its seeds.
     """
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = TrainState(params, rest, make_optimizer(optim).init(params))
+    seeds = len(models)
+    for model in models:
+        model.train()
+    splits = [nnx.split(model, nnx.Param, ...) for model in models]
+    graphdef = splits[0][0]
+    states = [TrainState(params, rest, make_optimizer(optim).init(params)) for _, params, rest in splits]
+    state = states[0] if seeds == 1 else jax.tree.map(lambda *a: jnp.stack(a), *states)
+    step_fn, batch_axis = (train_step, 0) if seeds == 1 else (train_step_seeds, 1)
+    fixed = train_inputs(method, bounds, 0.0)  # the bounds, put on the device once
     total_steps = max(optim.total_steps, 1)
-    step, seen, train_seconds, compile_seconds, history = 0, 0, 0.0, 0.0, []
+    step, seen, train_seconds, compile_seconds = 0, 0, 0.0, 0.0
+    history: list[list[dict[str, float]]] = [[] for _ in range(seeds)]
     parallel: DataParallel | None = None
     for epoch in range(epochs):
         epoch_metrics: list[dict[str, jax.Array]] = []
         start = time.perf_counter()
-        for batch in epoch_batches(epoch):
+        for parts in zip(*(batches(epoch) for batches in epoch_batches), strict=True):
+            batch = parts[0] if seeds == 1 else Batch(*(np.stack(a) for a in zip(*parts)))
             if parallel is None:  # decided on the first batch: its size must split evenly
-                parallel = DataParallel.over_local_devices(len(batch.y))
+                parallel = DataParallel.over_local_devices(batch.y.shape[batch_axis], batch_axis)
                 state = parallel.replicate(state)
-            batch = parallel.shard(Batch(*(jnp.asarray(a) for a in batch)))
-            inputs = train_inputs(method, bounds, step / total_steps)
-            state, metrics = train_step(method, graphdef, optim, state, batch, inputs)
+            inputs = TrainInputs(np.float32(step / total_steps), fixed.lo, fixed.hi)
+            state, metrics = step_fn(method, graphdef, optim, state, parallel.put(batch), inputs)
             if step == 0:
                 jax.block_until_ready(state.params)
                 compile_seconds = time.perf_counter() - start
                 start = time.perf_counter()
             epoch_metrics.append(metrics)
             step += 1
-            seen += int(batch.y.shape[0])
-        jax.block_until_ready(state.params)
+            seen += int(batch.y.shape[batch_axis])
+        epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
         train_seconds += time.perf_counter() - start
-        means = {k: float(np.mean([m[k] for m in epoch_metrics])) for k in epoch_metrics[0]}
-        if not all(np.isfinite(v) for v in means.values()):
-            raise FloatingPointError(
-                f"{method.name}: non-finite training metrics at epoch {epoch}: {means}"
-            )
-        history.append(means)
+        for i in range(seeds):
+            means = {k: float(np.mean([np.reshape(m[k], -1)[i] for m in epoch_metrics]))
+                     for k in epoch_metrics[0]}
+            if not all(np.isfinite(v) for v in means.values()):
+                raise FloatingPointError(
+                    f"{method.name}: non-finite training metrics at epoch {epoch}"
+                    f"{f' (seed {i + 1} of {seeds} in the program)' if seeds > 1 else ''}: {means}"
+                )
+            history[i].append(means)
         if progress is not None:
-            progress(epoch, means)
+            progress(epoch, history[0][-1])
     state = jax.device_put(state, jax.devices()[0])  # evaluation runs on one device
-    model = nnx.merge(graphdef, state.params, state.rest)
-    model.eval()
-    eval_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return TrainedModel(
-        method, eval_graphdef, params, rest, train_seconds, compile_seconds, seen, history,
-        num_devices=parallel.num_devices if parallel is not None else 1,
-    )
+    trained = []
+    for i in range(seeds):
+        own = state if seeds == 1 else jax.tree.map(lambda a: a[i], state)
+        model = nnx.merge(graphdef, own.params, own.rest)
+        model.eval()
+        eval_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        trained.append(TrainedModel(
+            method, eval_graphdef, params, rest, train_seconds / seeds, compile_seconds / seeds,
+            seen, history[i], num_devices=parallel.num_devices if parallel is not None else 1,
+            seeds_in_program=seeds,
+        ))
+    return trained

@@ -11,9 +11,9 @@ import jax
 import pytest
 
 try:  # repository root on sys.path (PYTHONPATH=.)
-    from tests.benchmarks.train_step_table import BATCH, step_seconds
+    from tests.benchmarks.train_step_table import BATCH, prepared_steps, step_seconds
 except ImportError:  # pragma: no cover
-    from train_step_table import BATCH, step_seconds
+    from train_step_table import BATCH, prepared_steps, step_seconds
 
 TARGET_RATIO = 1 / 5.5
 
@@ -45,3 +45,38 @@ def test_cifar_size_throughput_ratio(benchmark):
                                  "speedup_32_over_native": native_large / large})
     benchmark(lambda: None)
     assert small / large >= TARGET_RATIO, (small, large)
+
+
+SEED_METHODS = ["classifier_only", "multi_l2d_softmax", "prob_l2d"]
+
+
+@pytest.mark.benchmark(min_rounds=5, warmup=False)
+@pytest.mark.parametrize("seeds", [1, 3])
+@pytest.mark.parametrize("method", SEED_METHODS)
+def test_seeds_in_one_program(benchmark, method, seeds):
+    """``STEPS`` train steps of 1 seed, or of 3 seeds as one vmapped program (digits size:
+    8x8 inputs, batch 128); 3 seeds pay when they take less than 3x one seed's time."""
+    if benchmark.disabled:
+        pytest.skip("timings only when benchmarks are enabled")
+    benchmark.group = f"train step {method}: seeds in one program"
+    benchmark.extra_info.update({"seeds": seeds, "backend": jax.default_backend()})
+    benchmark.pedantic(prepared_steps(method, "small_cnn", 8, "native", seeds=seeds), rounds=5)
+
+
+@pytest.mark.parametrize("method", SEED_METHODS)
+def test_default_seeds_per_program_is_the_faster_choice(benchmark, method):
+    """The default ``seeds_per_program`` (conf/config.yaml) is 1 unless 3 seeds in one
+    program beat 3 programs on this backend."""
+    if benchmark.disabled:
+        pytest.skip("timing ratios only when benchmarks are enabled")
+    from benchmark.identity import experiment_defaults
+
+    one = step_seconds(method, "small_cnn", 8, "native")
+    joint = step_seconds(method, "small_cnn", 8, "native", seeds=3)
+    speedup = 3 * one / joint
+    benchmark.extra_info.update({"method": method, "speedup": speedup, "backend": jax.default_backend()})
+    benchmark(lambda: None)
+    default = experiment_defaults(None)["seeds_per_program"]
+    assert (speedup > 1.0) == (default > 1), (
+        f"{method}: 3 seeds in one program run {speedup:.2f}x the speed of 3 programs on "
+        f"{jax.default_backend()}, but seeds_per_program defaults to {default}")
