@@ -98,8 +98,8 @@ def build_method(cfg: Mapping[str, Any], spec: TaskSpec) -> Method:
 # ----------------------------------------------------------------------------- typed settings
 
 
-def _number(cfg: Mapping[str, Any], key: str, option: str, kind: type, minimum=None):
-    value = cfg.get(key)
+def _number(cfg: Mapping[str, Any], key: str, option: str, kind: type, minimum=None, default=None):
+    value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             kind is int and isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"{option} must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
@@ -128,6 +128,13 @@ class TrainSettings:
             momentum=_number(cfg, "momentum", "train.momentum", float, 0.0),
             weight_decay=_number(cfg, "weight_decay", "train.weight_decay", float, 0.0),
         )
+
+
+def _flag(cfg: Mapping[str, Any], key: str, option: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{option} must be true or false, got {value!r}.")
+    return value
 
 
 def _frozen(value: Any) -> Any:
@@ -171,6 +178,8 @@ class DatasetConfig:
     test_experts: tuple[str, ...]
     manifest_dirs: tuple[str, ...] = (".",)  # folders (under root) searched for each manifest
     published_missing: str | None = None  # e.g. "{stem}_{rate}.json": published missing draws
+    workers: int = 0  # streamed data: Grain worker processes (0: threads of the main process)
+    memory_limit_mb: float = 2048.0  # stream when the decoded train + test images exceed this
 
     @classmethod
     def parse(cls, cfg: Mapping[str, Any], base: Path) -> "DatasetConfig":
@@ -188,7 +197,7 @@ class DatasetConfig:
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             augment=_frozen(cfg.get("augment") or {}),
-            cache=bool(cfg.get("cache", True)),
+            cache=_flag(cfg, "cache", "dataset.cache", True),
             missing_seed=None if cfg.get("missing_seed") is None
             else _number(cfg, "missing_seed", "dataset.missing_seed", int, 0),
             train_ground_truth=str(train["ground_truth"]),
@@ -198,6 +207,9 @@ class DatasetConfig:
             test_experts=_names(test["experts"], "dataset.test.experts"),
             manifest_dirs=_names(cfg.get("manifest_dirs"), "dataset.manifest_dirs") or (".",),
             published_missing=cfg.get("published_missing"),
+            workers=_number(cfg, "workers", "dataset.workers", int, 0, default=0),
+            memory_limit_mb=_number(cfg, "memory_limit_mb", "dataset.memory_limit_mb", float, 0.0,
+                                    default=2048.0),
         )
 
     def task_spec(self) -> TaskSpec:
@@ -211,7 +223,7 @@ class DatasetConfig:
 
         return LoaderConfig(batch_size=batch_size, mean=self.mean, std=self.std,
                             augment=Augment(**dict(self.augment)), drop_remainder=True,
-                            crop=self.crop)
+                            crop=self.crop, workers=self.workers)
 
 
 def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:

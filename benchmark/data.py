@@ -40,7 +40,8 @@ class DatasetFiles:
 
 @dataclasses.dataclass(frozen=True)
 class CellData:
-    """Everything a cell needs from the dataset, decoded in memory.
+    """Everything a cell needs from the dataset: splits decoded in memory (``ArraySplit``)
+    or, for large data or ``dataset.cache=false``, streamed from disk (``StreamedSplit``).
 
     ``validation`` is held out of the training split (never trained on); its ``t`` holds
     the experts' complete labels where known (the answers they would give when deferred
@@ -48,32 +49,34 @@ class CellData:
     """
 
     files: DatasetFiles
-    train: Any  # datasets.source.ArraySplit
+    train: Any  # datasets.source.ArraySplit or StreamedSplit
     test: Any
     train_complete_t: np.ndarray | None
     manifests: dict[str, Path]
-    validation: Any = None  # datasets.source.ArraySplit, or None with validation_fraction 0
+    validation: Any = None  # as ``train``, or None with validation_fraction 0
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay on disk and are decoded per batch (augmentation then
+        draws its randomness per sample, so trained models differ from in-memory ones)."""
+        from datasets.source import StreamedSplit
+
+        return isinstance(self.train, StreamedSplit)
 
 
 def hold_out_validation(data: CellData, fraction: float, seed: int) -> CellData:
     """Split a seeded, class-stratified ``fraction`` of the training split off as validation."""
     from datasets.generators import stratified_split
-    from datasets.source import ArraySplit
 
     if fraction <= 0.0:
         return data
     keep, held = stratified_split(np.asarray(data.train.y), fraction, seed)
-
-    def rows(split, index, t=None):
-        return ArraySplit(images=split.images[index], y=split.y[index],
-                          t=split.t[index] if t is None else t[index])
-
     complete = data.train_complete_t
     return dataclasses.replace(
         data,
-        train=rows(data.train, keep),
+        train=data.train.subset(keep),
         train_complete_t=None if complete is None else complete[keep],
-        validation=rows(data.train, held, t=complete),
+        validation=data.train.subset(held, t=complete),
     )
 
 
@@ -236,11 +239,19 @@ def image_signature(root: Path, files: tuple[str, ...]) -> str:
     return stable_hash(entries)
 
 
+def decoded_megabytes(num_images: int, image: tuple[int, int, int]) -> float:
+    """Memory (MiB) of ``num_images`` decoded (H, W, C) uint8 images."""
+    height, width, channels = image
+    return num_images * height * width * channels / 2**20
+
+
 @functools.lru_cache(maxsize=8)
 def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | None,
-            signatures: tuple[str, str]) -> CellData:
+            signatures: tuple[str, str], stream: bool, memory_limit_mb: float) -> CellData:
+    """The cell's splits, decoded into memory unless ``stream`` or their decoded size
+    exceeds ``memory_limit_mb`` (then both stream from disk); cached in ``cache_dir``."""
     from datasets.layout import check_expert_counts, load_split
-    from datasets.source import ImageFormat, decode_all
+    from datasets.source import ImageFormat, decode_all, stream_split
 
     fmt = ImageFormat(*image)
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
@@ -259,6 +270,9 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
             manifests[f"train/expert_{j}/source"] = files.root / files.source_experts[j]
     for j, name in enumerate(files.test_experts):
         manifests[f"test/expert_{j}"] = files.root / name
+    if stream or decoded_megabytes(len(train) + len(test), image) > memory_limit_mb:
+        return CellData(files, stream_split(train, fmt), stream_split(test, fmt), complete_t,
+                        manifests)
     train_images = decode_all(train, fmt, cache_dir, signature=signatures[0])
     test_images = decode_all(test, fmt, cache_dir, signature=signatures[1])
     return CellData(files, train_images, test_images, complete_t, manifests)
@@ -272,7 +286,9 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
     """Resolve, validate and decode a cell's data (memoised per process while the image
     files are unchanged; errors too) and hold out ``validation`` = (fraction, seed) of the
     training split. Derived files go below ``cache_dir`` (decoded images only if
-    ``dataset.cache``), never into the dataset root."""
+    ``dataset.cache``), never into the dataset root. The splits stream from disk instead
+    of being decoded into memory when ``dataset.cache`` is false or their decoded images
+    (train + test) would exceed ``dataset.memory_limit_mb``."""
     from datasets.manifest import read_manifest
 
     key = (dataset, missing_rate, cache_dir)
@@ -284,7 +300,9 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
             image_signature(files.root, read_manifest(files.root / gt, files.num_classes).files)
             for gt in (files.train_ground_truth, files.test_ground_truth))
         images = cache_dir / "images" if dataset.cache else None
-        return hold_out_validation(_decode(files, dataset.image, images, signatures), *validation)
+        data = _decode(files, dataset.image, images, signatures, not dataset.cache,
+                       dataset.memory_limit_mb)
+        return hold_out_validation(data, *validation)
     except Exception as err:
         _ERRORS[key] = err
         raise

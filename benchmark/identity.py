@@ -27,8 +27,9 @@ from benchmark.provenance import REPO_ROOT
 from benchmark.spec import RECORD_NAME, CellKey
 
 CONF_DIR = REPO_ROOT / "conf"
-# dataset settings that never change a result (how data is cached or built, not what it is)
-DATASET_NEUTRAL = frozenset({"name", "cache", "builder"})
+# dataset settings that never change what a result measures (how data is cached, held,
+# read or built, not what it is; streamed data draws its augmentation per sample instead)
+DATASET_NEUTRAL = frozenset({"name", "cache", "builder", "memory_limit_mb", "workers"})
 TRAINING_SECTIONS = ("train", "eval")
 SAFE_PATH = re.compile(r"[^A-Za-z0-9._=,+@\[\]-]")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+@-]{0,99}")

@@ -29,7 +29,8 @@ def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -
     (``method_id`` replaces the method's repr: a shared training problem's name)."""
     from benchmark.provenance import code_hash, file_sha256
 
-    dataset = dataclasses.replace(run.dataset, name="", cache=False, builder=None)
+    dataset = dataclasses.replace(run.dataset, name="", cache=False, builder=None, workers=0,
+                                  memory_limit_mb=0.0)  # how data is read, not what it is
     payload = {
         "code": code_hash(),
         "method": method_id or repr(run.method),
@@ -38,6 +39,7 @@ def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -
         "missing_rate": run.missing_rate,
         "manifests": {k: file_sha256(p) for k, p in sorted(data.manifests.items())},
         "seed": run.seed,
+        "streamed": data.streamed,  # streamed batches draw their augmentation per sample
         "validation": (run.validation_fraction, run.validation_seed),
         "bounds": dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
     }
@@ -130,7 +132,8 @@ def _predict(run: RunConfig, data: CellData, trained, loader) -> dict:
         batches = epoch_batches(split, dataclasses.replace(loader, drop_remainder=False)
                                 if corrupt else eval_loader,
                                 seed=run.validation_seed, epoch=0, shuffle=False, corrupt=corrupt)
-        return trained.predict(np.concatenate([b.x for b in batches]))
+        parts = [trained.predict(batch.x) for batch in batches]  # streamed data: batch by batch
+        return {name: np.concatenate([part[name] for part in parts]) for name in OUTPUTS}
 
     imputed = None
     if data.train_complete_t is not None:

@@ -81,8 +81,8 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on ``method.loss``; returns the new state and scalar metrics."""
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.rest)
+    def loss_fn(params):  # a fresh copy: BatchNorm updates its statistics inside this trace
+        model = nnx.merge(graphdef, params, state.rest, copy=True)
         loss, metrics = method.loss(model, batch, inputs)
         return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 

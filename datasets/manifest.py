@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import tempfile
@@ -86,10 +87,17 @@ def _parse_label(label, num_classes: int, where: str):
 
 
 def read_manifest(path: str | Path, num_classes: int) -> Manifest:
-    """Parse and validate one manifest file (structure, paths, labels, duplicates)."""
+    """Parse and validate one manifest file (structure, paths, labels, duplicates);
+    memoised while the file's size and mtime are unchanged (labels are read-only)."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file does not exist.")
+    stat = path.stat()
+    return _read_manifest(path, num_classes, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_manifest(path: Path, num_classes: int, size: int, mtime_ns: int) -> Manifest:
     try:
         records = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -128,6 +136,7 @@ def read_manifest(path: str | Path, num_classes: int) -> Manifest:
         ).astype(np.float32) if values else np.zeros((0, num_classes), np.float32)
     else:
         labels = np.asarray(values, dtype=np.int64)
+    labels.setflags(write=False)
     return Manifest(path=path, files=files, labels=labels)
 
 

@@ -1,13 +1,16 @@
-"""The only module that opens image files: a Grain data source and the batch loaders.
+"""The only module that opens image files: Grain data sources and the batch loaders.
 
 ``ManifestSource`` is a Grain ``RandomAccessDataSource`` over a joined split: item ``i``
 is the decoded image with its ground truth and expert labels. Small datasets are decoded
-once into memory (``decode_all``, cached on disk as ``.npz`` keyed by the manifests) and
-batched by gathering rows; large ones stream through Grain with per-sample decoding.
+once into memory (``decode_all`` -> ``ArraySplit``, cached on disk as ``.npz`` keyed by the
+manifests) and batched by gathering rows; large ones stay on disk (``StreamedSplit``) and
+stream through a Grain pipeline that decodes and preprocesses each sample in worker
+threads and processes. ``epoch_batches`` serves both with the same batch order.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from dataclasses import dataclass
@@ -84,6 +87,44 @@ class ArraySplit:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def subset(self, rows: np.ndarray, t: np.ndarray | None = None) -> "ArraySplit":
+        """The split's ``rows`` (expert labels taken from ``t`` instead when given)."""
+        return ArraySplit(images=self.images[rows], y=self.y[rows],
+                          t=(self.t if t is None else t)[rows])
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedSplit:
+    """A split left on disk: item ``row`` is ``{"row", "image", "y", "t"}``, the image
+    decoded when read. Same ``len``/``y``/``t``/``subset`` as ``ArraySplit``, no pixels."""
+
+    root: Path
+    files: tuple[str, ...]
+    fmt: ImageFormat
+    y: np.ndarray
+    t: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:  # short: Grain names its source in logs and errors
+        return f"StreamedSplit({self.root}, {len(self)} images, {self.fmt})"
+
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        row = int(row)
+        return {"row": np.int64(row), "image": decode_image(self.root / self.files[row], self.fmt),
+                "y": self.y[row], "t": self.t[row]}
+
+    def subset(self, rows: np.ndarray, t: np.ndarray | None = None) -> "StreamedSplit":
+        """The split's ``rows`` (expert labels taken from ``t`` instead when given)."""
+        return StreamedSplit(self.root, tuple(self.files[int(i)] for i in rows), self.fmt,
+                             self.y[rows], (self.t if t is None else t)[rows])
+
+
+def stream_split(split: SplitData, fmt: ImageFormat) -> StreamedSplit:
+    """``split`` as a ``StreamedSplit``: nothing is decoded until batches are drawn."""
+    return StreamedSplit(split.root, split.files, fmt, split.y, split.t)
 
 
 def _cache_key(split: SplitData, fmt: ImageFormat, signature: str) -> str:
@@ -166,6 +207,13 @@ class LoaderConfig:
     augment: Augment = Augment()
     drop_remainder: bool = False
     crop: int | None = None  # square crop: random in training batches, centred otherwise
+    workers: int = 0  # streamed splits: worker processes (0 = threads of this process only)
+
+
+def _check_crop(size: int, h: int, w: int) -> None:
+    if size > min(h, w):
+        raise ValueError(f"crop {size} is larger than the decoded images ({h}x{w}); "
+                         "raise dataset.image or lower dataset.crop.")
 
 
 def crop_batch(images: np.ndarray, size: int | None, rng: np.random.Generator | None) -> np.ndarray:
@@ -174,9 +222,7 @@ def crop_batch(images: np.ndarray, size: int | None, rng: np.random.Generator | 
     if size is None:
         return images
     b, h, w, _ = images.shape
-    if size > min(h, w):
-        raise ValueError(f"crop {size} is larger than the decoded images ({h}x{w}); "
-                         "raise dataset.image or lower dataset.crop.")
+    _check_crop(size, h, w)
     if rng is None:
         top, left = (h - size) // 2, (w - size) // 2
         return images[:, top:top + size, left:left + size]
@@ -187,24 +233,41 @@ def crop_batch(images: np.ndarray, size: int | None, rng: np.random.Generator | 
     return images[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+@functools.lru_cache(maxsize=512)
+def epoch_order(length: int, seed: int) -> np.ndarray:
+    """Grain's shuffle of ``range(length)`` under ``seed`` as one read-only array, memoised:
+    every method trained with a run seed walks the same epoch orders."""
+    shuffled = grain.MapDataset.range(length).shuffle(seed=seed)
+    order = np.fromiter((shuffled[i] for i in range(length)), np.int64, length)
+    order.setflags(write=False)
+    return order
+
+
 def epoch_batches(
-    data: ArraySplit, config: LoaderConfig, *, seed: int, epoch: int, shuffle: bool = True,
-    corrupt: bool = False,
+    data: ArraySplit | StreamedSplit, config: LoaderConfig, *, seed: int, epoch: int,
+    shuffle: bool = True, corrupt: bool = False,
 ) -> Iterator[Batch]:
-    """Batches of one epoch from an in-memory split, shuffled by Grain under (seed, epoch).
+    """Batches of one epoch, shuffled by Grain under (seed, epoch).
 
     Shuffled (training) batches are augmented; unshuffled ones are not, but ``corrupt``
     still adds the pixel noise (``augment.noise_std``), one draw fixed by (seed, epoch):
     held-out training images then look like test images that carry baked-in noise.
+
+    An in-memory split draws the random crops, flips and noise batch by batch from one
+    (seed, epoch) generator; a streamed split (``_stream_epoch``) draws them per sample
+    from a (seed, epoch, row) generator. Both give the same rows in the same batches and,
+    without augmentation or noise, the same pixels; the random draws differ.
     """
-    indices = grain.MapDataset.range(len(data))
-    if shuffle:
-        indices = indices.shuffle(seed=_epoch_seed(seed, epoch))
-    batches = indices.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    if isinstance(data, StreamedSplit):
+        yield from _stream_epoch(data, config, seed=seed, epoch=epoch, shuffle=shuffle,
+                                 corrupt=corrupt)
+        return
+    order = epoch_order(len(data), _epoch_seed(seed, epoch)) if shuffle else np.arange(len(data))
+    stop = len(order) - len(order) % config.batch_size if config.drop_remainder else len(order)
     rng = np.random.default_rng([seed, epoch, 1])
     mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
-    for rows in batches:
-        rows = np.asarray(rows)
+    for start in range(0, stop, config.batch_size):
+        rows = order[start:start + config.batch_size]
         images, noise = data.images[rows], None
         images = crop_batch(images, config.crop, rng if shuffle else None)
         if shuffle:
@@ -214,22 +277,92 @@ def epoch_batches(
         yield Batch(x=normalise(images, mean, std, noise), y=data.y[rows], t=data.t[rows])
 
 
-def stream_batches(
-    source: ManifestSource, config: LoaderConfig, *, seed: int, epoch: int, num_threads: int = 4
+def crop_one(image: np.ndarray, size: int | None, rng: np.random.Generator | None) -> np.ndarray:
+    """``crop_batch`` for one (H, W, C) image, by slicing."""
+    if size is None:
+        return image
+    h, w, _ = image.shape
+    _check_crop(size, h, w)
+    if rng is None:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = (int(v) for v in rng.integers(0, [h - size + 1, w - size + 1]))
+    return image[top:top + size, left:left + size]
+
+
+def augment_one(image: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.ndarray:
+    """``augment_batch`` for one (H, W, C) image, by slicing."""
+    h, w, _ = image.shape
+    pad = augment.crop_padding
+    if pad > 0:
+        dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+        image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[dy:dy + h, dx:dx + w]
+    if augment.hflip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    return image
+
+
+@dataclass(frozen=True)
+class _Preprocess:
+    """Crop, augment, add noise to and normalise one streamed sample (picklable: it runs
+    in Grain's worker processes). Its randomness depends only on (seed, epoch, row)."""
+
+    config: LoaderConfig
+    seed: int
+    epoch: int
+    train: bool
+    corrupt: bool
+
+    def __call__(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        config = self.config
+        rng = np.random.default_rng([self.seed, self.epoch, 2, int(item["row"])])
+        image = crop_one(item["image"], config.crop, rng if self.train else None)
+        if self.train:
+            image = augment_one(image, config.augment, rng)
+        noise = pixel_noise(image.shape, config.augment, rng) if self.train or self.corrupt else None
+        x = normalise(image, np.asarray(config.mean, np.float32),
+                      np.asarray(config.std, np.float32), noise)
+        return {"x": x, "y": item["y"], "t": item["t"]}
+
+
+STREAM_THREADS = 4  # batches prepared concurrently per process (PIL releases the GIL to decode)
+
+
+def _stream_epoch(
+    data: StreamedSplit, config: LoaderConfig, *, seed: int, epoch: int, shuffle: bool,
+    corrupt: bool,
 ) -> Iterator[Batch]:
-    """Batches of one epoch decoded on the fly (large datasets), prefetched by Grain."""
-    mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
-    rng = np.random.default_rng([seed, epoch, 2])
-    dataset = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=_epoch_seed(seed, epoch))
-        .batch(config.batch_size, drop_remainder=config.drop_remainder)
-        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
-    )
-    for batch in dataset:
-        images = augment_batch(crop_batch(batch["image"], config.crop, rng), config.augment, rng)
-        noise = pixel_noise(images.shape, config.augment, rng)
-        yield Batch(x=normalise(images, mean, std, noise), y=batch["y"], t=batch["t"])
+    """One epoch of a streamed split: Grain source -> shuffle -> per-sample decode and
+    preprocess -> batch, prefetched by ``STREAM_THREADS`` threads in each of
+    ``config.workers`` processes. Each worker builds whole batches (worker i the batches
+    i, i + W, ...) and Grain interleaves them back in order, so the output does not depend
+    on the worker count."""
+    records = grain.MapDataset.source(data)
+    if shuffle:
+        records = records.shuffle(seed=_epoch_seed(seed, epoch))
+    records = records.map(_Preprocess(config, seed, epoch, train=shuffle, corrupt=corrupt))
+    batches = records.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    stream = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=STREAM_THREADS, prefetch_buffer_size=STREAM_THREADS))
+    if config.workers > 0:
+        _absl_flags_defaults()
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.workers, per_worker_buffer_size=2))
+    iterator = iter(stream)
+    try:
+        for batch in iterator:  # copies: workers' arrays live in shared memory until freed
+            yield Batch(*(np.array(batch[key]) for key in ("x", "y", "t")))
+    finally:  # stops the worker processes even when the caller leaves early
+        iterator.close()
+
+
+def _absl_flags_defaults() -> None:
+    """Grain 0.2.18 reads an absl flag when it starts worker processes and fails unless
+    flags were parsed (google/grain#1355): outside an absl app, take every default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -55,3 +55,28 @@ def test_backbones_agree_across_implementations(monkeypatch, backbone, size):
     native = network(x)
     monkeypatch.setenv("L2D_CONV", "matmul")
     np.testing.assert_allclose(network(x), native, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["preact_resnet18", "resnet18"])
+def test_batchnorm_backbones_train_and_update_their_statistics(backbone):
+    """One train step of a BatchNorm backbone runs and moves its running statistics."""
+    from benchmark import training
+    from benchmark.config import build_method
+    from benchmark.spec import Batch, TaskSpec
+
+    spec = TaskSpec(num_classes=3, num_experts=1, input_shape=(8, 8, 3), backbone=backbone)
+    method = build_method({"name": "classifier_only", "params": {}}, spec)
+    model = training.init_model(method, spec, 0)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optim = training.OptimConfig(total_steps=2)
+    state = training.TrainState(params, rest, training.make_optimizer(optim).init(params))
+    before = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+    rng = np.random.default_rng(0)
+    batch = Batch(jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32), jnp.asarray([0, 1, 2, 0]),
+                  jnp.zeros((4, 1), jnp.int32))
+    state, metrics = training.train_step(method, graphdef, optim, state, batch,
+                                         training.train_inputs(method, None, 0.0))
+    assert np.isfinite(float(metrics["loss"]))
+    after = nnx.state(nnx.merge(graphdef, state.params, state.rest), nnx.BatchStat)
+    assert any(not np.allclose(a, b) for a, b in zip(before, jax.tree.leaves(after)))
