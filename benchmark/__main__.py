@@ -8,8 +8,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark.config import register_method_configs
+from benchmark.launchers import register_ray_launcher_config
 
 register_method_configs()  # method=<name> for every registered method, from its dataclass
+register_ray_launcher_config()  # hydra/launcher=ray: local on 127.0.0.1, or RAY_ADDRESS
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -106,12 +107,15 @@ class SweepCallback(Callback):
         self.outcomes: list[dict[str, Any]] = []
         self.tracking_problem: str | None = None
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.pid = os.getpid()  # the sweep's process; jobs may run in others with a copy of this
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
+        from benchmark.launchers import keep_local_ray_on_loopback
         from benchmark.tracking import Tracker
 
+        keep_local_ray_on_loopback(config.hydra.launcher)
         # create and migrate the store before any job: concurrent jobs never race on it
         self.tracking_problem = Tracker(config.get("tracking") or {}).prepare()
         if self.tracking_problem:
@@ -129,6 +133,10 @@ class SweepCallback(Callback):
             outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "cell": {}}
         if not isinstance(outcome, dict):  # a tuning trial returned its objective
             outcome = OUTCOMES.pop() if OUTCOMES else {"status": "ok", "cell": {}}
+        if os.getpid() != self.pid:  # a job's own process (joblib, submitit, Ray): no counts
+            cell = ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
+            print(f"[grid] {outcome['status']}: {cell}", file=sys.stderr, flush=True)
+            return
         self.outcomes.append(outcome)
         PROGRESS["done"] = len(self.outcomes)
         failed = sum(o["status"] == "failed" for o in self.outcomes)

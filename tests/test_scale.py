@@ -3,12 +3,22 @@ tracking to an MLflow server."""
 
 from __future__ import annotations
 
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
+import psutil
+import pytest
 
 from benchmark.records import load_records
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, write_tiny_dataset
 from tests.test_pipeline import run_cli
+
+GRID = ["experiment=smoke", "train.epochs=1", "method=classifier_only,multi_l2d_softmax",
+        "workload=none"]  # two cells
 
 
 def cached_outputs(cache_dir):
@@ -31,21 +41,91 @@ def test_two_local_devices_train_data_parallel_with_the_same_results(tiny_root, 
     np.testing.assert_allclose(runs[2][1], runs[1][1], rtol=1e-3, atol=1e-3)  # agent scores
 
 
-def test_submitit_local_launcher_runs_the_grid_like_the_basic_one(tiny_root, tmp_path):
-    grid = ["experiment=smoke", "train.epochs=1", "method=classifier_only,multi_l2d_softmax",
-            "workload=none"]
-    basic = run_cli(*grid, *tiny_overrides(tiny_root, tmp_path / "basic"))
-    assert basic.returncode == 0, basic.stderr[-2000:]
-    launched = run_cli(*grid, *tiny_overrides(tiny_root, tmp_path / "submitit"),
-                       "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20")
+@pytest.fixture(scope="module")
+def basic_grid(tmp_path_factory) -> tuple[Path, Path]:
+    """GRID on a tiny dataset through the basic (in-process) launcher, the reference of the
+    other launchers' runs (which use the same dataset root): (root, output folder)."""
+    folder = tmp_path_factory.mktemp("basic_grid")
+    root = write_tiny_dataset(folder / "tiny")
+    result = run_cli(*GRID, *tiny_overrides(root, folder / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root, folder / "out"
+
+
+def assert_same_grid(launched: Path, basic: Path) -> None:
+    """The same cells, all ok, the same metrics (float tolerance) and the same report table."""
+    def by_cell(folder):
+        return {tuple(sorted(r["cell"].items())): r for r in load_records(folder / "runs/smoke")}
+
+    ours, reference = by_cell(launched), by_cell(basic)
+    assert ours.keys() == reference.keys() and len(ours) == 2
+    for cell, record in ours.items():
+        assert record["status"] == reference[cell]["status"] == "ok", record.get("error")
+        assert record["metrics"].keys() == reference[cell]["metrics"].keys()
+        for rule, metrics in record["metrics"].items():
+            assert metrics == pytest.approx(reference[cell]["metrics"][rule], rel=1e-5, abs=1e-6)
+    table = "runs/smoke/report/leaderboard.txt"
+    assert (launched / table).read_text() == (basic / table).read_text()
+
+
+def test_submitit_local_launcher_runs_the_grid_like_the_basic_one(basic_grid, tmp_path):
+    root, basic = basic_grid
+    launched = run_cli(*GRID, *tiny_overrides(root, tmp_path), "hydra/launcher=submitit_local",
+                       "hydra.launcher.timeout_min=20")
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert_same_grid(tmp_path, basic)
+    assert "Leaderboard" in launched.stdout
 
-    def results(folder):
-        records = load_records(folder / "runs/smoke")
-        return {r["cell"]["method"]: r["metrics"]["constrained"]["accuracy"] for r in records}
 
-    assert results(tmp_path / "submitit") == results(tmp_path / "basic")
-    assert (tmp_path / "submitit/runs/smoke/report/leaderboard.csv").is_file()
+def stop_processes_with(token: str, wait_s: float = 30.0) -> list[str]:
+    """Give the processes whose environment holds RAY_AUTH_TOKEN=``token`` (one run's Ray
+    instance) ``wait_s`` to exit, kill those left and return their names."""
+    marker = f"RAY_AUTH_TOKEN={token}".encode()
+
+    def alive():  # raw /proc: Ray's process titles overwrite the start of their environment
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if marker in Path(f"/proc/{proc.pid}/environ").read_bytes():
+                    found.append(proc)
+            except (OSError, psutil.Error):  # gone meanwhile, or not readable
+                pass
+        return found
+
+    deadline = time.monotonic() + wait_s
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    names = []
+    for proc in left:
+        try:
+            names.append(proc.name())
+            proc.kill()
+        except psutil.Error:
+            pass
+    return names
+
+
+def test_ray_launcher_runs_the_grid_like_the_basic_one(basic_grid, tmp_path, monkeypatch):
+    """hydra/launcher=ray without RAY_ADDRESS: the run starts its own Ray instance on
+    127.0.0.1, runs the cells as Ray tasks and stops the instance when it exits."""
+    root, basic = basic_grid
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # a cluster to join;
+        monkeypatch.delenv(name, raising=False)  # Ray's switch the run sets for 127.0.0.1
+    token = secrets.token_hex(32)  # Ray's token auth, given: none is written to ~/.ray
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths are capped
+    try:
+        launched = run_cli(*GRID, *tiny_overrides(root, tmp_path), "hydra/launcher=ray",
+                           "+hydra.launcher.ray.init.num_cpus=1",  # one worker runs both cells
+                           env={"RAY_AUTH_TOKEN": token, "RAY_TMPDIR": str(ray_tmp)})
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        assert "Started a local Ray instance" in launched.stderr
+        gcs_log = ray_tmp / "ray/session_latest/logs/gcs_server.out"
+        assert "node_address=127.0.0.1" in gcs_log.read_text()
+    finally:
+        left = stop_processes_with(token)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, f"the run left Ray processes running: {left}"
+    assert_same_grid(tmp_path, basic)
     assert "Leaderboard" in launched.stdout
 
 
