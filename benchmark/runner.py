@@ -61,7 +61,10 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
     from benchmark.evaluator import evaluate
     from benchmark.predictions import cached_predictions
 
+    from benchmark.training import use_compilation_cache
+
     run = parse_run(cfg, base)
+    use_compilation_cache(resolve_path(cfg["jax_cache_dir"], base) if cfg.get("jax_cache_dir") else None)
     record["role"] = run.method.role
     data = load_data(run.dataset, run.missing_rate, run.data_cache_dir,
                      (run.validation_fraction, run.validation_seed))

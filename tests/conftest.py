@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,19 @@ def write_tiny_dataset(root: Path, num_train: int = 48, num_test: int = 24, seed
                 records.append({"file": f, "label": y if y % 3 == j else (y + 1) % NUM_CLASSES})
             (root / f"{split}_expert_{j}.json").write_text(json.dumps(records))
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One JAX compilation cache for the session's runs (``jax_cache_dir`` reads this
+    variable): CLI runs in subprocesses compile the same programs once."""
+    previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
 
 
 @pytest.fixture

@@ -155,7 +155,8 @@ def test_ctrl_c_stops_the_sweep_with_one_line(tiny_root, tmp_path):
             "train.epochs=100", "method=classifier_only", "workload=none", "seed=range(10)"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     sweep = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,  # Ctrl-C as in a shell, even if
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # pytest ignores it
     deadline = time.monotonic() + 300
     while not list((tmp_path / "runs/smoke").rglob("result.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
