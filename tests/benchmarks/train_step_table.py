@@ -97,7 +97,7 @@ def step_seconds(method_name: str, backbone: str, size: int, conv: str, batch: i
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from methods import METHODS, load_all
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,7 +105,7 @@ def main() -> None:
                         help="comma-separated method names, or 'all'")
     parser.add_argument("--backbones", default="small_cnn")
     parser.add_argument("--sizes", default="16,32")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     load_all()
     names = METHODS.names() if args.methods == "all" else args.methods.split(",")
     names = [n for n in names if METHODS.get(n).trains]
