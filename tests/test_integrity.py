@@ -151,12 +151,14 @@ def test_concurrent_sweeps_on_a_new_store_keep_one_run_per_cell(tiny_root, tmp_p
 
 
 def test_ctrl_c_stops_the_sweep_with_one_line(tiny_root, tmp_path):
-    args = [sys.executable, "-m", "benchmark", "experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
+    # Ctrl-C as in an interactive shell: SIGINT handled even if this test process ignores it
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'benchmark'; runpy.run_module('benchmark', run_name='__main__', alter_sys=True)")
+    args = [sys.executable, "-c", start, "experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
             "train.epochs=100", "method=classifier_only", "workload=none", "seed=range(10)"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     sweep = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,  # Ctrl-C as in a shell, even if
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # pytest ignores it
+                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "runs/smoke").rglob("result.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
