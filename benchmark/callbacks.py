@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -106,6 +107,7 @@ class SweepCallback(Callback):
         self.bar = None
         self.outcomes: list[dict[str, Any]] = []
         self.tracking_problem: str | None = None
+        self.preparing: threading.Thread | None = None  # creating a local tracking store
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.pid = os.getpid()  # the sweep's process; jobs may run in others with a copy of this
 
@@ -116,15 +118,33 @@ class SweepCallback(Callback):
         from benchmark.tracking import Tracker
 
         keep_local_ray_on_loopback(config.hydra.launcher)
-        # create and migrate the store before any job: concurrent jobs never race on it
-        self.tracking_problem = Tracker(config.get("tracking") or {}).prepare()
-        if self.tracking_problem:
-            print(f"[l2d-bench] {self.tracking_problem}", file=sys.stderr)
+        tracker = Tracker(config.get("tracking") or {})
+        if str(tracker.uri or "").startswith("sqlite:"):
+            # create and migrate a local store (seconds) while the first cell trains: every
+            # job's tracking takes the same store lock, so none can use it half-made
+            self.preparing = threading.Thread(target=self._prepare_tracking, args=(tracker,),
+                                              daemon=True)
+            self.preparing.start()
+        else:  # a server: find out before any job whether it answers (3 s at most)
+            self._prepare_tracking(tracker)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         PROGRESS.update(done=0, total=sweep_size(config))
         # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead
         self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr,
                         disable=None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a job's process gets (launchers pickle the callback): no bar, no thread."""
+        return {**self.__dict__, "bar": None, "preparing": None}
+
+    def _prepare_tracking(self, tracker) -> None:
+        """Create the store and the experiment; note (and print) why tracking is off if so."""
+        try:
+            self.tracking_problem = tracker.prepare()
+        except Exception as err:  # the records never depend on tracking
+            self.tracking_problem = f"the tracking store cannot be prepared ({type(err).__name__}: {err})"
+        if self.tracking_problem:
+            print(f"[l2d-bench] {self.tracking_problem}", file=sys.stderr)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:
@@ -155,6 +175,8 @@ class SweepCallback(Callback):
 
         if self.bar is not None:
             self.bar.close()
+        if self.preparing is not None:
+            self.preparing.join()
         results_dir = resolve_path(config.results_dir, REPO_ROOT)
         if not self.outcomes:  # jobs ran in other processes (submitit, joblib...): read their records
             self.outcomes = outcomes_since(results_dir, self.started)
