@@ -321,6 +321,5 @@ def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
         data_cache_dir=resolve_path(cfg["data_cache_dir"], base),
         force=bool(cfg.get("force", False)),
         tracking=dict(cfg.get("tracking") or {}),
-        seeds_per_program=_number({"seeds_per_program": 1, **cfg}, "seeds_per_program",
-                                   "seeds_per_program", int, 1),
+        seeds_per_program=_number(cfg, "seeds_per_program", "seeds_per_program", int, 1, default=1),
     )

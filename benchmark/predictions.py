@@ -3,7 +3,9 @@ changes the trained model.
 
 Methods whose training ignores the workload (``workload_in_training = False``) get the same
 key under every workload, so they train once per (dataset, method variant, missing rate,
-training settings, seed) and are re-scored under each workload by the evaluator.
+training settings, seed) and are re-scored under each workload by the evaluator. With
+``seeds_per_program`` > 1, a block of consecutive seeds trains as one program and each
+seed's outputs are cached under that seed's own key.
 """
 
 from __future__ import annotations
