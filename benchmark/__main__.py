@@ -21,6 +21,7 @@ def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from benchmark.callbacks import OUTCOMES, outcome_of
     from benchmark.console import print_cell
     from benchmark.runner import run_cell
 
@@ -31,9 +32,8 @@ def main(cfg: DictConfig) -> dict:
         print_cell(record)
         if record["status"] == "failed":
             sys.exit(1)
-    outcome = {key: record.get(key) for key in ("status", "error", "cell", "tracking_error")}
+    outcome = outcome_of(record)
     if cfg.get("objective"):  # experiment=tune: the sweeper wants a number
-        from benchmark.callbacks import OUTCOMES
         from benchmark.tuning import objective_value
 
         OUTCOMES.append(outcome)

@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -50,6 +50,17 @@ def sweep_size(config: DictConfig) -> int | None:
 
 
 PROGRESS = {"done": 0, "total": None}  # read by the entry point when interrupted
+OUTCOME_KEYS = ("status", "error", "cell", "tracking_error")  # what a job reports of its record
+
+
+def outcome_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a cell's record that the sweep's progress and summary show."""
+    return {key: record.get(key) for key in OUTCOME_KEYS}
+
+
+def cell_text(outcome: Mapping[str, Any]) -> str:
+    """``key=value, ...`` of an outcome's cell."""
+    return ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
 OUTCOMES: list[dict[str, Any]] = []  # cells' outcomes when jobs return a number (experiment=tune)
 
 
@@ -57,14 +68,11 @@ def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) 
     """The end-of-sweep summary: failed cells and tracking errors (empty when all is well)."""
     from benchmark.console import error_paragraph
 
-    def where(outcome):
-        return ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
-
     lines = []
     failed = [o for o in outcomes if o["status"] == "failed"]
     if failed:
         lines.append(f"{len(failed)} of {len(outcomes)} cells failed:")
-        lines += [f"- {where(o)}: {error_paragraph(o['error'])}" for o in failed[:10]]
+        lines += [f"- {cell_text(o)}: {error_paragraph(o['error'])}" for o in failed[:10]]
         if len(failed) > 10:
             lines.append(f"- ... and {len(failed) - 10} more (see the report's failures)")
     tracked = [o for o in outcomes if o.get("tracking_error")]
@@ -72,7 +80,7 @@ def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) 
         lines.append(f"MLflow: {tracking_problem}; the records are complete.")
     elif tracked:
         lines.append(f"MLflow: {len(tracked)} cells were not tracked (their records are complete):")
-        lines += [f"- {where(o)}: {error_paragraph(o['tracking_error'])}" for o in tracked[:5]]
+        lines += [f"- {cell_text(o)}: {error_paragraph(o['tracking_error'])}" for o in tracked[:5]]
     return lines
 
 
@@ -95,8 +103,7 @@ def outcomes_since(results_dir, started: str) -> list[dict[str, Any]]:
         records = load_records(results_dir)
     except (NoRecordsError, ValueError):
         return []
-    return [{key: record.get(key) for key in ("status", "error", "cell", "tracking_error")}
-            for record in records if str(record.get("finished_at", "")) >= started]
+    return [outcome_of(record) for record in records if str(record.get("finished_at", "")) >= started]
 
 
 class SweepCallback(Callback):
@@ -115,11 +122,11 @@ class SweepCallback(Callback):
         from tqdm.auto import tqdm
 
         from benchmark.launchers import keep_local_ray_on_loopback
-        from benchmark.tracking import Tracker
+        from benchmark.tracking import Tracker, local_store
 
         keep_local_ray_on_loopback(config.hydra.launcher)
         tracker = Tracker(config.get("tracking") or {})
-        if str(tracker.uri or "").startswith("sqlite:"):
+        if local_store(tracker.uri) is not None:
             # create and migrate a local store (seconds) while the first cell trains: every
             # job's tracking takes the same store lock, so none can use it half-made
             self.preparing = threading.Thread(target=self._prepare_tracking, args=(tracker,),
@@ -154,8 +161,7 @@ class SweepCallback(Callback):
         if not isinstance(outcome, dict):  # a tuning trial returned its objective
             outcome = OUTCOMES.pop() if OUTCOMES else {"status": "ok", "cell": {}}
         if os.getpid() != self.pid:  # a job's own process (joblib, submitit, Ray): no counts
-            cell = ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
-            print(f"[grid] {outcome['status']}: {cell}", file=sys.stderr, flush=True)
+            print(f"[grid] {outcome['status']}: {cell_text(outcome)}", file=sys.stderr, flush=True)
             return
         self.outcomes.append(outcome)
         PROGRESS["done"] = len(self.outcomes)
@@ -165,8 +171,8 @@ class SweepCallback(Callback):
             self.bar.set_postfix(failed=failed, skipped=skipped)
             self.bar.update()
         else:
-            cell = ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
-            print(f"[grid] {len(self.outcomes)}/{PROGRESS['total'] or '?'} {outcome['status']}: {cell} "
+            print(f"[grid] {len(self.outcomes)}/{PROGRESS['total'] or '?'} {outcome['status']}: "
+                  f"{cell_text(outcome)} "
                   f"({failed} failed, {skipped} skipped so far)", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -60,21 +60,21 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
     from benchmark.data import load_data
     from benchmark.evaluator import evaluate
     from benchmark.predictions import cached_predictions
-
     from benchmark.training import use_compilation_cache
+
+    def cell_data(run):
+        return load_data(run.dataset, run.missing_rate, run.data_cache_dir,
+                         (run.validation_fraction, run.validation_seed))
+
+    def seed_cell(seed: int):  # this cell under another seed (seeds_per_program > 1)
+        other = parse_run({**cfg, "seed": seed}, base)
+        return other, cell_data(other)
 
     run = parse_run(cfg, base)
     use_compilation_cache(resolve_path(cfg["jax_cache_dir"], base) if cfg.get("jax_cache_dir") else None)
     record["role"] = run.method.role
-    data = load_data(run.dataset, run.missing_rate, run.data_cache_dir,
-                     (run.validation_fraction, run.validation_seed))
+    data = cell_data(run)
     record["fingerprint"] = fingerprint_now(cfg, base)  # the data exist now (built on first use)
-
-    def seed_cell(seed: int):  # this cell under another seed (seeds_per_program > 1)
-        other = parse_run({**cfg, "seed": seed}, base)
-        return other, load_data(other.dataset, other.missing_rate, other.data_cache_dir,
-                                (other.validation_fraction, other.validation_seed))
-
     out = cached_predictions(run, data, seed_cell)
 
     def evaluate_split(outputs, split):

@@ -41,13 +41,18 @@ def server_problem(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
     return None
 
 
+def local_store(uri: str | None) -> Path | None:
+    """The database file of a local (SQLite) store URI; None for a server or no URI."""
+    return Path(uri.removeprefix("sqlite:///")) if uri and uri.startswith("sqlite:///") else None
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str | None) -> Iterator[None]:
     """Serialise store creation and migration between processes (SQLite stores)."""
-    if not uri or not uri.startswith("sqlite:///"):
+    db = local_store(uri)
+    if db is None:
         yield
         return
-    db = Path(uri.removeprefix("sqlite:///"))
     with exclusive_lock(db.with_name(db.name + ".lock")):
         yield
 

@@ -1,7 +1,7 @@
 """The only module that opens image files: Grain data sources and the batch loaders.
 
-``ManifestSource`` is a Grain ``RandomAccessDataSource`` over a joined split: item ``i``
-is the decoded image with its ground truth and expert labels. Small datasets are decoded
+``StreamedSplit`` is the random-access source Grain reads: item ``i`` is the decoded image
+with its ground truth and expert labels. Small datasets are decoded
 once into memory (``decode_all`` -> ``ArraySplit``, cached on disk as ``.npz`` keyed by the
 manifests) and batched by gathering rows; large ones stay on disk (``StreamedSplit``) and
 stream through a Grain pipeline that decodes and preprocesses each sample in worker
@@ -56,25 +56,6 @@ def decode_image(path: Path, fmt: ImageFormat) -> np.ndarray:
     except (OSError, UnidentifiedImageError) as err:
         raise ManifestError(f"{path}: image file cannot be decoded ({err}).") from None
     return pixels.reshape(fmt.height, fmt.width, fmt.channels)
-
-
-class ManifestSource(grain.sources.RandomAccessDataSource):
-    """Grain random-access source: item i = {"image", "y", "t"} of a joined split."""
-
-    def __init__(self, split: SplitData, fmt: ImageFormat):
-        self.split = split
-        self.fmt = fmt
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        return {
-            "image": decode_image(self.split.root / self.split.files[index], self.fmt),
-            "y": self.split.y[index],
-            "t": self.split.t[index],
-        }
 
 
 @dataclass(frozen=True)
@@ -149,9 +130,8 @@ def decode_all(
         if cache_path.is_file():
             with np.load(cache_path) as cached:
                 return ArraySplit(images=cached["images"], y=split.y, t=split.t)
-    source = ManifestSource(split, fmt)
-    indices = range(len(source))
-    if progress and len(source) > 2000:
+    indices = range(len(split))
+    if progress and len(split) > 2000:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc=f"decoding {split.root.name}", unit="img", leave=False)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import pandas as pd
 
 from benchmark.evaluator import area_under_curve
 from reports.frames import cell_of, ok_records
-from reports.uncertainty import group_rng, percentile_interval, seed_resamples, ties_with_best
+from reports.uncertainty import seed_interval, ties_with_best
 
 MIN_POINTS = 3
 SWEPT = "classifier.hi"
@@ -69,8 +68,7 @@ def coverage_auc(points: pd.DataFrame, roles: dict[str, str] | None = None) -> p
     group = ["dataset", "missing_rate", "workload"]
     rows = []
     for key, part in per_seed.groupby([*group, "method"], sort=True):
-        resampled = seed_resamples(part["value"].to_numpy(), group_rng("auc", *key))
-        lo, hi = (np.nan, np.nan) if resampled is None else percentile_interval(resampled, "accuracy")
+        lo, hi = seed_interval(part["value"].to_numpy(), "accuracy", "auc", *key)
         rows.append([*key, (roles or {}).get(key[-1], "method"), part["value"].mean(), lo, hi,
                      part["span"].mean(), len(part)])
     table = pd.DataFrame(rows, columns=[*group, "method", "role", "auc", "auc_lo", "auc_hi",
@@ -91,8 +89,7 @@ def average_points(points: pd.DataFrame) -> pd.DataFrame:
     accuracy's 95% bootstrap-over-seeds interval (clipped to [0, 1])."""
     rows = []
     for key, part in points.groupby(["dataset", "method", "missing_rate", "workload", "bound"], sort=True):
-        resampled = seed_resamples(part["accuracy"].to_numpy(), group_rng("point", *key))
-        lo, hi = (np.nan, np.nan) if resampled is None else percentile_interval(resampled, "accuracy")
+        lo, hi = seed_interval(part["accuracy"].to_numpy(), "accuracy", "point", *key)
         rows.append([*key, part["coverage"].mean(), part["accuracy"].mean(), lo, hi])
     return pd.DataFrame(rows, columns=["dataset", "method", "missing_rate", "workload", "bound",
                                        "coverage", "accuracy", "lo", "hi"])

@@ -14,7 +14,7 @@ import pandas as pd
 from benchmark.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
 from benchmark.spec import CELL_KEYS as SPEC_CELL_KEYS
 from benchmark.spec import RECORD_NAME  # noqa: F401 (re-exported)
-from reports.uncertainty import accuracy_intervals, group_rng, percentile_interval, seed_resamples
+from reports.uncertainty import accuracy_intervals, seed_interval
 
 CELL_KEYS = list(SPEC_CELL_KEYS)
 RUN_DECISION = "run"  # the "decision" of metrics that belong to the run, not a decision rule
@@ -171,9 +171,7 @@ def seed_intervals(tidy_frame: pd.DataFrame) -> pd.DataFrame:
     metric's range; NaN for a single seed (see ``reports.uncertainty``)."""
     rows = []
     for key, part in tidy_frame.groupby(GROUP_KEYS, sort=True):
-        resampled = seed_resamples(part["value"].to_numpy(), group_rng(*key))
-        interval = (np.nan, np.nan) if resampled is None else percentile_interval(resampled, key[-1])
-        rows.append([*key, *interval])
+        rows.append([*key, *seed_interval(part["value"].to_numpy(), key[-1], *key)])
     return pd.DataFrame(rows, columns=[*GROUP_KEYS, "lo", "hi"])
 
 

@@ -66,6 +66,13 @@ def seed_resamples(values: np.ndarray, rng: np.random.Generator) -> np.ndarray |
     return values[draw].mean(axis=1)
 
 
+def seed_interval(values: np.ndarray, metric: str, *key: object) -> tuple[float, float]:
+    """Bootstrap-over-seeds interval of the mean of ``values`` (one per seed), drawn by
+    ``group_rng(*key)`` and clipped to ``metric``'s range; NaN for a single seed."""
+    resampled = seed_resamples(values, group_rng(*key))
+    return (np.nan, np.nan) if resampled is None else percentile_interval(resampled, metric)
+
+
 def sample_weights(num_samples: int, rng: np.random.Generator) -> np.ndarray:
     """(RESAMPLES, N) bootstrap weights of the test samples (multinomial counts / N)."""
     counts = rng.multinomial(num_samples, np.full(num_samples, 1.0 / num_samples), size=RESAMPLES)

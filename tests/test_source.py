@@ -10,7 +10,6 @@ from datasets.source import (
     Augment,
     ImageFormat,
     LoaderConfig,
-    ManifestSource,
     augment_batch,
     decode_all,
     epoch_batches,
@@ -27,7 +26,7 @@ def _split(root):
 
 
 def test_source_items(incomplete_root):
-    source = ManifestSource(_split(incomplete_root), FMT)
+    source = stream_split(_split(incomplete_root), FMT)
     item = source[3]
     assert len(source) == 48
     assert item["image"].shape == (8, 8, 1) and item["image"].dtype == np.uint8
@@ -73,7 +72,7 @@ def test_decode_cache_round_trips(tiny_root, tmp_path):
 
 
 def test_resize_and_rgb_decoding(tiny_root):
-    source = ManifestSource(_split(tiny_root), ImageFormat(16, 12, 3))
+    source = stream_split(_split(tiny_root), ImageFormat(16, 12, 3))
     assert source[0]["image"].shape == (16, 12, 3)
 
 
