@@ -2,7 +2,8 @@
 
 The objective is the one the contract states (``benchmark.spec.ASSIGNMENT_OBJECTIVE``):
 maximise the sum of the chosen agents' scores, subject to integer per-agent capacities
-``ceil(lo_k N) <= count_k <= floor(hi_k N)``. The soft, jitted version used in training is
+``ceil(lo_k N) <= count_k <= floor(hi_k N)``, or exactly ``round(lo_k N)`` for an agent whose
+bounds are equal (a target share such as a coverage target). The soft, jitted version used in training is
 ``methods.projection.constrain_posterior``.
 """
 
@@ -15,37 +16,52 @@ import scipy.optimize
 import scipy.sparse
 
 from benchmark.bounds import BOUND_TOL, InfeasibleBoundsError, named_agents, check_bounds
+from benchmark.spec import target_count
 
 
-def integer_capacities(num_samples: int, lo, hi, agent_names: Sequence[str] | None = None):
-    """Integer per-agent capacities ``ceil(lo N), floor(hi N)``; raise if no assignment fits."""
+def integer_capacities(num_samples: int, lo, hi, agent_names: Sequence[str] | None = None,
+                       offset: int = 0):
+    """Integer per-agent capacities for ``num_samples`` samples; raise if no assignment fits.
+
+    An agent with ``lo_k < hi_k`` gets ``ceil(lo_k N) .. floor(hi_k N)``. An agent with
+    ``lo_k == hi_k`` (a *target* share, e.g. a coverage target) gets exactly
+    ``round(lo_k N)`` samples, so a target is never refused because ``lo_k N`` is not whole.
+    ``offset``: the samples are the chunk ``[offset, offset + N)`` of a larger split; a
+    target then gets ``round(lo_k (offset + N)) - round(lo_k offset)``, so the chunks of a
+    split add up to the split's own ``round(lo_k N_total)``.
+    """
     lo, hi = check_bounds(lo, hi, agent_names)
     names = named_agents(lo.shape[0], agent_names)
-    cap_lo = np.ceil(lo * num_samples - BOUND_TOL * max(num_samples, 1)).astype(np.int64)
-    cap_hi = np.floor(hi * num_samples + BOUND_TOL * max(num_samples, 1)).astype(np.int64)
-    cap_lo = np.maximum(cap_lo, 0)
-    cap_hi = np.minimum(cap_hi, num_samples)
+    slack = BOUND_TOL * max(num_samples, 1)
+    cap_lo = np.maximum(np.ceil(lo * num_samples - slack).astype(np.int64), 0)
+    cap_hi = np.minimum(np.floor(hi * num_samples + slack).astype(np.int64), num_samples)
+    for k in np.flatnonzero(lo == hi):
+        cap_lo[k] = cap_hi[k] = (target_count(lo[k], offset + num_samples)
+                                 - target_count(lo[k], offset))
     empty = [f"{names[k]} (lo={lo[k]:g}, hi={hi[k]:g})" for k in range(len(names)) if cap_lo[k] > cap_hi[k]]
     if empty:
         raise InfeasibleBoundsError(
             f"Infeasible integer workload for {num_samples} samples: no whole number of samples "
             f"lies between ceil(lo*N) and floor(hi*N) for {', '.join(empty)}; widen these bounds "
-            "or change the number of samples."
+            "(or give lo = hi: a target share, rounded to the nearest whole sample)."
         )
     if cap_lo.sum() > num_samples or cap_hi.sum() < num_samples:
         raise InfeasibleBoundsError(
             f"Infeasible integer workload for {num_samples} samples: the integer capacities "
-            f"ceil(lo*N)={dict(zip(names, cap_lo.tolist()))} sum to {int(cap_lo.sum())} and "
-            f"floor(hi*N)={dict(zip(names, cap_hi.tolist()))} sum to {int(cap_hi.sum())}; "
-            f"they must bracket N={num_samples}. Widen the bounds."
+            f"(lower {dict(zip(names, cap_lo.tolist()))}, summing to {int(cap_lo.sum())}; upper "
+            f"{dict(zip(names, cap_hi.tolist()))}, summing to {int(cap_hi.sum())}) must bracket "
+            f"N={num_samples}. Widen the bounds."
         )
     return cap_lo, cap_hi
 
 
-def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None) -> np.ndarray:
+def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None,
+                        offset: int = 0) -> np.ndarray:
     """Exact hard assignment of N samples to A agents maximising the total score (host side).
 
-    Subject to integer capacities ``ceil(lo_k N) <= count_k <= floor(hi_k N)``. Solved as
+    Subject to the integer capacities of ``integer_capacities`` (``ceil(lo_k N) <= count_k
+    <= floor(hi_k N)``; exactly ``round(lo_k N)`` for a target ``lo_k == hi_k``; ``offset``
+    places these samples in a larger split). Solved as
     the transportation LP (one unit per sample; per-agent count bounds) with HiGHS: its
     constraint matrix is totally unimodular, so a vertex solution is integral (checked; if
     HiGHS' default returns a non-vertex point, it re-solves with dual simplex). If the
@@ -64,7 +80,7 @@ def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None
         )
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores must be finite for the capacity-constrained assignment")
-    cap_lo, cap_hi = integer_capacities(num_samples, lo, hi, agent_names)
+    cap_lo, cap_hi = integer_capacities(num_samples, lo, hi, agent_names, offset)
     if num_samples == 0:
         return np.zeros((0,), np.int64)
     greedy = np.argmax(scores, axis=1)

@@ -229,7 +229,9 @@ class DatasetConfig:
 def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
     """Per-agent (lo, hi) from a workload preset, checked for feasibility.
 
-    A preset gives ``classifier: {lo, hi}`` and ``humans: {lo, hi}``; with
+    A preset gives ``classifier: {lo, hi}`` and ``humans: {lo, hi}``; ``coverage: c`` (a
+    coverage target) sets the classifier's ``lo = hi = c``: exactly ``round(c N)`` of N
+    samples go to the classifier (``benchmark.assignment.integer_capacities``). With
     ``balanced_slack`` set, each human gets an equal share of what the classifier leaves,
     +/- the slack; ``lo``/``hi`` lists (E+1 values, classifier last) override everything.
     """
@@ -239,6 +241,11 @@ def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
     humans = cfg.get("humans") or {}
     c_lo, c_hi = float(classifier.get("lo", 0.0)), float(classifier.get("hi", 1.0))
     h_lo, h_hi = float(humans.get("lo", 0.0)), float(humans.get("hi", 1.0))
+    if cfg.get("coverage") is not None:
+        c_lo = c_hi = _number(cfg, "coverage", "workload.coverage", float, 0.0)
+        if c_lo > 1.0:
+            raise ConfigError(f"workload.coverage must be in [0, 1] (the classifier's share of "
+                              f"the samples), got {c_lo:g}.")
     slack = cfg.get("balanced_slack")
     if slack is not None and num_experts > 0:
         h_lo = max(0.0, (1.0 - c_hi) / num_experts - float(slack))

@@ -179,7 +179,8 @@ def evaluate(
     argmax_agent = scores.argmax(axis=1)
     chunk = assignment_batch or len(y)
     constrained_agent = np.concatenate([
-        capacity_assignment(scores[i : i + chunk], np.asarray(bounds.lo), np.asarray(bounds.hi))
+        capacity_assignment(scores[i : i + chunk], np.asarray(bounds.lo), np.asarray(bounds.hi),
+                            offset=i)
         for i in range(0, len(y), chunk)
     ])
     agents = {"argmax": argmax_agent, "constrained": constrained_agent}

@@ -85,35 +85,51 @@ def variant_label(name: str, settings: Mapping[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _load_yaml(path: str) -> dict:
+def _load_yaml(path: str) -> tuple[dict, tuple[str, ...]]:
+    """A config file's keys (without ``defaults`` and ``hydra``) and the names its defaults
+    list takes from its own group (``- other_preset``, before ``_self_``)."""
     from omegaconf import OmegaConf
 
     if not Path(path).is_file():
-        return {}
+        return {}, ()
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    data.pop("defaults", None)
+    defaults = data.pop("defaults", None) or []
     data.pop("hydra", None)
-    return data
+    inherited = tuple(entry for entry in defaults if isinstance(entry, str) and entry != "_self_")
+    return data, inherited
+
+
+def _merged(base: dict, overlay: Mapping[str, Any]) -> dict:
+    """``base`` overlaid by ``overlay`` one level deep (sections merge, values replace)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def preset(group: str, name: str) -> dict | None:
-    """The preset ``conf/<group>/<name>.yaml`` as a dict, or None if there is none."""
+    """The preset ``conf/<group>/<name>.yaml`` as a dict (over the same-group presets its
+    defaults list names), or None if there is none."""
     path = CONF_DIR / group / f"{name}.yaml"
-    return _load_yaml(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data, inherited = _load_yaml(str(path))
+    out: dict = {}
+    for parent in inherited:
+        out = _merged(out, preset(group, parent) or {})
+    return _merged(out, data)
 
 
 def experiment_defaults(experiment: str | None, tuned: str | None = None) -> dict:
     """``config.yaml`` overlaid with the tuned preset ``conf/tuned/<tuned>.yaml`` and then
     ``conf/experiment/<experiment>.yaml`` (the defaults list's order; top-level keys)."""
-    base = dict(_load_yaml(str(CONF_DIR / "config.yaml")))
-    overlays = [preset("tuned", tuned) if tuned else None,
-                _load_yaml(str(CONF_DIR / "experiment" / f"{experiment}.yaml")) if experiment else None]
-    for overlay in filter(None, overlays):
-        for key, value in overlay.items():
-            if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
-                base[key] = {**base[key], **value}
-            else:
-                base[key] = value
+    base = _load_yaml(str(CONF_DIR / "config.yaml"))[0]
+    for overlay in (preset("tuned", tuned) if tuned else None,
+                    preset("experiment", experiment) if experiment else None):
+        base = _merged(base, overlay or {})
     return base
 
 

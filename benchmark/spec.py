@@ -14,6 +14,7 @@ expected number of correct answers). The runner rejects scores outside [0, 1].
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 import jax
@@ -21,6 +22,13 @@ import jax
 MISSING = -1
 SCORE_RANGE = (0.0, 1.0)
 ASSIGNMENT_OBJECTIVE = "maximise the sum over samples of agent_scores[i, agent(i)]"
+
+
+def target_count(share: float, num_samples: int) -> int:
+    """The whole number of samples a target share of ``num_samples`` stands for:
+    ``round(share * N)``, halves rounded up (e.g. a coverage target; the same rule on every
+    split, for the evaluator and for methods alike)."""
+    return int(math.floor(share * num_samples + 0.5 + 1e-9 * max(num_samples, 1)))
 
 
 def agent_names(num_experts: int) -> list[str]:
@@ -108,7 +116,9 @@ class Method(Protocol):
 
     name: ClassVar[str]
     trains: ClassVar[bool]  # default True; False: no gradient step (e.g. best_expert)
-    workload_in_training: ClassVar[bool]  # default False; True: loss reads inputs.bounds
+    # default False; True: the loss reads inputs.bounds, so the method trains once per workload
+    # (a class attribute, or a property where an option decides it, as prob_l2d's)
+    workload_in_training: ClassVar[bool]
     missing_policies: ClassVar[tuple[str, ...]]  # accepted ``missing_policy`` values; () = any
     sees_test_labels: ClassVar[bool]  # default False; True only for the oracle reference row
     role: ClassVar[str]  # "method" (default) or "reference" (oracle, random, ...)

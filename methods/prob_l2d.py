@@ -12,6 +12,11 @@ and the M-step takes one optimiser step on
 ``networks``: ``shared`` (default: one backbone with a gating head and E+1 class heads,
 about E+2 times cheaper; the compute the baselines get) or ``separate`` (the reference: independent networks for the gating, every
 annotator and the classifier, evaluated together).
+
+``train_with_workload``: True (default, the paper's method) constrains ``q(z)`` to the
+workload bounds in every E-step, so the model is trained once per workload; False trains
+it once with a free E-step and leaves the bounds to the evaluator's post-hoc assignment
+(``method=prob_l2d_posthoc``), which measures what training-time constraints add.
 """
 
 from __future__ import annotations
@@ -73,7 +78,6 @@ def _constrained_estep(method, gating_logits, agent_logits, batch, inputs):
 @dataclasses.dataclass(frozen=True)
 class ProbL2D(MethodBase):
     name = "prob_l2d"
-    workload_in_training = True
     missing_policies = ()  # missing labels are latent variables, inferred by the E-step
 
     num_experts: int = 0
@@ -83,6 +87,11 @@ class ProbL2D(MethodBase):
     label_noise: float = 1e-3
     networks: str = "shared"  # shared backbone + heads (the baselines' compute); separate: the reference's
     solver_iters: int = 30  # iteration budget of the workload-constraint solver
+    train_with_workload: bool = True  # False: free E-step; the bounds act only at test time
+
+    @property
+    def workload_in_training(self) -> bool:  # the contract's flag, set by an option here
+        return self.train_with_workload
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,6 +109,8 @@ class ProbL2D(MethodBase):
         log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(agent_logits))
         q_z, q_t = estep(self.estep, log_p_z, log_p_t, batch.y, batch.t,
                          label_noise=self.label_noise, num_iters=self.estep_iters)
+        if not self.train_with_workload:
+            return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), {"violation": jnp.float32(0.0)}
         q_z, info = constrain_posterior(q_z, *inputs.bounds, num_iters=self.solver_iters)
         return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), info
 

@@ -3,12 +3,13 @@
 The classifier is trained by cross-entropy exactly as in ``classifier_only`` (same
 initialisation for the same seed). Deferral is random: over an evaluation split of N
 samples, exactly ``round(coverage * N)`` samples, drawn at random, go to the classifier
-(score 1) and the others to a human drawn at random (each human's score is an independent
-uniform draw below 1, so a workload-constrained assignment, which maximises the sum of
-scores, still picks humans at random within the bounds). Every draw is a function of the
-run's seed and of the sample's pixels, so predictions are reproducible and independent of
-batching and of the order of the samples. To compare with a learned method at its
-coverage, set ``method.params.coverage`` to it (the coverage sweep does so over a grid).
+under argmax decisions and the others to a human drawn at random. Every score is a random
+draw, independent of whether an agent is right, so a workload-constrained assignment
+(which maximises the sum of scores) is random too: under a coverage target c it sends a
+random ``round(c N)`` samples to the classifier and the rest to random humans within their
+bounds, whatever ``coverage`` says (``experiment=coverage`` compares it so, at every
+target). Every draw is a function of the run's seed and of the sample's pixels, so
+predictions are reproducible and independent of batching and of the order of the samples.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmark.spec import target_count
 from methods import METHODS
 from methods.common import (CE_CLASSIFIER, Constant, MethodBase, MethodConfigError, Networks,
                             cross_entropy, require_experts, sample_uniform)
@@ -60,9 +62,12 @@ class RandomDeferral(MethodBase):
         return jnp.concatenate([0.5 * humans, sample_uniform(x, key)[:, None]], axis=1)
 
     def finalize_scores(self, scores):
-        """The ``round(coverage * N)`` samples with the smallest draws go to the classifier."""
+        """The ``round(coverage * N)`` samples with the smallest classifier draws score
+        ``1 - draw / 2`` (in (0.5, 1], above every human), the others 0: the order among
+        them stays random, so any capacity on the classifier keeps a random subset."""
         scores = np.array(scores, dtype=np.float64)
-        chosen = np.argsort(scores[:, -1], kind="stable")[: int(round(self.coverage * len(scores)))]
+        chosen = np.argsort(scores[:, -1], kind="stable")[: target_count(self.coverage, len(scores))]
+        draws = scores[chosen, -1]
         scores[:, -1] = 0.0
-        scores[chosen, -1] = 1.0
+        scores[chosen, -1] = 1.0 - 0.5 * draws
         return scores
