@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from datasets.manifest import atomic_write_text
-from reports.coverage import coverage_auc, coverage_points, format_auc_table
-from reports.figures import all_figures, save_figures
+from reports.coverage import (AREA_SENTENCE, DEFERRAL_AUC_SENTENCE, area_table, coverage_blocks,
+                              coverage_points, target_table)
+from reports.figures import MadeFigure, all_figures, critical_difference, save_figures
 from reports.frames import (
     RECORD_NAME,
     NoRecordsError,
@@ -35,6 +36,7 @@ from reports.frames import (
 )
 from reports.html import render_html
 from reports.leaderboard import (
+    ReportSection,
     all_columns,
     format_console,
     leaderboard_table,
@@ -97,12 +99,30 @@ def load_leaderboard(run_dir: str | Path, primary_metric: str = "accuracy",
     return leaderboard_from_records(_records_or_raise(run_dir), primary_metric, decision)
 
 
+COVERAGE_NOTE = (
+    "Every method's constrained accuracy at each coverage target c (exactly round(c N) test "
+    "samples to the classifier; methods that use the workload in training trained at c), "
+    "mean over seeds, and the " + AREA_SENTENCE + ". Intervals: 95% bootstrap over seeds and "
+    "test samples; * = best learned method, = = not significantly different from it (paired "
+    "bootstrap, 95%), per target and for the area; reference rows unranked. Not to be "
+    "confused with " + DEFERRAL_AUC_SENTENCE + ".")
+
+
+def coverage_section(area: pd.DataFrame, targets: pd.DataFrame) -> ReportSection:
+    """The accuracy-at-equal-coverage part of the report (one table per group)."""
+    blocks = tuple((f"{dataset}: missing rate {rate:g}, workload {workload}", shown)
+                   for dataset, rate, workload, shown in coverage_blocks(area, targets))
+    return ReportSection("Accuracy at equal coverage", COVERAGE_NOTE, blocks)
+
+
 def write_report(records: list[dict], out_dir: str | Path, primary_metric: str = "accuracy",
                  decision: str = "constrained") -> dict[str, Path]:
     """Write every report file for ``records`` into ``out_dir``.
 
     Files: leaderboard.md (compact), leaderboard.csv (every aggregated metric, numeric),
-    leaderboard.txt (the console table), report.html (self-contained) and figures/*.png.
+    leaderboard.txt (the console table), report.html (self-contained) and figures/*.png;
+    for a coverage sweep also coverage_auc.csv (equal-coverage AUC per method) and
+    coverage_targets.csv (accuracy at every target).
     Returns {path relative to ``out_dir``: path}, e.g. ``paths["report.html"]``.
     """
     out_dir = Path(out_dir)
@@ -113,24 +133,32 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     paths = {
         "leaderboard.csv": write_csv(full_table, out_dir / "leaderboard.csv"),
     }
-
+    sections: list[ReportSection] = []
     points = coverage_points(records)
-    auc = coverage_auc(points, analysis.roles)
-    if not auc.empty:
-        paths["coverage_auc.csv"] = write_csv(auc, out_dir / "coverage_auc.csv")
+    targets = None
+    if not points.empty:
+        area, targets = area_table(points, analysis.roles), target_table(points, analysis.roles)
+        paths["coverage_auc.csv"] = write_csv(area, out_dir / "coverage_auc.csv")
+        paths["coverage_targets.csv"] = write_csv(targets, out_dir / "coverage_targets.csv")
+        sections.append(coverage_section(area, targets))
     figures = all_figures(agg, curves_frame(records), bounds_frame(records), analysis.roles,
-                          primary_metric, decision, points)
+                          primary_metric, decision, targets)
+    if direction(primary_metric) is not None:
+        diagram = critical_difference(agg, analysis.roles, primary_metric, decision)
+        if isinstance(diagram, str):
+            sections.append(ReportSection("Critical-difference diagram", diagram))
+        else:
+            figures["critical_difference"] = MadeFigure(*diagram)
     figure_paths = save_figures({name: made.figure for name, made in figures.items()},
                                 out_dir / "figures")
     paths.update({f"figures/{path.name}": path for path in figure_paths})
 
-    auc_shown = format_auc_table(auc) if not auc.empty else None
-    paths["leaderboard.md"] = write_markdown(table, out_dir / "leaderboard.md", failed, auc_shown)
+    paths["leaderboard.md"] = write_markdown(table, out_dir / "leaderboard.md", failed, sections)
     text_path = out_dir / "leaderboard.txt"
-    atomic_write_text(text_path, format_console(table, failed, auc_shown) + "\n")
+    atomic_write_text(text_path, format_console(table, failed, sections) + "\n")
     paths["leaderboard.txt"] = text_path
     images = {path.stem: (path.read_bytes(), figures[path.stem].caption) for path in figure_paths}
-    page = render_html(table, failed, provenance_frame(records), images, auc_shown)
+    page = render_html(table, failed, provenance_frame(records), images, sections)
     html_path = out_dir / "report.html"
     atomic_write_text(html_path, page)
     paths["report.html"] = html_path

@@ -273,64 +273,91 @@ def plot_accuracy_vs_violation(agg: pd.DataFrame, dataset: str | None = None,
     return figure
 
 
-@_styled
-def plot_critical_difference(agg: pd.DataFrame, roles: dict[str, str] | None = None,
-                             metric: str = "accuracy", decision: str = "constrained"
-                             ) -> tuple[Figure, str] | None:
-    """Critical-difference diagram of the learned methods across every (dataset, missing
-    rate, workload) group: mean ranks, Friedman test, Nemenyi post-hoc (scikit-posthocs).
+CD_ALPHA = 0.05
 
-    Returns the figure and a caption with the test's result, or None when it cannot be
-    drawn (fewer than 3 learned methods or 2 groups with all of them).
+
+def nemenyi_critical_difference(num_methods: int, num_units: int, alpha: float = CD_ALPHA) -> float:
+    """Nemenyi's critical difference of mean ranks: ``q_alpha sqrt(k (k + 1) / (6 N))`` with
+    ``q_alpha`` the studentized range quantile over sqrt(2) (Demšar, JMLR 2006)."""
+    from scipy.stats import studentized_range
+
+    q_alpha = studentized_range.ppf(1.0 - alpha, num_methods, np.inf) / np.sqrt(2.0)
+    return float(q_alpha * np.sqrt(num_methods * (num_methods + 1) / (6.0 * num_units)))
+
+
+@_styled
+def critical_difference(agg: pd.DataFrame, roles: dict[str, str] | None = None,
+                        metric: str = "accuracy", decision: str = "constrained"
+                        ) -> tuple[Figure, str] | str:
+    """Critical-difference diagram of the learned methods over independent units.
+
+    A unit is a dataset (test sets and trained models are shared across the missing rates
+    and workloads of a dataset, so those groups are not independent); a method's score on a
+    unit is its mean ``metric`` over the dataset's (missing rate, workload) groups, and only
+    methods present in every group of every unit take part. Friedman test first; only when
+    it rejects at 5% is the diagram drawn (mean ranks, Nemenyi post-hoc cliques, the CD
+    length), as autorank does. Returns (figure, caption), or the reason it is not drawn.
     """
     import scikit_posthocs as sp
     from scipy.stats import friedmanchisquare
 
     rows = agg[(agg["decision"] == decision) & (agg["metric"] == metric)]
     rows = rows[rows["method"].map(lambda m: (roles or {}).get(m, "method")) == "method"]
-    blocks = rows.pivot_table(index=["dataset", "missing_rate", "workload"], columns="method",
-                              values="mean").dropna(axis=0)
-    if blocks.shape[1] < 3 or blocks.shape[0] < 2:
-        return None
+    complete = rows.pivot_table(index=["dataset", "missing_rate", "workload"], columns="method",
+                                values="mean").dropna(axis=1)
+    units = complete.groupby(level="dataset").mean()
+    what = f"{decision} {metric}"
+    if units.shape[1] < 3 or units.shape[0] < 2:
+        return (f"Critical-difference diagram not drawn: it needs at least 2 independent units "
+                f"(datasets) and 3 learned methods present in all of them; these results have "
+                f"{units.shape[0]} dataset(s) and {units.shape[1]} such method(s). The groups "
+                "of one dataset share test sets and trained models, so they are not independent "
+                "units.")
     higher = direction(metric) != "lower"
-    ranks = blocks.rank(axis=1, ascending=not higher).mean(axis=0)
-    statistic, p_value = friedmanchisquare(*(blocks[column] for column in blocks.columns))
-    significance = sp.posthoc_nemenyi_friedman(blocks.to_numpy())
-    significance.index = significance.columns = blocks.columns
-    figure = Figure(figsize=(8.0, 0.35 * len(ranks) + 1.6), layout="constrained")
+    statistic, p_value = friedmanchisquare(*(units[column] for column in units.columns))
+    if not p_value < CD_ALPHA:
+        return (f"Critical-difference diagram not drawn: not significant (Friedman p = "
+                f"{p_value:.3g} over {units.shape[0]} datasets, {units.shape[1]} methods, on "
+                f"{what}); no post-hoc test is run when Friedman does not reject at 5%.")
+    ranks = units.rank(axis=1, ascending=not higher).mean(axis=0)
+    significance = sp.posthoc_nemenyi_friedman(units.to_numpy())
+    significance.index = significance.columns = units.columns
+    cd = nemenyi_critical_difference(units.shape[1], units.shape[0])
+    figure = Figure(figsize=(8.0, 0.35 * len(ranks) + 1.8), layout="constrained")
     ax = figure.subplots()
-    sp.critical_difference_diagram(ranks, significance, ax=ax)
-    ax.set_title(f"mean rank on {decision} {metric} over {len(blocks)} groups (1 = best)")
-    caption = (f"Critical-difference diagram: mean rank of each learned method on {decision} "
-               f"{metric} across {len(blocks)} (dataset, missing rate, workload) groups; methods "
-               f"joined by a bar are not significantly different (Nemenyi post-hoc, 5%). "
-               f"Friedman test: chi2 = {statistic:.2f}, p = {p_value:.3g}.")
+    sp.critical_difference_diagram(ranks, significance, ax=ax, cd=cd)
+    ax.set_title(f"mean rank on {what} over {units.shape[0]} datasets (1 = best)")
+    caption = (f"Critical-difference diagram: mean rank of each learned method on {what} over "
+               f"{units.shape[0]} datasets (independent units; a method's score on a dataset is "
+               f"its mean over that dataset's groups); methods joined by a bar are not "
+               f"significantly different (Nemenyi post-hoc, 5%; CD = {cd:.2f}). Friedman test: "
+               f"chi2 = {statistic:.2f}, p = {p_value:.3g}.")
     return figure, caption
 
 
 @_styled
-def plot_accuracy_vs_coverage(averaged: pd.DataFrame, dataset: str, workload: str,
+def plot_accuracy_at_coverage(targets: pd.DataFrame, dataset: str, workload: str,
                               roles: dict[str, str] | None = None) -> Figure:
-    """Constrained accuracy vs realised coverage as the classifier's bound moves, one line
-    per method (points = bounds, band = 95% interval over seeds), one panel per missing rate."""
-    rows = _select(averaged, dataset=dataset, workload=workload)
+    """Constrained accuracy at each coverage target (``reports.coverage.target_table``), one
+    line per method (band = 95% interval), one panel per missing rate; references dashed."""
+    rows = _select(targets, dataset=dataset, workload=workload)
     rates = sorted(rows["missing_rate"].unique())
-    styles = method_styles(averaged["method"], roles)
+    styles = method_styles(targets["method"], roles)
     figure, axes = _panels(len(rates))
     for ax, rate in zip(axes, rates):
         for method, line in _select(rows, missing_rate=rate).groupby("method"):
-            line = line.sort_values("coverage")
+            line = line.sort_values("target")
             style = styles[method]
-            ax.plot(line["coverage"], line["accuracy"], color=style.colour, marker=style.marker,
+            ax.plot(line["target"], line["accuracy"], color=style.colour, marker=style.marker,
                     markersize=4, linestyle=style.linestyle, linewidth=1.5, label=method)
-            ax.fill_between(line["coverage"], line["lo"].fillna(line["accuracy"]),
-                            line["hi"].fillna(line["accuracy"]), color=style.colour, alpha=0.12,
-                            linewidth=0)
-        ax.set(title=f"missing rate {rate:g}", xlabel="realised coverage (share to classifier)",
+            ax.fill_between(line["target"], line["accuracy_lo"].fillna(line["accuracy"]),
+                            line["accuracy_hi"].fillna(line["accuracy"]), color=style.colour,
+                            alpha=0.12, linewidth=0)
+        ax.set(title=f"missing rate {rate:g}", xlabel="coverage target (share to classifier)",
                xlim=(-0.02, 1.02))
     axes[0].set_ylabel("constrained accuracy")
     _figure_legend(figure, *axes[0].get_legend_handles_labels())
-    figure.suptitle(f"{dataset}: accuracy vs coverage, classifier bound swept ({workload})")
+    figure.suptitle(f"{dataset}: accuracy at equal coverage ({workload})")
     return figure
 
 
@@ -355,15 +382,26 @@ INTERVAL_CAPTION = ("Bars/bands: 95% bootstrap intervals (accuracy over seeds an
 def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                 roles: dict[str, str] | None = None, metric: str = "accuracy",
                 decision: str = "constrained",
-                coverage_points: pd.DataFrame | None = None) -> dict[str, MadeFigure]:
-    """Every report figure with its caption, keyed by a file-safe name; kinds without data
-    are skipped.
+                coverage_targets: pd.DataFrame | None = None) -> dict[str, MadeFigure]:
+    """Every report figure with its caption, keyed by a file-safe name, headline first;
+    kinds without data are skipped.
 
-    Per dataset: accuracy vs missing rate; accuracy-coverage curves per workload; workload
-    shares per missing rate; accuracy vs workload violation. Across datasets: the
-    critical-difference diagram of the learned methods on the primary metric.
+    Accuracy at equal coverage per (dataset, workload family) when the records hold a
+    coverage sweep (``coverage_targets``: ``reports.coverage.target_table``); then per
+    dataset: accuracy vs missing rate; post-hoc accuracy-coverage curves per workload;
+    workload shares per missing rate; accuracy vs workload violation. The
+    critical-difference diagram is separate (``critical_difference``).
     """
     figures: dict[str, MadeFigure] = {}
+    if coverage_targets is not None and not coverage_targets.empty:
+        for (dataset, workload), _ in coverage_targets.groupby(["dataset", "workload"]):
+            figures[f"accuracy_at_coverage_{_slug(dataset)}_{_slug(workload)}"] = MadeFigure(
+                plot_accuracy_at_coverage(coverage_targets, dataset, workload, roles),
+                f"{dataset}, workload {workload}: constrained accuracy at each coverage target c "
+                "(exactly round(c N) test samples to the classifier; methods that use the "
+                "workload in training trained at c), one panel per missing rate, mean over "
+                "seeds; band: 95% bootstrap interval over seeds and test samples; reference "
+                "rows dashed. The equal-coverage AUC of each line is in coverage_auc.csv.")
     for dataset in sorted(agg["dataset"].unique()):
         rows = _select(agg, dataset=dataset)
         name = _slug(dataset)
@@ -378,8 +416,8 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                 plot_accuracy_coverage_curves(curves, dataset, workload, roles),
                 f"{dataset}, workload {workload}: post-hoc accuracy-coverage curve of each "
                 "trained model (the top-c share by classifier-vs-best-human score goes to the "
-                "classifier), mean over seeds; reference rows dashed; bands: 95% bootstrap "
-                "intervals over seeds.")
+                "classifier; its area is deferral_auc), mean over seeds; reference rows "
+                "dashed; bands: 95% bootstrap intervals over seeds.")
         if rows["metric"].str.startswith(WORKLOAD_PREFIX).any():
             for rate in sorted(rows["missing_rate"].unique()):
                 figures[f"workload_shares_{name}_missing_{rate:g}"] = MadeFigure(
@@ -392,21 +430,6 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                 plot_accuracy_vs_violation(agg, dataset, roles),
                 f"{dataset}: accuracy against workload violation per method and missing rate; "
                 "filled markers: constrained decisions, hollow: argmax decisions.")
-    if coverage_points is not None and not coverage_points.empty:
-        from reports.coverage import average_points
-
-        averaged = average_points(coverage_points)
-        for (dataset, workload), _ in averaged.groupby(["dataset", "workload"]):
-            figures[f"accuracy_coverage_{_slug(dataset)}_{_slug(workload)}"] = MadeFigure(
-                plot_accuracy_vs_coverage(averaged, dataset, workload, roles),
-                f"{dataset}: constrained accuracy against realised coverage as the classifier's "
-                f"upper workload bound is swept (preset {workload}), one point per bound, mean "
-                "over seeds; band: 95% bootstrap interval over seeds, clipped to [0, 1]; "
-                "reference rows dashed. The area under each curve is in coverage_auc.csv.")
-    if direction(metric) is not None:
-        diagram = plot_critical_difference(agg, roles, metric, decision)
-        if diagram is not None:
-            figures["critical_difference"] = MadeFigure(*diagram)
     return figures
 
 

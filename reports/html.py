@@ -11,8 +11,8 @@ from html import escape
 
 import pandas as pd
 
-from reports.leaderboard import (AUC_NOTE, INTERVAL_NOTE, failure_summary, format_leaderboard,
-                                 group_blocks, primary_caption)
+from reports.leaderboard import (INTERVAL_NOTE, ReportSection, failure_summary,
+                                 format_leaderboard, group_blocks, primary_caption)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -125,21 +125,29 @@ def _provenance_html(provenance: pd.DataFrame) -> str:
     return note + _table_html(summary)
 
 
+def _section_html(section: ReportSection) -> str:
+    parts = [f'<p class="note">{escape(section.note)}</p>']
+    for subtitle, frame in section.blocks:
+        parts += [f"<h4>{escape(subtitle)}</h4>", _table_html(frame)]
+    return "\n".join(parts)
+
+
 def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.DataFrame,
-                images: dict[str, tuple[bytes, str]], auc: pd.DataFrame | None = None,
+                images: dict[str, tuple[bytes, str]],
+                extra: list[ReportSection] | None = None,
                 title: str = "l2d-bench report") -> str:
     """The whole report page as a string.
 
     ``table`` is a leaderboard table (``leaderboard_table``), ``failures`` and
     ``provenance`` come from ``reports.frames``, ``images`` maps figure names to (PNG
-    bytes, caption).
+    bytes, caption); ``extra`` sections (accuracy at equal coverage, statistics notes) come
+    before the per-cell leaderboard.
     """
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         ("Summary", _summary_html(provenance)),
+        *((section.title, _section_html(section)) for section in extra or ()),
         ("Leaderboard", _leaderboard_html(table)),
-        *([("Accuracy-coverage sweeps", f'<p class="note">{escape(AUC_NOTE)}</p>' + _table_html(auc))]
-          if auc is not None and not auc.empty else []),
         ("Figures", _figures_html(images)),
         ("Failures", _failures_html(failures)),
         ("Provenance", _provenance_html(provenance)),

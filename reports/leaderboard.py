@@ -16,7 +16,9 @@ by their bare name (``train_seconds``).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -282,12 +284,22 @@ INTERVAL_NOTE = ("mean [95% bootstrap interval] (accuracy: over seeds and test s
                  "metrics: over seeds, none with one seed); n = seeds")
 
 
-AUC_NOTE = ("Area under the accuracy-coverage curve (constrained accuracy over realised "
-            "coverage, trapezoid) as the classifier's workload bound is swept; mean [95% "
-            "bootstrap interval over seeds]; coverage span: the realised coverage range the "
-            "curve covers (a method that stops using the classifier ends its curve early, so "
-            "its area is smaller); * = best learned method, = = tied with it; reference rows "
-            "unranked.")
+class ReportSection(NamedTuple):
+    """A part of the report beside the leaderboard: a title, a note (what it shows, or why
+    it is absent) and (subtitle, display table) blocks."""
+
+    title: str
+    note: str
+    blocks: tuple[tuple[str, pd.DataFrame], ...] = ()
+
+
+def _markdown_sections(sections) -> list[str]:
+    lines = []
+    for section in sections or ():
+        lines += ["", f"## {section.title}", "", section.note]
+        for subtitle, frame in section.blocks:
+            lines += ["", f"### {subtitle}", "", _markdown_table(frame)]
+    return lines
 
 
 def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
@@ -300,10 +312,11 @@ def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
 
 
 def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None,
-                         auc: pd.DataFrame | None = None) -> str:
-    """The leaderboard as Markdown: per dataset and (missing rate, workload) group, a table of
-    the ranked learned methods (best in bold, tied with the best in italics), then the
-    reference rows in their own table. ``failed`` adds a section listing the failed cells."""
+                         sections: list[ReportSection] | None = None) -> str:
+    """The leaderboard as Markdown: ``sections`` first (e.g. accuracy at equal coverage),
+    then per dataset and (missing rate, workload) group, a table of the ranked learned
+    methods (best in bold, tied with the best in italics), then the reference rows in their
+    own table. ``failed`` adds a section listing the failed cells."""
     lines = [
         "# Leaderboard",
         "",
@@ -311,6 +324,7 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
         f"{INTERVAL_NOTE}. **Bold**: best; _italics_: not significantly different from the best "
         "(paired bootstrap, 95%). Reference rows are listed apart and not ranked.",
     ]
+    lines += _markdown_sections(sections)
     if table.empty:
         lines += ["", "No successful cells."]
     shown = format_leaderboard(table, best_format="**{}**", tied_format="_{}_")
@@ -326,8 +340,6 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
         if not reference.empty:
             lines += ["", "Reference rows (not ranked):", "",
                       _markdown_table(reference.drop(columns=[*drop, "rank"]))]
-    if auc is not None and not auc.empty:
-        lines += ["", "## Accuracy-coverage sweeps", "", AUC_NOTE, "", _markdown_table(auc)]
     if failed is not None and not failed.empty:
         shown_failed = failed.drop(columns="path").assign(
             missing_rate=failed["missing_rate"].map(lambda rate: f"{rate:g}"),
@@ -339,10 +351,10 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
 
 
 def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None,
-                   auc: pd.DataFrame | None = None) -> Path:
-    """Write ``markdown_leaderboard(table, failed, auc)`` to ``path``."""
+                   sections: list[ReportSection] | None = None) -> Path:
+    """Write ``markdown_leaderboard(table, failed, sections)`` to ``path``."""
     path = Path(path)
-    atomic_write_text(path, markdown_leaderboard(table, failed, auc))
+    atomic_write_text(path, markdown_leaderboard(table, failed, sections))
     return path
 
 
@@ -371,9 +383,10 @@ def failure_summary(failed: pd.DataFrame) -> str:
 
 
 def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
-                   auc: pd.DataFrame | None = None) -> str:
+                   sections: list[ReportSection] | None = None) -> str:
     """Compact text leaderboard for the end of a run: per group the ranked learned methods
-    (``*`` best, ``=`` tied with the best), then the reference rows, unranked.
+    (``*`` best, ``=`` tied with the best), then the reference rows, unranked; then the
+    ``sections`` (the last thing a terminal shows).
 
     ``failed`` (``reports.frames.failures``) adds a line counting failed cells per method.
     """
@@ -402,6 +415,8 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
                                              *metric_names, "n"]] for _, row in rows.iterrows()]
     for dataset, body in bodies.items():
         lines += ["", f"[{dataset}]", *_text_table(body, header)]
-    if auc is not None and not auc.empty:
-        lines += ["", AUC_NOTE, *_text_table(auc.values.tolist(), list(auc.columns))]
+    for section in sections or ():
+        lines += ["", f"== {section.title} ==", textwrap.fill(section.note, width=100)]
+        for subtitle, frame in section.blocks:
+            lines += ["", f"[{subtitle}]", *_text_table(frame.values.tolist(), list(frame.columns))]
     return "\n".join(lines)

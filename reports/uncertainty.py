@@ -79,36 +79,39 @@ def sample_weights(num_samples: int, rng: np.random.Generator) -> np.ndarray:
     return counts.astype(np.float32) / num_samples
 
 
-def accuracy_resamples(correct: np.ndarray, seed_draw: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def accuracy_resamples(correct: np.ndarray, draws: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(RESAMPLES,) accuracy under resampled seeds and samples.
 
-    correct: (S, N) 0/1 per seed and test sample; seed_draw: (RESAMPLES, S') indices into
-    the S seeds; weights: (RESAMPLES, N) sample weights.
+    correct: (S, N) 0/1 per seed and test sample; draws: (RESAMPLES, S') indices into
+    the S seeds; weights: (RESAMPLES, N) sample weights. Any per-sample values whose mean is
+    the statistic may stand in for the 0/1 outcomes.
     """
     per_seed = weights @ correct.astype(np.float32).T  # (RESAMPLES, S): each seed's accuracy
-    return np.take_along_axis(per_seed, seed_draw, axis=1).mean(axis=1)
+    return np.take_along_axis(per_seed, draws, axis=1).mean(axis=1)
 
 
-def _seed_draw(num_seeds: int, rng: np.random.Generator) -> np.ndarray:
+def seed_draw(num_seeds: int, rng: np.random.Generator) -> np.ndarray:
+    """(RESAMPLES, S) resampled seed indices (all 0 for a single seed)."""
     if num_seeds == 1:
         return np.zeros((RESAMPLES, 1), dtype=np.int64)
     return rng.integers(0, num_seeds, size=(RESAMPLES, num_seeds))
 
 
-def accuracy_intervals(correct: pd.DataFrame) -> pd.DataFrame:
-    """Two-level bootstrap intervals of accuracy per (group, method, decision).
+def accuracy_intervals(correct: pd.DataFrame, group: list[str] = GROUP) -> pd.DataFrame:
+    """Two-level bootstrap intervals of accuracy per (group, decision, method).
 
-    ``correct`` has dataset, method, missing_rate, workload, seed, decision and ``correct``
-    (a 0/1 array per test sample). Returns the keys with ``lo`` and ``hi``.
+    ``correct`` has the ``group`` columns (default dataset, missing_rate, workload), method,
+    seed, decision and ``correct`` (a 0/1 array per test sample). Returns the keys with
+    ``lo`` and ``hi``.
     """
     rows = []
-    for key, part in correct.groupby([*GROUP, "decision", "method"], sort=True):
+    for key, part in correct.groupby([*group, "decision", "method"], sort=True):
         rng = group_rng(*key)
         matrix = np.stack(part.sort_values("seed")["correct"].to_list())
-        resampled = accuracy_resamples(matrix, _seed_draw(len(matrix), rng),
+        resampled = accuracy_resamples(matrix, seed_draw(len(matrix), rng),
                                        sample_weights(matrix.shape[1], rng))
         rows.append([*key, *percentile_interval(resampled, "accuracy")])
-    return pd.DataFrame(rows, columns=[*GROUP, "decision", "method", "lo", "hi"])
+    return pd.DataFrame(rows, columns=[*group, "decision", "method", "lo", "hi"])
 
 
 def _paired_difference(best: pd.DataFrame, other: pd.DataFrame, rng: np.random.Generator,
@@ -117,7 +120,7 @@ def _paired_difference(best: pd.DataFrame, other: pd.DataFrame, rng: np.random.G
     seeds = sorted(set(best["seed"]) & set(other["seed"]))
     if not seeds:
         return None
-    draw = _seed_draw(len(seeds), rng)
+    draw = seed_draw(len(seeds), rng)
     if weights is not None:
         def stat(rows):
             matrix = np.stack(rows.set_index("seed").loc[seeds, "correct"].to_list())
@@ -131,36 +134,39 @@ def _paired_difference(best: pd.DataFrame, other: pd.DataFrame, rng: np.random.G
 
 
 def ties_with_best(values: pd.DataFrame, best: pd.DataFrame, higher_is_better: bool,
-                   correct: pd.DataFrame | None = None) -> pd.DataFrame:
+                   correct: pd.DataFrame | None = None, group: list[str] = GROUP) -> pd.DataFrame:
     """``tied_with_best`` per (group, method) of the learned methods.
 
-    values: per-seed values of the primary metric (dataset, method, missing_rate, workload,
-    seed, value); best: the best method per group (GROUP + ``method``); correct: per-sample
-    correctness of the primary decision when the metric is accuracy (else None: a paired
-    bootstrap over seeds). True for the best itself; NaN when no paired test is possible.
+    values: per-seed values of the primary metric (the ``group`` columns, method, seed,
+    value); best: the best method per group (``group`` + ``method``); correct: per-sample
+    values whose mean is the metric (0/1 correctness for accuracy; any per-sample
+    contributions of a mean) when they exist (else None: a paired bootstrap over seeds).
+    True for the best itself; NaN when no paired test is possible.
     """
     rows = []
-    best_of = {tuple(row[:3]): row[3] for row in best[[*GROUP, "method"]].itertuples(index=False)}
+    width = len(group)
+    best_of = {tuple(row[:width]): row[width] for row in best[[*group, "method"]].itertuples(index=False)}
     source = correct if correct is not None else values
-    for group, part in source.groupby(GROUP, sort=True):
-        leader = best_of.get(group)
+    for key, part in source.groupby(group, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        leader = best_of.get(key)
         if leader is None:
             continue
-        rng = group_rng("ties", *group)
+        rng = group_rng("ties", *key)
         weights = None
         if correct is not None:
             weights = sample_weights(len(part["correct"].iloc[0]), rng)
         leader_rows = part[part["method"] == leader]
         for method, rows_of in part.groupby("method"):
             if method == leader:
-                rows.append([*group, method, True])
+                rows.append([*key, method, True])
                 continue
             difference = _paired_difference(leader_rows, rows_of, rng, weights)
             if difference is None:
-                rows.append([*group, method, np.nan])
+                rows.append([*key, method, np.nan])
                 continue
             if not higher_is_better:
                 difference = -difference
             tail = (1.0 - LEVEL) / 2.0 * 100.0
-            rows.append([*group, method, bool(np.percentile(difference, tail) <= 0.0)])
-    return pd.DataFrame(rows, columns=[*GROUP, "method", "tied_with_best"])
+            rows.append([*key, method, bool(np.percentile(difference, tail) <= 0.0)])
+    return pd.DataFrame(rows, columns=[*group, "method", "tied_with_best"])
