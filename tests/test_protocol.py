@@ -131,8 +131,9 @@ def test_reference_rows_are_unranked_apart_and_never_best(toy_records, tmp_path)
     assert " ref " in text
     page = written["report.html"].read_text()
     assert 'class="reference"' in page and 'class="scroll"' in page
-    assert "Critical-difference diagram" in page  # 3 learned methods over 2 groups
-    assert "figures/critical_difference.png" in written
+    # 3 learned methods over 2 groups of one dataset: not independent units, no diagram
+    assert "figures/critical_difference.png" not in written
+    assert "at least 2 independent units (datasets)" in page
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -187,65 +188,6 @@ def test_the_default_grid_uses_the_tuned_presets(method):
         assert cfg["method"]["params"][option] == pytest.approx(value)
     cell, variant = cell_identity(cfg, choices)
     assert cell["method"] == method and variant["tuned_preset"] == f"digits_{method}"
-
-
-# ----------------------------------------------------------------------------- coverage sweeps
-
-
-def sweep_record(method: str, role: str, bound: float, seed: int, coverage: float, accuracy: float) -> dict:
-    label = "none" if bound == 1.0 else f"none[classifier.hi={bound:g}]"
-    metrics = {"accuracy": accuracy, "coverage": coverage, "workload_violation": 0.0}
-    return {"schema": 2, "status": "ok", "error": None, "method_name": method, "role": role,
-            "cell": {"dataset": "toy", "method": method, "missing_rate": 0.5, "workload": label,
-                     "seed": seed},
-            "variant": {"workload": {} if bound == 1.0 else {"classifier.hi": bound}},
-            "workload_bounds": {"lo": [0.0, 0.0], "hi": [1.0, bound]},
-            "metrics": {"argmax": metrics, "constrained": metrics}, "run_metrics": {}, "curves": {}}
-
-
-def test_coverage_auc_is_the_trapezoid_over_realised_coverage():
-    from reports.coverage import coverage_auc, coverage_points
-
-    records = []
-    for seed, shift in ((0, 0.0), (1, 0.1)):
-        # realised coverage 0, 0.4, 0.6 (the classifier never takes more than 60%)
-        for bound, coverage, accuracy in ((0.0, 0.0, 0.5), (0.5, 0.4, 0.7), (1.0, 0.6, 0.6)):
-            records.append(sweep_record("a", "method", bound, seed, coverage, accuracy + shift))
-            records.append(sweep_record("b", "method", bound, seed, coverage, accuracy - 0.3))
-            records.append(sweep_record("oracle", "reference", bound, seed, coverage, 1.0))
-    # a workload that changes more than the classifier's bound is not part of the sweep
-    other = sweep_record("a", "method", 0.5, 0, 0.5, 0.9)
-    records.append({**other, "variant": {"workload": {"classifier.hi": 0.5, "humans.hi": 0.5}},
-                    "cell": {**other["cell"], "workload": "none[classifier.hi=0.5,humans.hi=0.5]"}})
-    points = coverage_points(records)
-    assert len(points) == 18
-    auc = coverage_auc(points, {"oracle": "reference"}).set_index("method")
-    by_hand = 0.4 * (0.5 + 0.7) / 2 + 0.2 * (0.7 + 0.6) / 2  # = 0.37 for seed 0
-    assert auc.loc["a", "auc"] == pytest.approx(by_hand + 0.6 * 0.1 / 2)  # mean of seeds 0, 1
-    assert auc.loc["a", "rank"] == 1 and auc.loc["b", "rank"] == 2
-    assert pd.isna(auc.loc["oracle", "rank"]) and auc.loc["oracle", "role"] == "reference"
-    assert bool(auc.loc["a", "tied_with_best"])
-    assert 0.0 <= auc.loc["a", "auc_lo"] <= auc.loc["a", "auc"] <= auc.loc["a", "auc_hi"] <= 1.0
-
-
-def test_coverage_smoke_writes_the_figure_and_the_auc_table(tiny_root, tmp_path):
-    from tests.test_pipeline import run_cli
-
-    result = run_cli("experiment=coverage_smoke", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
-                     "method=prob_l2d,classifier_only", "workload.classifier.hi=0.0,0.5,1.0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = tmp_path / "runs/coverage_smoke/report"
-    auc = pd.read_csv(report / "coverage_auc.csv")
-    assert set(auc["method"].str.split("[").str[0]) == {"prob_l2d", "classifier_only"}
-    assert auc["auc"].between(0, 1).all()
-    assert list((report / "figures").glob("accuracy_coverage_*.png"))
-    assert "Accuracy-coverage sweeps" in (report / "leaderboard.md").read_text()
-    # prob_l2d trains once per bound, classifier_only once: its predictions are re-scored
-    cached = list((tmp_path / "cache/predictions").glob("*.npz"))
-    assert len([p for p in cached if p.name.startswith("prob_l2d")]) == 3
-    assert len([p for p in cached if p.name.startswith("classifier_only")]) == 1
-    records = load_records_under(tmp_path / "runs/coverage_smoke")
-    assert all(r["run_metrics"]["estep_ms"] > 0 for r in records if r["method_name"] == "prob_l2d")
 
 
 def load_records_under(path):
