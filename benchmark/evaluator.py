@@ -180,7 +180,7 @@ def evaluate(
     chunk = assignment_batch or len(y)
     constrained_agent = np.concatenate([
         capacity_assignment(scores[i : i + chunk], np.asarray(bounds.lo), np.asarray(bounds.hi),
-                            offset=i)
+                            agent_names(num_experts), offset=i)
         for i in range(0, len(y), chunk)
     ])
     agents = {"argmax": argmax_agent, "constrained": constrained_agent}

@@ -42,7 +42,7 @@ def _styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
     return wrapper
 
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<")  # 9 markers x 10 colours: 90 distinct
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<")
 
 
 class Style(NamedTuple):
@@ -53,15 +53,24 @@ class Style(NamedTuple):
     linestyle: str
 
 
+REFERENCE_GREYS = ((0.15, 0.15, 0.15), (0.45, 0.45, 0.45), (0.62, 0.62, 0.62), (0.3, 0.3, 0.3))
+
+
 def method_styles(methods: Iterable[str], roles: dict[str, str] | None = None) -> dict[str, Style]:
-    """A fixed, distinguishable style per method (sorted names): the i-th gets tab10 colour
-    i mod 10 and marker i mod 9, so no two of up to 90 methods look alike; reference rows
-    are dashed."""
+    """A fixed, distinguishable style per method: the i-th learned method (sorted names) gets
+    the i-th of tab10's nine colours other than its grey and a marker that shifts every
+    round of nine, so no two of up to 81 look alike; reference rows are dashed greys with
+    their own markers, so they never share a learned method's colour."""
     names = sorted(set(methods))
-    colours = sns.color_palette("tab10", 10)
-    return {name: Style(colours[i % 10], MARKERS[i % len(MARKERS)],
-                        "--" if (roles or {}).get(name) == "reference" else "-")
-            for i, name in enumerate(names)}
+    reference = [name for name in names if (roles or {}).get(name) == "reference"]
+    learned = [name for name in names if name not in reference]
+    colours = [colour for k, colour in enumerate(sns.color_palette("tab10", 10)) if k != 7]
+    styles = {name: Style(colours[i % 9], MARKERS[(i + i // 9) % len(MARKERS)], "-")
+              for i, name in enumerate(learned)}
+    styles.update({name: Style(REFERENCE_GREYS[i % len(REFERENCE_GREYS)],
+                               MARKERS[(i + 4) % len(MARKERS)], "--")
+                   for i, name in enumerate(reference)})
+    return styles
 
 
 def _yerr(rows: pd.DataFrame) -> np.ndarray:

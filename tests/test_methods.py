@@ -287,9 +287,11 @@ def test_hydra_config_builds_the_dataclass_defaults(name):
     config_lib.register_method_configs()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["experiment=single", f"method={name}"])
-        # what `method=glob(*)` sweeps: every registered method, nothing else
+        # what `method=glob(*)` sweeps: every registered method and the named variants of
+        # conf/method/ (each a registered method with other options), nothing else
         options = GlobalHydra.instance().config_loader().get_group_options("method")
-    assert sorted(options) == NAMES
+    variants = sorted(path.stem for path in (REPO_ROOT / "conf" / "method").glob("*.yaml"))
+    assert sorted(options) == sorted(NAMES + variants)
     method_cfg = OmegaConf.to_container(cfg.method)
     assert method_cfg["name"] == name and method_cfg["label"] is None
     from_hydra = config_lib.build_method(method_cfg, SPEC)
