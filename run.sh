@@ -35,4 +35,4 @@ if [ "${1:-}" = test ]; then
   shift
   exec "$VENV/bin/python" -m pytest "$@"
 fi
-exec "$VENV/bin/python" -m benchmark "$@"
+exec "$VENV/bin/python" -m app "$@"

@@ -1,6 +1,6 @@
 """Capacity-constrained assignment of test samples to agents (host side, the evaluator's).
 
-The objective is the one the contract states (``benchmark.spec.ASSIGNMENT_OBJECTIVE``):
+The objective is the one the contract states (``core.spec.ASSIGNMENT_OBJECTIVE``):
 maximise the sum of the chosen agents' scores, subject to integer per-agent capacities
 ``ceil(lo_k N) <= count_k <= floor(hi_k N)``, or exactly ``round(lo_k N)`` for an agent whose
 bounds are equal (a target share such as a coverage target). The soft, jitted version used in training is
@@ -16,7 +16,7 @@ import scipy.optimize
 import scipy.sparse
 
 from benchmark.bounds import BOUND_TOL, InfeasibleBoundsError, named_agents, check_bounds
-from benchmark.spec import target_count
+from core.spec import target_count
 
 
 def integer_capacities(num_samples: int, lo, hi, agent_names: Sequence[str] | None = None,

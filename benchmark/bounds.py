@@ -1,6 +1,6 @@
 """Workload bounds: host-side feasibility checks shared by the config, methods and evaluator.
 
-Agents follow ``benchmark.spec``: humans ``0..E-1``, the classifier last. Bounds ``lo, hi``
+Agents follow ``core.spec``: humans ``0..E-1``, the classifier last. Bounds ``lo, hi``
 are per-agent shares of the samples (in ``[0, 1]``). Infeasible bounds are a configuration
 error (``InfeasibleBoundsError``).
 """

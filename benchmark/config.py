@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from benchmark.spec import TASK_FIELDS, Method, TaskSpec, WorkloadBounds, agent_names
+from benchmark.bounds import InfeasibleBoundsError, check_bounds
+from core.spec import TASK_FIELDS, Method, TaskSpec, WorkloadBounds, agent_names
+from datasets.source import Augment, LoaderConfig
+from methods import METHODS, get_method_class, load_all
+from methods.common import MethodConfigError
 
 
 class ConfigError(ValueError):
@@ -57,7 +61,6 @@ def register_method_configs() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
-    from methods import METHODS, load_all
 
     load_all()
     store = ConfigStore.instance()
@@ -74,8 +77,6 @@ def register_method_configs() -> None:
 
 def build_method(cfg: Mapping[str, Any], spec: TaskSpec) -> Method:
     """Instantiate the registered method ``cfg["name"]`` with ``cfg["params"]``."""
-    from methods import get_method_class
-    from methods.common import MethodConfigError
 
     cls = get_method_class(str(cfg["name"]))
     params = dict(cfg.get("params") or {})
@@ -219,7 +220,6 @@ class DatasetConfig:
 
     def loader(self, batch_size: int):
         """The training loader configuration (``datasets.source.LoaderConfig``)."""
-        from datasets.source import Augment, LoaderConfig
 
         return LoaderConfig(batch_size=batch_size, mean=self.mean, std=self.std,
                             augment=Augment(**dict(self.augment)), drop_remainder=True,
@@ -235,7 +235,6 @@ def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
     ``balanced_slack`` set, each human gets an equal share of what the classifier leaves,
     +/- the slack; ``lo``/``hi`` lists (E+1 values, classifier last) override everything.
     """
-    from benchmark.bounds import InfeasibleBoundsError, check_bounds
 
     classifier = cfg.get("classifier") or {}
     humans = cfg.get("humans") or {}

@@ -16,8 +16,13 @@ from typing import Any
 import numpy as np
 
 from benchmark.config import ConfigError, DatasetConfig
-from benchmark.identity import stable_hash
-from benchmark.provenance import REPO_ROOT
+from benchmark.provenance import REPO_ROOT, file_sha256
+from core.labels import stable_hash
+from datasets.builders import BUILDERS
+from datasets.generators import stratified_split, write_missing_manifests
+from datasets.layout import check_expert_counts, inside, load_split
+from datasets.manifest import ManifestError, read_manifest
+from datasets.source import ImageFormat, StreamedSplit, decode_all, stream_split
 
 MANAGED_DATA_DIR = REPO_ROOT / "data"  # builders write only below <repo>/data
 
@@ -59,14 +64,12 @@ class CellData:
     def streamed(self) -> bool:
         """Whether the images stay on disk and are decoded per batch (augmentation then
         draws its randomness per sample, so trained models differ from in-memory ones)."""
-        from datasets.source import StreamedSplit
 
         return isinstance(self.train, StreamedSplit)
 
 
 def hold_out_validation(data: CellData, fraction: float, seed: int) -> CellData:
     """Split a seeded, class-stratified ``fraction`` of the training split off as validation."""
-    from datasets.generators import stratified_split
 
     if fraction <= 0.0:
         return data
@@ -89,8 +92,6 @@ def _is_managed(root: Path) -> bool:
 
 
 def _check_inside(dataset: DatasetConfig, names: tuple[str, ...], option: str) -> None:
-    from datasets.layout import inside
-    from datasets.manifest import ManifestError
 
     real_root = dataset.root.resolve()
     for name in names:
@@ -125,7 +126,6 @@ def published_missing(dataset: DatasetConfig, rate: float) -> tuple[str, ...] | 
 def refuse_stacked_drop(dataset: DatasetConfig, rate: float) -> None:
     """A drawn missing rate needs complete expert manifests: dropping annotations from
     manifests that already miss some would stack two missing rates without a word."""
-    from datasets.layout import load_split
 
     split = load_split(dataset.root, dataset.train_ground_truth, dataset.train_experts,
                        dataset.num_classes, check_files=False)
@@ -148,10 +148,6 @@ def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_
     ground truth and of every source expert manifest with the rate and the seed, so an
     edited source derives a new file and nothing is ever written in the dataset root.
     """
-    from benchmark.provenance import file_sha256
-    from datasets.generators import write_missing_manifests
-    from datasets.layout import load_split
-    from datasets.manifest import read_manifest
 
     root, experts = dataset.root, dataset.train_experts
     sources = [root / dataset.train_ground_truth, *(root / name for name in experts)]
@@ -170,13 +166,11 @@ def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_
 
 def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) -> DatasetFiles:
     """Manifest paths of a cell; missing-annotation manifests are derived into ``cache_dir``."""
-    from datasets.manifest import ManifestError
 
     if not 0.0 <= float(missing_rate) <= 1.0:
         raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
     root = dataset.root
     if dataset.builder and _is_managed(root):
-        from datasets.builders import BUILDERS
 
         BUILDERS.get(dataset.builder)(root, **dict(dataset.builder_args))
     if not root.is_dir():
@@ -216,7 +210,6 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) 
 
 def source_manifest_hashes(dataset: DatasetConfig, missing_rate: float) -> dict[str, str | None]:
     """sha256 of every manifest a cell reads (None where a file does not exist yet)."""
-    from benchmark.provenance import file_sha256
 
     names = (dataset.train_ground_truth, *dataset.train_experts, *(dataset.complete_experts or ()),
              dataset.test_ground_truth, *dataset.test_experts)
@@ -250,8 +243,6 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
             signatures: tuple[str, str], stream: bool, memory_limit_mb: float) -> CellData:
     """The cell's splits, decoded into memory unless ``stream`` or their decoded size
     exceeds ``memory_limit_mb`` (then both stream from disk); cached in ``cache_dir``."""
-    from datasets.layout import check_expert_counts, load_split
-    from datasets.source import ImageFormat, decode_all, stream_split
 
     fmt = ImageFormat(*image)
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
@@ -289,7 +280,6 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
     ``dataset.cache``), never into the dataset root. The splits stream from disk instead
     of being decoded into memory when ``dataset.cache`` is false or their decoded images
     (train + test) would exceed ``dataset.memory_limit_mb``."""
-    from datasets.manifest import read_manifest
 
     key = (dataset, missing_rate, cache_dir)
     if key in _ERRORS:

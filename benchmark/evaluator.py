@@ -2,8 +2,8 @@
 
 Inputs are plain arrays over the test set: class ``logits`` (N, K), ``agent_scores``
 (N, E+1), ground truth ``y`` (N,) and the experts' test annotations ``t`` (N, E).
-Decisions are agent indices (classifier = E). Metric names and directions are fixed in
-``METRICS``.
+Decisions are agent indices (classifier = E). Metric names, directions and ranges are
+fixed in ``core.spec.METRICS``.
 """
 
 from __future__ import annotations
@@ -12,37 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from benchmark.spec import WorkloadBounds, agent_names
-
-# metric name (or prefix ending in "/") -> "higher" | "lower" | None (no direction)
-METRICS: dict[str, str | None] = {
-    "accuracy": "higher",
-    "coverage": None,
-    "workload/": None,
-    "workload_violation": "lower",
-    "human_workload_cv": "lower",
-    "classifier_accuracy": "higher",
-    "expert_accuracy/": "higher",
-    "classifier_ece": "lower",
-    "deferral_auc": "higher",
-    "imputation_accuracy": "higher",
-    "train_seconds": "lower",
-    "compile_seconds": "lower",
-    "samples_per_second": "higher",
-    "estep_ms": "lower",
-    "num_devices": None,
-}
-
-# the range of every metric (intervals are clipped to it); None = unbounded on that side
-METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "accuracy": (0.0, 1.0), "coverage": (0.0, 1.0), "workload/": (0.0, 1.0),
-    "workload_violation": (0.0, 1.0), "human_workload_cv": (0.0, None),
-    "classifier_accuracy": (0.0, 1.0), "expert_accuracy/": (0.0, 1.0),
-    "classifier_ece": (0.0, 1.0), "deferral_auc": (0.0, 1.0), "imputation_accuracy": (0.0, 1.0),
-    "train_seconds": (0.0, None), "compile_seconds": (0.0, None), "samples_per_second": (0.0, None),
-    "estep_ms": (0.0, None),
-    "num_devices": (1.0, None),
-}
+from benchmark.assignment import capacity_assignment
+from core.spec import WorkloadBounds, agent_names
 
 CURVE_POINTS = 101
 ECE_BINS = 15
@@ -163,7 +134,6 @@ def evaluate(
     ``probs`` are the classifier's class probabilities for calibration (default: the
     softmax of ``logits``; a method may supply its own, e.g. OvA's sigmoids).
     """
-    from benchmark.assignment import capacity_assignment
 
     num_experts = t.shape[1]
     class_pred = logits.argmax(axis=1)

@@ -17,14 +17,15 @@ MLflow run:
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from benchmark.config import ConfigError, method_options
 from benchmark.provenance import REPO_ROOT
-from benchmark.spec import RECORD_NAME, CellKey
+from core.labels import flatten, stable_hash, variant_label
+from core.spec import RECORD_NAME, CellKey
+from methods import get_method_class
 
 CONF_DIR = REPO_ROOT / "conf"
 # dataset settings that never change what a result measures (how data is cached, held,
@@ -34,23 +35,6 @@ TRAINING_SECTIONS = ("train", "eval")
 SAFE_PATH = re.compile(r"[^A-Za-z0-9._=,+@\[\]-]")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+@-]{0,99}")
 MAX_COMPONENT = 120
-
-
-def stable_hash(payload: Any, length: int = 16) -> str:
-    """Hex digest of a JSON-serialisable payload (key order does not matter)."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -64,24 +48,6 @@ def changed_settings(actual: Mapping[str, Any], default: Mapping[str, Any]) -> d
     base = flatten(default)
     return {key: value for key, value in sorted(flatten(actual).items())
             if key not in base or not _same(value, base[key])}
-
-
-def format_value(value: Any) -> str:
-    """A compact text form of a setting's value for labels."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    return str(value)
-
-
-def variant_label(name: str, settings: Mapping[str, Any]) -> str:
-    """``name`` or ``name[key=value,...]`` (keys sorted)."""
-    if not settings:
-        return name
-    return f"{name}[{','.join(f'{k}={format_value(v)}' for k, v in sorted(settings.items()))}]"
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,9 +117,7 @@ def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = No
     ``choices`` are Hydra's chosen presets per group (``hydra.runtime.choices``); without
     them the presets are looked up by the ``name`` keys and ``experiment_name``.
     """
-    from methods import get_method_class
 
-    from benchmark.config import method_options
 
     for option, value in (("dataset.name", cfg["dataset"]["name"]), ("workload.name", cfg["workload"]["name"]),
                           ("method.label", cfg["method"].get("label"))):
@@ -193,7 +157,6 @@ def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = No
 
 def check_name(value: Any, option: str) -> None:
     """Raise ``ConfigError`` unless a user-given name is a safe output path component."""
-    from benchmark.config import ConfigError
 
     if value is not None and not SAFE_NAME.fullmatch(str(value)):
         raise ConfigError(

@@ -19,17 +19,20 @@ from typing import Callable
 
 import numpy as np
 
+from benchmark import training
 from benchmark.config import RunConfig
 from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
-from benchmark.identity import stable_hash
-from datasets.manifest import atomic_write_bytes, exclusive_lock
+from benchmark.provenance import code_hash, file_sha256
+from core.files import atomic_write_bytes, exclusive_lock
+from core.labels import stable_hash
+from core.spec import Batch
+from datasets.source import Augment, epoch_batches
 
 
 def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -> str:
     """Hash of everything that can change the trained model and its test outputs
     (``method_id`` replaces the method's repr: a shared training problem's name)."""
-    from benchmark.provenance import code_hash, file_sha256
 
     dataset = dataclasses.replace(run.dataset, name="", cache=False, builder=None, workers=0,
                                   memory_limit_mb=0.0)  # how data is read, not what it is
@@ -65,7 +68,6 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
     ``{"logits", "probs", "scores"}`` (numpy)."""
     from tqdm.auto import tqdm
 
-    from benchmark import training
 
     run = cells[0][0]
     method = run.method
@@ -116,15 +118,12 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
 
 
 def _train_batches(data: CellData, loader, seed: int, epoch: int):
-    from datasets.source import epoch_batches
 
     return epoch_batches(data.train, loader, seed=seed, epoch=epoch)
 
 
 def _predict(run: RunConfig, data: CellData, trained, loader) -> dict:
     """Test and validation outputs of a trained model, with its run metrics."""
-    from benchmark.spec import Batch
-    from datasets.source import Augment, epoch_batches
 
     eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
 

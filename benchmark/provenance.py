@@ -55,7 +55,7 @@ def environment() -> dict:
 def code_hash() -> str:
     """Hash of the harness's Python sources (invalidates cached trainings on code change)."""
     digest = hashlib.sha256()
-    for folder in ("benchmark", "methods", "datasets"):
+    for folder in ("core", "benchmark", "methods", "datasets"):
         for path in sorted((REPO_ROOT / folder).rglob("*.py")):
             digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]

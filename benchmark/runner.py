@@ -16,11 +16,17 @@ from typing import Any, Mapping
 import numpy as np
 
 from benchmark.config import ConfigError, DatasetConfig, parse_run, resolve_path
+from benchmark.data import load_data, source_manifest_hashes
+from benchmark.evaluator import evaluate
 from benchmark.identity import cell_identity, record_path, settings_fingerprint
+from benchmark.predictions import cached_predictions
 from benchmark.provenance import REPO_ROOT, provenance
-from benchmark.records import read_record, write_record
-from benchmark.spec import RECORD_SCHEMA, SCORE_RANGE, ResultRecord, agent_names
-from datasets.manifest import exclusive_lock
+from benchmark.tracking import Tracker
+from benchmark.training import use_compilation_cache
+from core.files import exclusive_lock
+from core.records import read_record, write_record
+from core.spec import RECORD_SCHEMA, SCORE_RANGE, ResultRecord, agent_names
+from methods import get_method_class
 
 
 NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
@@ -33,14 +39,13 @@ def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
     low, high = SCORE_RANGE
     if scores.min() < low - 1e-6 or scores.max() > high + 1e-6:
         raise ValueError(
-            f"{name}: agent_scores must lie in [{low}, {high}] (benchmark.spec states the scale), "
+            f"{name}: agent_scores must lie in [{low}, {high}] (core.spec states the scale), "
             f"got values in [{scores.min():.4g}, {scores.max():.4g}]."
         )
 
 
 def fingerprint_now(cfg: Mapping[str, Any], base: Path) -> str:
     """The settings fingerprint with the source manifests' current content."""
-    from benchmark.data import source_manifest_hashes
 
     try:
         hashes = source_manifest_hashes(DatasetConfig.parse(cfg["dataset"], base),
@@ -57,10 +62,6 @@ def cell_lock(path: Path):
 
 def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
     """Fill ``record`` with the cell's result (raises on failure)."""
-    from benchmark.data import load_data
-    from benchmark.evaluator import evaluate
-    from benchmark.predictions import cached_predictions
-    from benchmark.training import use_compilation_cache
 
     def cell_data(run):
         return load_data(run.dataset, run.missing_rate, run.data_cache_dir,
@@ -105,7 +106,6 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
 
 def track(cfg: Mapping[str, Any], record: ResultRecord, path: Path) -> ResultRecord:
     """Log the written record to MLflow and store the run id (or the tracking error) in it."""
-    from benchmark.tracking import Tracker
 
     try:
         run_id = Tracker(cfg.get("tracking") or {}).log(record, cfg)
@@ -129,7 +129,6 @@ def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
     """
     policy = cfg.get("missing_policy")
     if policy is not None:  # a sweep over policies: only the combinations a method supports
-        from methods import get_method_class
 
         supported = get_method_class(str(cfg["method"]["name"])).missing_policies
         if policy not in supported:

@@ -1,6 +1,6 @@
 """MLflow tracking: the only module that imports mlflow.
 
-One MLflow run per grid cell (found by the cell key, ``benchmark.spec.CellKey``): params
+One MLflow run per grid cell (found by the cell key, ``core.spec.CellKey``): params
 (cell, method, training), metrics per decision rule (``argmax/accuracy``, ``constrained/accuracy``...), the accuracy-coverage curve and the
 provenance as JSON artifacts, and the result record itself.
 """
@@ -15,9 +15,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from benchmark.identity import stable_hash
-from benchmark.spec import ResultRecord
-from datasets.manifest import exclusive_lock
+from core.labels import stable_hash
+from core.spec import ResultRecord
+from core.files import exclusive_lock
 
 
 CONNECT_TIMEOUT_S = 3.0

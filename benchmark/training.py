@@ -24,7 +24,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmark.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
+from core.files import atomic_write_bytes
+from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
 
 def use_compilation_cache(path: Path | None) -> None:
@@ -210,7 +211,6 @@ TRAINED = nnx.Any(nnx.Param, nnx.BatchStat)  # what training changes (shared bet
 
 def save_trained(trained: "TrainedModel", path: Path) -> None:
     """Write what training produced (parameters, batch statistics, timings) to ``path``."""
-    from datasets.manifest import atomic_write_bytes
 
     model = nnx.merge(trained.graphdef, trained.params, trained.rest)
     leaves = jax.tree.leaves(nnx.state(model, TRAINED))

@@ -6,11 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from datasets.manifest import ManifestError
+from datasets.builders import BUILDERS
+from datasets.generators import (class_specialist_labels, confusion_matrix_labels,
+                                 write_missing_manifests)
+from datasets.layout import load_split
+from datasets.manifest import ManifestError, read_manifest, write_manifest
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from datasets.builders import BUILDERS
 
     options = {"source": Path(args.source)} if args.source else {}
     if args.seed is not None:
@@ -22,8 +25,6 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _expert(args: argparse.Namespace) -> None:
-    from datasets.generators import class_specialist_labels, confusion_matrix_labels
-    from datasets.manifest import read_manifest, write_manifest
 
     truth = read_manifest(args.ground_truth, args.num_classes)
     y = truth.hard_labels()
@@ -39,8 +40,6 @@ def _expert(args: argparse.Namespace) -> None:
 
 
 def _missing(args: argparse.Namespace) -> None:
-    from datasets.generators import write_missing_manifests
-    from datasets.manifest import read_manifest
 
     truth = read_manifest(args.ground_truth, args.num_classes)
     experts = [read_manifest(p, args.num_classes) for p in args.experts]
@@ -52,7 +51,6 @@ def _missing(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from datasets.layout import load_split
 
     split = load_split(args.root, args.ground_truth, args.experts, args.num_classes,
                        require_complete=args.complete)

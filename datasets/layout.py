@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmark.spec import MISSING
+from core.spec import MISSING
 from datasets.manifest import Manifest, ManifestError, read_manifest
 
 

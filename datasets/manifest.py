@@ -7,17 +7,16 @@ A manifest is a JSON list of records ``{"file": <path relative to the dataset ro
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from core.files import atomic_write_text
 
 
 class ManifestError(ValueError):
@@ -151,37 +150,3 @@ def write_manifest(path: str | Path, files: Sequence[str], labels) -> Path:
         )
     atomic_write_text(path, json.dumps(records, indent=1))
     return path
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``path`` (created if needed) between processes;
-    the kernel releases it if the holder dies."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and an atomic rename (a kill leaves
-    the old file or the new one, never a partial one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-from datasets.manifest import atomic_write_text
+from core.files import atomic_write_text
 
 STAMP = "DATASET.json"
 DERIVED_DIRS = ("missing", ".cache")  # written by the harness from a dataset's manifests

@@ -21,9 +21,10 @@ import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from benchmark.spec import Batch
+from core.spec import Batch
 from datasets.layout import SplitData
-from datasets.manifest import ManifestError, atomic_write_bytes
+from core.files import atomic_write_bytes
+from datasets.manifest import ManifestError
 
 
 @dataclass(frozen=True)

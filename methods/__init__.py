@@ -4,7 +4,7 @@ importable module names: methods kept outside this repository)."""
 
 import os
 
-from benchmark.registry import Registry
+from core.registry import Registry
 
 METHODS: Registry = Registry("method")
 HELPER_MODULES = {"nets", "surrogates", "missing_policy", "estep", "projection", "template", "common"}

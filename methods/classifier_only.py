@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmark.spec import TaskSpec
+from core.spec import TaskSpec
 from methods import METHODS
 from methods.common import (CE_CLASSIFIER, TIE_BREAK_SCALE, Constant, MethodBase, Networks,
                             cross_entropy, expert_accuracies, human_scores, sample_uniform)

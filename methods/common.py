@@ -1,4 +1,4 @@
-"""Defaults shared by method classes (the contract itself is ``benchmark.spec.Method``)."""
+"""Defaults shared by method classes (the contract itself is ``core.spec.Method``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmark.spec import MISSING, Batch, TrainInputs
+from core.spec import MISSING, Batch, TrainInputs
 from methods.nets import Network
 
 
@@ -24,7 +24,7 @@ class MethodConfigError(ValueError):
 class MethodBase:
     """Base of registered methods: a frozen, hashable dataclass of hyper-parameters.
 
-    Supplies the defaults of every optional member of ``benchmark.spec.Method`` (see there
+    Supplies the defaults of every optional member of ``core.spec.Method`` (see there
     for what each means). A method that accepts ``missing_policy`` declares the field and
     the accepted values in ``missing_policies``; an unsupported value is refused here.
     """

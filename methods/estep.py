@@ -1,6 +1,6 @@
 """E-steps of Prob-L2D (design.md section 5): pure, jittable JAX functions.
 
-Shapes and conventions (``benchmark.spec``): ``A = E + 1`` agents, humans ``0..E-1`` and the
+Shapes and conventions (``core.spec``): ``A = E + 1`` agents, humans ``0..E-1`` and the
 classifier last (index ``E``); ``K`` classes; a missing annotation is ``MISSING`` (-1).
 
 Inputs shared by every E-step:
@@ -35,7 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from benchmark.spec import MISSING
+from core.spec import MISSING
 
 ESTEP_KINDS = ("exact", "meanfield", "reference")
 REFERENCE_SMOOTHING = 1e-3  # smoothing of observed one-hots in the reference variant

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from benchmark.spec import tunable
+from core.spec import tunable
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError, Networks, require_experts
 from methods.surrogates import annotator_loss, deferral_scores_softmax, softmax_deferral_loss

@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from benchmark.spec import MISSING
+from core.spec import MISSING
 from methods.projection import constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, Networks, cross_entropy, require_experts

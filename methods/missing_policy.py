@@ -28,8 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from benchmark.registry import did_you_mean
-from benchmark.spec import MISSING
+from core.registry import did_you_mean
+from core.spec import MISSING
 
 POLICIES: tuple[str, ...] = ("as_incorrect", "drop", "mask", "impute")
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmark.registry import Registry
+from core.registry import Registry
 
 BACKBONES: Registry = Registry("backbone")
 CONV_IMPLEMENTATIONS = ("auto", "native", "matmul")

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmark.spec import TaskSpec
+from core.spec import TaskSpec
 from methods.projection import constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError

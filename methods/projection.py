@@ -1,7 +1,7 @@
 """The workload-constrained E-step: a jitted KL projection of agent posteriors onto bounds.
 
 Used in training by the methods whose E-step honours the workload (``prob_l2d``,
-``l2d_em``). Bounds follow ``benchmark.spec`` (humans first, the classifier last) and must
+``l2d_em``). Bounds follow ``core.spec`` (humans first, the classifier last) and must
 be feasible (``benchmark.bounds.check_bounds``). The evaluator's hard version is
 ``benchmark.assignment.capacity_assignment``.
 """

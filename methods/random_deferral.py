@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmark.spec import target_count
+from core.spec import target_count
 from methods import METHODS
 from methods.common import (CE_CLASSIFIER, Constant, MethodBase, MethodConfigError, Networks,
                             cross_entropy, require_experts, sample_uniform)

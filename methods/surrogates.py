@@ -1,6 +1,6 @@
 """Pure JAX surrogate losses of the learning-to-defer (L2D) baselines and their agent scores.
 
-Conventions (see ``benchmark/spec.py``):
+Conventions (see ``core/spec.py``):
 
 * ``y``: (B,) int32 ground-truth classes in ``[0, K)``.
 * ``t``: (B, E) int32 expert annotations, ``MISSING`` (-1) where expert j did not annotate.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from benchmark.spec import MISSING
+from core.spec import MISSING
 from methods.missing_policy import check_policy, resolve_annotations, weighted_row_mean
 
 

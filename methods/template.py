@@ -6,7 +6,7 @@ its dataclass fields (with their defaults) become the Hydra config ``method=<nam
 The runner imports every module in ``methods/`` (this template is skipped), so a
 registered method appears in every sweep (``method=glob(*)``) and report. A method kept
 outside this repository joins too when its module is named in ``L2D_METHODS``.
-The contract, with the default of every optional member, is ``benchmark/spec.py``; the
+The contract, with the default of every optional member, is ``core/spec.py``; the
 shared trainer (``benchmark/training.py``) owns the optimiser and loop, and the evaluator
 turns your ``agent_scores`` into decisions, so every method is scored the same way.
 Agents are ``0..E-1`` (humans) then ``E`` (the classifier).
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmark.spec import Batch, TaskSpec, TrainInputs
+from core.spec import Batch, TaskSpec, TrainInputs
 from methods import METHODS  # noqa: F401 (used once the decorator below is uncommented)
 from methods.common import MethodBase
 from methods.nets import Network
@@ -30,7 +30,7 @@ from methods.nets import Network
 @dataclasses.dataclass(frozen=True)  # frozen + hashable: passed to jax.jit as a static argument
 class MyMethod(MethodBase):
     name = "my_method"
-    # Class attributes read by the runner (defaults in MethodBase, meaning in benchmark/spec.py):
+    # Class attributes read by the runner (defaults in MethodBase, meaning in core/spec.py):
     trains = True                   # False for reference rows that take no gradient step
     workload_in_training = False    # True if the loss reads inputs.bounds (then trained per workload)
     missing_policies = ("as_incorrect", "drop")  # accepted values of `missing_policy`

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from datasets.manifest import atomic_write_text
+from core.files import atomic_write_text
 from reports.coverage import (AREA_SENTENCE, DEFERRAL_AUC_SENTENCE, area_table, coverage_blocks,
                               coverage_points, target_table)
 from reports.figures import MadeFigure, all_figures, critical_difference, save_figures

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from benchmark.identity import variant_label
+from core.labels import variant_label
 from reports.frames import cell_of, ok_records
 from reports.uncertainty import (
     GROUP, accuracy_intervals, accuracy_resamples, group_rng, percentile_interval, sample_weights,

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
-from datasets.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 from reports.metrics import direction
 from reports.uncertainty import group_rng, percentile_interval, seed_resamples
 

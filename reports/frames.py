@@ -1,4 +1,4 @@
-"""Result records (``benchmark.spec.ResultRecord``, loaded by ``benchmark.records``) ->
+"""Result records (``core.spec.ResultRecord``, loaded by ``core.records``) ->
 pandas frames. Everything here is a pure function of the loaded records or of a frame.
 """
 
@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from benchmark.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
-from benchmark.spec import CELL_KEYS as SPEC_CELL_KEYS
-from benchmark.spec import RECORD_NAME  # noqa: F401 (re-exported)
+from core.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
+from core.spec import CELL_KEYS as SPEC_CELL_KEYS
+from core.spec import RECORD_NAME  # noqa: F401 (re-exported)
 from reports.uncertainty import accuracy_intervals, seed_interval
 
 CELL_KEYS = list(SPEC_CELL_KEYS)

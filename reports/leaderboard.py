@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from datasets.manifest import atomic_write_text
+from core.files import atomic_write_text
 from reports.frames import RUN_DECISION
 from reports.metrics import LOWER, METRIC_DIRECTIONS, direction
 from reports.uncertainty import ties_with_best

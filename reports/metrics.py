@@ -1,4 +1,4 @@
-"""Metric directions: which way is better for every metric a result record can carry.
+"""Metric directions, read from the contract's metric table (``core.spec.METRICS``).
 
 Names ending in ``/`` are prefixes (``workload/expert_0`` matches ``workload/``). A
 direction is ``"higher"``, ``"lower"`` or ``None`` (no better side: a workload share or the
@@ -7,14 +7,9 @@ coverage is a description of the decisions, not a score).
 
 from __future__ import annotations
 
-from benchmark.evaluator import METRICS
-from benchmark.registry import did_you_mean
+from core.spec import LOWER, METRICS, metric_spec  # noqa: F401 (LOWER re-exported)
 
-HIGHER = "higher"
-LOWER = "lower"
-
-# The evaluator owns the metric names and their directions; reports only read them.
-METRIC_DIRECTIONS: dict[str, str | None] = METRICS
+METRIC_DIRECTIONS: dict[str, str | None] = {name: spec.direction for name, spec in METRICS.items()}
 
 
 def direction(name: str) -> str | None:
@@ -22,15 +17,4 @@ def direction(name: str) -> str | None:
 
     Raises ``KeyError`` (with a "did you mean" hint) for a name that is not registered.
     """
-    if name in METRIC_DIRECTIONS:
-        return METRIC_DIRECTIONS[name]
-    for key, value in METRIC_DIRECTIONS.items():
-        if key.endswith("/") and name.startswith(key) and len(name) > len(key):
-            return value
-    hint = did_you_mean(name, METRIC_DIRECTIONS)
-    raise KeyError(f"unknown metric {name!r}.{hint} Registered: {', '.join(METRIC_DIRECTIONS)}.")
-
-
-def is_ranked(name: str) -> bool:
-    """Whether metric ``name`` has a better side (so methods can be ranked on it)."""
-    return direction(name) is not None
+    return metric_spec(name).direction

@@ -1,7 +1,7 @@
 """Uncertainty of the leaderboard: bootstrap intervals and paired ties with the best method.
 
 Intervals are 95% percentile-bootstrap intervals of a mean, clipped to the metric's range
-(``benchmark.evaluator.METRIC_RANGES``):
+(``core.spec.METRICS``):
 
 * accuracy, where the records carry per-sample correctness: a two-level bootstrap that
   resamples the seeds and, within them, the test samples (the same resampled samples for
@@ -22,7 +22,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from benchmark.evaluator import METRIC_RANGES
+from core.spec import metric_spec
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -31,10 +31,11 @@ GROUP = ["dataset", "missing_rate", "workload"]
 
 def metric_range(metric: str) -> tuple[float | None, float | None]:
     """(low, high) bounds of ``metric`` (None = unbounded)."""
-    for key, bounds in METRIC_RANGES.items():
-        if metric == key or (key.endswith("/") and metric.startswith(key)):
-            return bounds
-    return (None, None)
+    try:
+        spec = metric_spec(metric)
+    except KeyError:  # a statistic of its own (e.g. an area): unbounded
+        return (None, None)
+    return spec.low, spec.high
 
 
 def group_rng(*key: object) -> np.random.Generator:

@@ -12,7 +12,7 @@ import pytest
 from benchmark.assignment import capacity_assignment, integer_capacities
 from benchmark.bounds import InfeasibleBoundsError
 from benchmark.config import ConfigError, workload_bounds
-from benchmark.spec import target_count
+from core.spec import target_count
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -97,7 +97,7 @@ def test_prob_l2d_posthoc_trains_once_without_the_bounds():
     import jax.numpy as jnp
 
     from benchmark import training
-    from benchmark.spec import TrainInputs, UndeclaredBoundsError
+    from core.spec import TrainInputs, UndeclaredBoundsError
     from tests.test_methods import SPEC, build, make_batch, run
 
     constrained, posthoc = build("prob_l2d"), build("prob_l2d", train_with_workload=False)
@@ -280,7 +280,7 @@ def test_cd_diagram_is_drawn_with_its_length_when_friedman_rejects(tmp_path):
 
 
 def test_coverage_smoke_puts_every_method_at_every_target(tiny_root, tmp_path):
-    from benchmark.records import load_records
+    from core.records import load_records
     from reports.coverage import trapezoid_weights
     from tests.test_pipeline import run_cli
 

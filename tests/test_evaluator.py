@@ -17,7 +17,7 @@ from benchmark.evaluator import (
     imputation_accuracy,
     workload_violation,
 )
-from benchmark.spec import WorkloadBounds
+from core.spec import WorkloadBounds
 
 # 4 samples, 2 experts, 3 classes. Expert 0 is right on samples 0 and 1, expert 1 on 2.
 Y = np.array([0, 1, 2, 0])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmark.records import load_records
+from core.records import load_records
 from benchmark.runner import run_cell
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.test_pipeline import compose_cfg, flat, run_cli
@@ -136,7 +136,7 @@ def test_concurrent_sweeps_on_a_new_store_keep_one_run_per_cell(tiny_root, tmp_p
     import mlflow
 
     overrides = [o for o in tiny_overrides(tiny_root, tmp_path) if o != "tracking=none"]
-    args = [sys.executable, "-m", "benchmark", "experiment=smoke", *overrides, "train.epochs=1",
+    args = [sys.executable, "-m", "app", "experiment=smoke", *overrides, "train.epochs=1",
             "method=classifier_only,best_expert", "workload=none"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     sweeps = [subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,

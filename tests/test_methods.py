@@ -17,7 +17,7 @@ import methods
 from benchmark import config as config_lib
 from benchmark import training
 from benchmark.evaluator import final_predictions
-from benchmark.spec import MISSING, Batch, TaskSpec, TrainInputs, WorkloadBounds
+from core.spec import MISSING, Batch, TaskSpec, TrainInputs, WorkloadBounds
 from methods.missing_policy import POLICIES
 
 methods.load_all()
@@ -247,7 +247,7 @@ def test_l2d_em_gating_target_respects_the_workload(policy):
 
 def test_method_template_satisfies_the_contract():
     """The documented template (not registered) trains and predicts like any method."""
-    from benchmark.spec import Method
+    from core.spec import Method
     from methods.template import MyMethod
 
     method = MyMethod(num_experts=E, num_classes=K)
@@ -260,7 +260,7 @@ def test_method_template_satisfies_the_contract():
 def test_reading_bounds_without_declaring_them_fails_loudly():
     """A method that uses the workload in training must say so (else its predictions would
     be reused across workloads): reading ``inputs.bounds`` undeclared raises."""
-    from benchmark.spec import UndeclaredBoundsError
+    from core.spec import UndeclaredBoundsError
     from methods.template import MyMethod
 
     @dataclasses.dataclass(frozen=True)

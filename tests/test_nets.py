@@ -62,7 +62,7 @@ def test_batchnorm_backbones_train_and_update_their_statistics(backbone):
     """One train step of a BatchNorm backbone runs and moves its running statistics."""
     from benchmark import training
     from benchmark.config import build_method
-    from benchmark.spec import Batch, TaskSpec
+    from core.spec import Batch, TaskSpec
 
     spec = TaskSpec(num_classes=3, num_experts=1, input_shape=(8, 8, 3), backbone=backbone)
     method = build_method({"name": "classifier_only", "params": {}}, spec)

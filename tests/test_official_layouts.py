@@ -16,7 +16,7 @@ from PIL import Image
 
 from benchmark.config import DatasetConfig
 from benchmark.data import dataset_files
-from benchmark.records import load_records
+from core.records import load_records
 from datasets.layout import load_split
 from tests.conftest import REPO_ROOT
 from tests.test_pipeline import compose_cfg, flat, run_cli

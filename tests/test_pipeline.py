@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from benchmark.config import register_method_configs
-from benchmark.records import load_records
+from core.records import load_records
 from benchmark.runner import run_cell
 from tests.conftest import REPO_ROOT, tiny_overrides
 
@@ -39,7 +39,7 @@ def cell_records(run_dir) -> dict[tuple, dict]:
 
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

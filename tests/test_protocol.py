@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from benchmark.config import DatasetConfig
@@ -107,7 +106,7 @@ def toy_records() -> list[dict]:
 
 def test_reference_rows_are_unranked_apart_and_never_best(toy_records, tmp_path):
     from reports import build_report, leaderboard_from_records
-    from benchmark.records import write_record
+    from core.records import write_record
 
     table = leaderboard_from_records(toy_records)
     oracle = table[table["method"] == "oracle"]
@@ -191,7 +190,7 @@ def test_the_default_grid_uses_the_tuned_presets(method):
 
 
 def load_records_under(path):
-    from benchmark.records import load_records
+    from core.records import load_records
 
     return load_records(path)
 

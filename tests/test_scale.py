@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from benchmark.records import load_records
+from core.records import load_records
 from tests.conftest import tiny_overrides, write_tiny_dataset
 from tests.test_pipeline import run_cli
 

@@ -9,8 +9,8 @@ import pytest
 from benchmark import training
 from benchmark.config import build_method
 from benchmark.predictions import seed_block
-from benchmark.records import load_records
-from benchmark.spec import WorkloadBounds
+from core.records import load_records
+from core.spec import WorkloadBounds
 from tests.conftest import tiny_overrides
 from tests.test_methods import OPTIM, SPEC, make_batch
 from tests.test_pipeline import run_cli

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmark.spec import Batch
+from core.spec import Batch
 from datasets.layout import load_split
 from datasets.source import (
     Augment,

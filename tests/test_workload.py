@@ -12,7 +12,7 @@ import pytest
 import scipy.optimize
 from scipy.special import logsumexp
 
-from benchmark.spec import agent_names
+from core.spec import agent_names
 from benchmark.assignment import capacity_assignment, integer_capacities
 from benchmark.bounds import InfeasibleBoundsError, check_bounds
 from methods.projection import constrain_posterior

@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmark import training
 from benchmark.config import build_method
-from benchmark.spec import Batch, TaskSpec, WorkloadBounds
+from core.spec import Batch, TaskSpec, WorkloadBounds
 
 BATCH, STEPS, REPEATS = 128, 5, 3
 NUM_CLASSES, NUM_EXPERTS = 10, 3

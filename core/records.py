@@ -1,4 +1,4 @@
-"""Reading and writing result records (``benchmark.spec.ResultRecord``): the one loader.
+"""Reading and writing result records (``core.spec.ResultRecord``): the one loader.
 
 The runner writes records with ``write_record``; the runner's skip check, tracking, the
 console and the reports read them with ``read_record`` / ``load_records``.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmark.spec import RECORD_NAME, ResultRecord, check_record
-from datasets.manifest import atomic_write_text
+from core.spec import RECORD_NAME, ResultRecord, check_record
+from core.files import atomic_write_text
 
 
 class NoRecordsError(FileNotFoundError):

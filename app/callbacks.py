@@ -11,6 +11,16 @@ from typing import Any, Mapping
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from app.console import error_paragraph
+from app.launchers import keep_local_ray_on_loopback
+from app.tuning import write_tuned_preset
+from benchmark.config import resolve_path
+from benchmark.provenance import REPO_ROOT
+from benchmark.tracking import Tracker, local_store
+from core.records import NoRecordsError, load_records
+from core.spec import RECORD_NAME
+from reports import build_report
+
 
 def _count(key: str, value: str) -> int | None:
     """How many values a sweep override (``a,b,c``, ``range(10)``, ``glob(*)``) takes;
@@ -66,7 +76,6 @@ OUTCOMES: list[dict[str, Any]] = []  # cells' outcomes when jobs return a number
 
 def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) -> list[str]:
     """The end-of-sweep summary: failed cells and tracking errors (empty when all is well)."""
-    from benchmark.console import error_paragraph
 
     lines = []
     failed = [o for o in outcomes if o["status"] == "failed"]
@@ -86,7 +95,6 @@ def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) 
 
 def report_is_current(results_dir, report_dir) -> bool:
     """Whether the report was written after every record below ``results_dir``."""
-    from benchmark.spec import RECORD_NAME
 
     page, text = report_dir / "report.html", report_dir / "leaderboard.txt"
     if not page.is_file() or not text.is_file():
@@ -97,7 +105,6 @@ def report_is_current(results_dir, report_dir) -> bool:
 
 def outcomes_since(results_dir, started: str) -> list[dict[str, Any]]:
     """Outcomes of the records finished at or after ``started`` (same clock and format)."""
-    from benchmark.records import NoRecordsError, load_records
 
     try:
         records = load_records(results_dir)
@@ -121,8 +128,6 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
-        from benchmark.launchers import keep_local_ray_on_loopback
-        from benchmark.tracking import Tracker, local_store
 
         keep_local_ray_on_loopback(config.hydra.launcher)
         tracker = Tracker(config.get("tracking") or {})
@@ -176,8 +181,6 @@ class SweepCallback(Callback):
                   f"({failed} failed, {skipped} skipped so far)", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from benchmark.config import resolve_path
-        from benchmark.provenance import REPO_ROOT
 
         if self.bar is not None:
             self.bar.close()
@@ -188,7 +191,6 @@ class SweepCallback(Callback):
             self.outcomes = outcomes_since(results_dir, self.started)
         failed = any(o["status"] == "failed" for o in self.outcomes)
         if config.get("objective"):  # tuning: no test-set report of the trials, only the choice
-            from benchmark.tuning import write_tuned_preset
 
             preset = write_tuned_preset(config, resolve_path(config.tuned_dir, REPO_ROOT))
             if preset is not None:
@@ -205,7 +207,6 @@ class SweepCallback(Callback):
     def _show_report(self, results_dir, report_dir) -> bool:
         """Print the leaderboard, rebuilding the report unless every cell was already done;
         False when the report could not be written."""
-        from reports import NoRecordsError, build_report
 
         unchanged = all(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
         try:

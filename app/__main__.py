@@ -1,4 +1,4 @@
-"""Entry point: ``python -m benchmark [hydra overrides]`` (what ``./run.sh`` calls)."""
+"""Entry point: ``python -m app [hydra overrides]`` (what ``./run.sh`` calls)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from app.callbacks import OUTCOMES, PROGRESS, outcome_of
+from app.console import print_cell
+from app.launchers import register_ray_launcher_config
+from app.tuning import objective_value
 from benchmark.config import register_method_configs
-from benchmark.launchers import register_ray_launcher_config
+from benchmark.runner import run_cell
 
 register_method_configs()  # method=<name> for every registered method, from its dataclass
 register_ray_launcher_config()  # hydra/launcher=ray: local on 127.0.0.1, or RAY_ADDRESS
@@ -21,9 +25,6 @@ def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from benchmark.callbacks import OUTCOMES, outcome_of
-    from benchmark.console import print_cell
-    from benchmark.runner import run_cell
 
     hydra_cfg = HydraConfig.get()
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
@@ -34,7 +35,6 @@ def main(cfg: DictConfig) -> dict:
             sys.exit(1)
     outcome = outcome_of(record)
     if cfg.get("objective"):  # experiment=tune: the sweeper wants a number
-        from benchmark.tuning import objective_value
 
         OUTCOMES.append(outcome)
         return objective_value(record, cfg.objective)
@@ -43,7 +43,6 @@ def main(cfg: DictConfig) -> dict:
 
 def interrupted_message() -> str:
     """One line: how far a sweep got and how to resume it."""
-    from benchmark.callbacks import PROGRESS
 
     done, total = PROGRESS["done"], PROGRESS["total"]
     where = f" after {done} of {total if total is not None else '?'} cells" if total or done else ""

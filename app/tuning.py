@@ -2,7 +2,7 @@
 Hydra Optuna sweeper, written as a tuned preset that later runs use.
 
 * ``method_search_space`` is the sweeper's ``custom_search_space``: it adds every option a
-  method declares with ``benchmark.spec.tunable`` to the trial (the experiment adds the
+  method declares with ``core.spec.tunable`` to the trial (the experiment adds the
   shared ``train.*`` ranges).
 * ``write_tuned_preset`` turns the sweeper's ``optimization_results.yaml`` into
   ``conf/tuned/<dataset>_<method>.yaml``, which Hydra's defaults list
@@ -18,7 +18,9 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.spec import SEARCH
+from core.files import atomic_write_text
+from core.spec import SEARCH
+from methods import METHODS, get_method_class
 
 METHOD_PREFIX = "method.params."
 
@@ -31,7 +33,6 @@ def search_space(cls: type) -> dict[str, tuple[float, float, bool]]:
 
 def method_search_space(cfg: DictConfig, trial: Any) -> None:
     """The Optuna sweeper's ``custom_search_space``: suggest the method's tunable options."""
-    from methods import get_method_class
 
     for name, (low, high, log) in search_space(get_method_class(str(cfg.method.name))).items():
         if isinstance(low, int) and isinstance(high, int):
@@ -61,9 +62,7 @@ def write_tuned_preset(config: DictConfig, tuned_dir: Path) -> Path | None:
     (dataset, method), and of every method sharing its training problem (they train the
     same model: one choice serves them all); returns the tuned method's path (None if the
     sweeper left no results)."""
-    from methods import METHODS, get_method_class
 
-    from datasets.manifest import atomic_write_text
 
     results = Path(config.hydra.sweep.dir) / "optimization_results.yaml"
     if not results.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from benchmark.spec import ResultRecord
+from core.spec import ResultRecord
 
 
 def error_paragraph(error: str) -> str:

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypedDict, runtime_check
 
 import jax
 
+from core.registry import did_you_mean
+
 MISSING = -1
 SCORE_RANGE = (0.0, 1.0)
 ASSIGNMENT_OBJECTIVE = "maximise the sum over samples of agent_scores[i, agent(i)]"
@@ -171,6 +173,54 @@ class Method(Protocol):
         """
 
 
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricSpec(NamedTuple):
+    """How to read a metric: which side is better (``"higher"``, ``"lower"`` or None for a
+    description such as a workload share) and the range of its values (None: unbounded)."""
+
+    direction: str | None
+    low: float | None
+    high: float | None
+
+
+HIGHER, LOWER = "higher", "lower"
+SHARE = MetricSpec(None, 0.0, 1.0)
+# every metric a record can carry; a name ending in "/" is a prefix (workload/expert_0)
+METRICS: dict[str, MetricSpec] = {
+    "accuracy": MetricSpec(HIGHER, 0.0, 1.0),
+    "coverage": SHARE,
+    "workload/": SHARE,
+    "workload_violation": MetricSpec(LOWER, 0.0, 1.0),
+    "human_workload_cv": MetricSpec(LOWER, 0.0, None),
+    "classifier_accuracy": MetricSpec(HIGHER, 0.0, 1.0),
+    "expert_accuracy/": MetricSpec(HIGHER, 0.0, 1.0),
+    "classifier_ece": MetricSpec(LOWER, 0.0, 1.0),
+    "deferral_auc": MetricSpec(HIGHER, 0.0, 1.0),
+    "imputation_accuracy": MetricSpec(HIGHER, 0.0, 1.0),
+    "train_seconds": MetricSpec(LOWER, 0.0, None),
+    "compile_seconds": MetricSpec(LOWER, 0.0, None),
+    "samples_per_second": MetricSpec(HIGHER, 0.0, None),
+    "estep_ms": MetricSpec(LOWER, 0.0, None),
+    "num_devices": MetricSpec(None, 1.0, None),
+}
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The ``MetricSpec`` of metric ``name`` (prefix entries match ``workload/expert_0``);
+    ``KeyError`` with a "did you mean" hint for a name that is not registered."""
+    if name in METRICS:
+        return METRICS[name]
+    for key, spec in METRICS.items():
+        if key.endswith("/") and name.startswith(key) and len(name) > len(key):
+            return spec
+    hint = did_you_mean(name, METRICS)
+    raise KeyError(f"unknown metric {name!r}.{hint} Registered: {', '.join(METRICS)}.")
+
+
+# ----------------------------------------------------------------------------- methods
+
 TASK_FIELDS = ("num_experts", "num_classes")  # method fields the runner fills from the task
 SEARCH = "search"  # field metadata key: the option's range for experiment=tune
 
@@ -210,7 +260,7 @@ CELL_KEYS = tuple(CellKey.__annotations__)
 class ResultRecord(TypedDict, total=False):
     """One grid cell's result, written by the runner as ``result.json``.
 
-    Read everywhere through ``benchmark.records`` (which checks the schema).
+    Read everywhere through ``core.records`` (which checks the schema).
     """
 
     schema: int  # RECORD_SCHEMA
