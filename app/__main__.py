@@ -5,16 +5,18 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app.callbacks import OUTCOMES, PROGRESS, outcome_of
 from app.console import print_cell
 from app.launchers import register_ray_launcher_config
 from app.tuning import objective_value
-from benchmark.config import register_method_configs
+from benchmark.config import ConfigError, register_configs, to_cell
 from benchmark.runner import run_cell
 
-register_method_configs()  # method=<name> for every registered method, from its dataclass
+register_configs()  # the typed schema and method=<name> for every registered method
 register_ray_launcher_config()  # hydra/launcher=ray: local on 127.0.0.1, or RAY_ADDRESS
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
@@ -22,20 +24,19 @@ INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     """Run one grid cell; in a single run, print its metrics or a clean error."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-
     hydra_cfg = HydraConfig.get()
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
-    record = run_cell(OmegaConf.to_container(cfg, resolve=True), choices)
+    try:
+        record = run_cell(to_cell(cfg), choices)
+    except ConfigError as err:  # a value out of range: no identity, nothing recorded
+        record = {"status": "failed", "error": f"ConfigError: {err}",
+                  "cell": {"missing_rate": cfg.get("missing_rate"), "seed": cfg.get("seed")}}
     if hydra_cfg.mode == RunMode.RUN:
         print_cell(record)
         if record["status"] == "failed":
             sys.exit(1)
     outcome = outcome_of(record)
     if cfg.get("objective"):  # experiment=tune: the sweeper wants a number
-
         OUTCOMES.append(outcome)
         return objective_value(record, cfg.objective)
     return outcome

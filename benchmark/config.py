@@ -1,20 +1,30 @@
-"""Hydra config -> frozen typed objects, parsed once at the entry point.
+"""One typed configuration: Hydra composes it, ``to_cell`` converts it once, the dataclasses
+validate it.
 
-* ``register_method_configs``: every registered method becomes the Hydra config
-  ``method=<name>`` (a structured config generated from its dataclass: the dataclass is
-  the one definition of a method's options and defaults).
-* ``parse_run``: a composed cell config -> ``RunConfig`` (dataset, loader, optimiser,
-  method, workload bounds, paths). Every invalid setting raises ``ConfigError`` naming
-  the option.
+The dataclasses below are Hydra's schema (``register_configs`` stores them in the
+ConfigStore; ``conf/config.yaml`` starts from ``cell_schema``), so an unknown key or a value
+of the wrong type fails while Hydra composes the config, naming the key. ``to_cell`` runs
+``OmegaConf.to_object`` once per cell; each dataclass's ``__post_init__`` then checks ranges
+and raises ``ConfigError`` naming the option (``train.epochs must be >= 1, got 0.``).
+``RunConfig.build`` adds what a cell derives from them (resolved paths, task, method,
+workload bounds); nothing is parsed twice.
+
+Every registered method is the config ``method=<name>``, generated from its dataclass (the
+one definition of its options and defaults). Fields with ``NEUTRAL`` metadata say how data
+is held or read, not what it is: they never change a result's identity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from benchmark.bounds import InfeasibleBoundsError, check_bounds
 from core.spec import TASK_FIELDS, Method, TaskSpec, WorkloadBounds, agent_names
@@ -22,9 +32,21 @@ from datasets.source import Augment, LoaderConfig
 from methods import METHODS, get_method_class, load_all
 from methods.common import MethodConfigError
 
+NEUTRAL = "neutral"  # field metadata: how data is held or read, not what it is
+
 
 class ConfigError(ValueError):
     """An invalid configuration value (message names the option)."""
+
+
+def require(ok: bool, option: str, requirement: str, value: Any) -> None:
+    """Raise ``ConfigError("<option> must be <requirement>, got <value>.")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{option} must be {requirement}, got {value!r}.")
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def resolve_path(path: str | Path, base: Path) -> Path:
@@ -33,7 +55,229 @@ def resolve_path(path: str | Path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-# ----------------------------------------------------------------------------- method configs
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (``train.*``): SGD with momentum, cosine decay."""
+
+    epochs: int = 40
+    batch_size: int = 128
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5.0e-4
+
+    def __post_init__(self):
+        require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        for name in ("learning_rate", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            require(finite(value) and value >= 0, f"train.{name}", "a finite number >= 0", value)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``eval.*``)."""
+
+    assignment_batch: Optional[int] = None  # solve the test assignment per chunk of this size
+    validation_fraction: float = 0.1  # class-stratified share of the training split held out
+    validation_seed: int = 0  # the same split for every method and run seed
+
+    def __post_init__(self):
+        require(self.assignment_batch is None or self.assignment_batch >= 1,
+                "eval.assignment_batch", "null or >= 1", self.assignment_batch)
+        require(finite(self.validation_fraction) and 0 <= self.validation_fraction < 1,
+                "eval.validation_fraction", "in [0, 1)", self.validation_fraction)
+        require(self.validation_seed >= 0, "eval.validation_seed", ">= 0", self.validation_seed)
+
+
+@dataclass
+class AgentShare:
+    """Bounds on one kind of agent's share of the samples."""
+
+    lo: float = 0.0
+    hi: float = 1.0
+
+
+@dataclass
+class WorkloadConfig:
+    """A workload preset (``workload.*``, ``conf/workload/``)."""
+
+    name: str = MISSING
+    classifier: AgentShare = field(default_factory=AgentShare)
+    humans: AgentShare = field(default_factory=AgentShare)
+    coverage: Optional[float] = None  # a target: exactly round(c N) samples to the classifier
+    balanced_slack: Optional[float] = None  # humans: equal shares of the rest, +/- this
+    lo: Optional[List[float]] = None  # per-agent overrides: E+1 values, classifier last
+    hi: Optional[List[float]] = None
+
+    def __post_init__(self):
+        require(self.coverage is None or (finite(self.coverage) and 0 <= self.coverage <= 1),
+                "workload.coverage", "null or in [0, 1] (the classifier's share of the samples)",
+                self.coverage)
+        require(self.balanced_slack is None or (finite(self.balanced_slack) and self.balanced_slack >= 0),
+                "workload.balanced_slack", "null or >= 0", self.balanced_slack)
+
+    def bounds(self, num_experts: int) -> WorkloadBounds:
+        """Per-agent (lo, hi), checked for feasibility.
+
+        ``classifier`` and ``humans`` give each kind's bounds; ``coverage: c`` sets the
+        classifier's ``lo = hi = c`` (exactly ``round(c N)`` of N samples,
+        ``benchmark.assignment.integer_capacities``); with ``balanced_slack`` each human
+        gets an equal share of what the classifier leaves, +/- the slack; ``lo``/``hi``
+        lists override everything.
+        """
+        c_lo, c_hi = self.classifier.lo, self.classifier.hi
+        h_lo, h_hi = self.humans.lo, self.humans.hi
+        if self.coverage is not None:
+            c_lo = c_hi = self.coverage
+        if self.balanced_slack is not None and num_experts > 0:
+            h_lo = max(0.0, (1.0 - c_hi) / num_experts - self.balanced_slack)
+            h_hi = min(1.0, (1.0 - c_lo) / num_experts + self.balanced_slack)
+        lo = [h_lo] * num_experts + [c_lo]
+        hi = [h_hi] * num_experts + [c_hi]
+        for key, values in (("lo", self.lo), ("hi", self.hi)):
+            if values is not None:
+                require(len(values) == num_experts + 1, f"workload.{key}",
+                        f"{num_experts + 1} values (experts then classifier)", list(values))
+                if key == "lo":
+                    lo = [float(v) for v in values]
+                else:
+                    hi = [float(v) for v in values]
+        try:
+            check_bounds(lo, hi, agent_names(num_experts))
+        except InfeasibleBoundsError as err:
+            raise ConfigError(f"workload preset {self.name!r}: {err}") from None
+        return WorkloadBounds(lo=tuple(lo), hi=tuple(hi))
+
+
+@dataclass
+class ImageSize:
+    """(H, W, C) that images are decoded (resized) to."""
+
+    height: int = MISSING
+    width: int = MISSING
+    channels: int = MISSING
+
+
+@dataclass
+class SplitManifests:
+    """A split's manifests, relative to the dataset root (or one of its ``manifest_dirs``)."""
+
+    ground_truth: str = MISSING
+    experts: List[str] = MISSING
+    complete_experts: Optional[List[str]] = None  # the experts before annotations were removed
+
+
+def neutral(default: Any) -> Any:
+    """A dataset field that says how data is held or read (identity ignores it)."""
+    return field(default=default, metadata={NEUTRAL: True})
+
+
+@dataclass(eq=True)
+class DatasetConfig:
+    """A dataset preset (``dataset.*``, ``conf/dataset/``)."""
+
+    name: str = neutral(MISSING)
+    root: str = MISSING  # relative roots are relative to the repository root (a resolved Path
+    # once ``dataset_of`` has resolved it)
+    builder: Optional[str] = neutral(None)  # materialise with datasets.builders.BUILDERS[builder]
+    builder_args: Dict[str, Any] = field(default_factory=dict)
+    num_classes: int = MISSING
+    manifest_dirs: List[str] = field(default_factory=lambda: ["."])
+    published_missing: Optional[str] = None  # e.g. "{stem}_{rate}.json": published missing draws
+    image: ImageSize = MISSING
+    crop: Optional[int] = None  # square crop fed to the network: random in training, centred at test
+    backbone: str = "small_cnn"
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+    augment: Dict[str, Any] = field(default_factory=dict)  # datasets.source.Augment's fields
+    cache: bool = neutral(True)  # decode into memory once; false: stream from disk
+    memory_limit_mb: float = neutral(2048.0)  # stream when decoded train + test images exceed this
+    workers: int = neutral(0)  # streamed data: Grain worker processes
+    missing_seed: Optional[int] = None  # None: the run seed draws the missing annotations
+    train: SplitManifests = MISSING
+    test: SplitManifests = MISSING
+
+    def __post_init__(self):
+        require(self.num_classes >= 2, "dataset.num_classes", ">= 2", self.num_classes)
+        require(self.crop is None or self.crop >= 1, "dataset.crop", "null or >= 1", self.crop)
+        require(self.workers >= 0, "dataset.workers", ">= 0", self.workers)
+        require(finite(self.memory_limit_mb) and self.memory_limit_mb >= 0, "dataset.memory_limit_mb",
+                ">= 0", self.memory_limit_mb)
+        require(self.missing_seed is None or self.missing_seed >= 0, "dataset.missing_seed",
+                "null or >= 0", self.missing_seed)
+        channels = self.image.channels
+        require(len(self.mean) == channels and len(self.std) == channels, "dataset.mean/std",
+                f"{channels} values each (one per image channel)", (list(self.mean), list(self.std)))
+        unknown = sorted(set(self.augment) - {f.name for f in dataclasses.fields(Augment)})
+        require(not unknown, "dataset.augment", "a subset of crop_padding, hflip, noise_std",
+                dict(self.augment))
+
+    def __hash__(self) -> int:  # memoised data loading keys on the dataset
+        return hash(repr(self))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image.height, self.image.width, self.image.channels)
+
+    def task_spec(self) -> TaskSpec:
+        """The static task description (experts counted from the training manifests)."""
+        height, width, channels = self.image_shape
+        shape = self.image_shape if self.crop is None else (self.crop, self.crop, channels)
+        return TaskSpec(self.num_classes, len(self.train.experts), shape, self.backbone)
+
+    def loader(self, batch_size: int) -> LoaderConfig:
+        """The training loader configuration."""
+        return LoaderConfig(batch_size=batch_size, mean=tuple(self.mean), std=tuple(self.std),
+                            augment=Augment(**self.augment), drop_remainder=True,
+                            crop=self.crop, workers=self.workers)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (``tracking.*``, ``conf/tracking/``)."""
+
+    enabled: bool = False
+    uri: Optional[str] = None
+    experiment: Optional[str] = None
+    artifact_location: Optional[str] = None
+
+
+@dataclass
+class CellConfig:
+    """One grid cell's whole configuration, as Hydra composes it (``conf/config.yaml``)."""
+
+    dataset: DatasetConfig = MISSING
+    method: Any = MISSING  # method=<name>: {name, label, params}, generated per method
+    workload: WorkloadConfig = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    missing_rate: float = 0.0
+    force: bool = False  # redo cells whose result already exists
+    objective: Optional[str] = None  # experiment=tune: the record value a run returns
+    missing_policy: Optional[str] = None  # sweeps over policies (set on methods that support it)
+    tuned_dir: str = "conf/tuned"
+    seeds_per_program: int = 1  # >1: blocks of this many seeds train as one vmapped program
+    experiment_name: str = "single"
+    output_dir: str = "outputs"
+    results_dir: str = MISSING
+    report_dir: str = MISSING
+    cache_dir: str = MISSING  # trained models' outputs
+    data_cache_dir: str = MISSING  # derived data (missing-annotation manifests, decoded images)
+    jax_cache_dir: Optional[str] = None  # JAX's persistent compilation cache; null: off
+
+    def __post_init__(self):
+        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        require(finite(self.missing_rate) and 0 <= self.missing_rate <= 1, "missing_rate",
+                "in [0, 1]", self.missing_rate)
+        require(self.seeds_per_program >= 1, "seeds_per_program", ">= 1", self.seeds_per_program)
+
+
+# ----------------------------------------------------------------------------- Hydra
 
 
 def method_options(cls: type) -> dict[str, Any]:
@@ -52,18 +296,17 @@ def method_params_schema(cls: type) -> type:
     return dataclasses.make_dataclass(f"{cls.__name__}Options", fields, frozen=False)
 
 
-def register_method_configs() -> None:
-    """Store ``method=<name>`` in Hydra's ConfigStore for every registered method.
+def register_configs() -> None:
+    """Store the schema (``cell_schema``) and ``method=<name>`` for every registered method
+    in Hydra's ConfigStore.
 
-    Each node is ``{name, label, params}``: ``params`` is typed from the dataclass, so an
+    A method node is ``{name, label, params}``: ``params`` is typed from the dataclass, so an
     unknown option or a wrong type fails when Hydra composes the config; ``label`` (optional)
     names the variant in reports instead of the generated label.
     """
-    from hydra.core.config_store import ConfigStore
-
-
     load_all()
     store = ConfigStore.instance()
+    store.store(name="cell_schema", node=CellConfig)
     for name in METHODS.names():
         options = method_params_schema(METHODS.get(name))
         node = dataclasses.make_dataclass(
@@ -75,257 +318,100 @@ def register_method_configs() -> None:
         store.store(group="method", name=name, node=node)
 
 
-def build_method(cfg: Mapping[str, Any], spec: TaskSpec) -> Method:
-    """Instantiate the registered method ``cfg["name"]`` with ``cfg["params"]``."""
+def to_cell(cfg: DictConfig) -> CellConfig:
+    """The composed config as the typed ``CellConfig`` (its ``hydra`` node left out); the
+    one conversion of a cell. ``ConfigError`` names an option out of range."""
+    if "hydra" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+    cell = OmegaConf.to_object(cfg)
+    if not isinstance(cell, CellConfig):
+        raise ConfigError("the configuration does not start from cell_schema (conf/config.yaml)")
+    return cell
 
-    cls = get_method_class(str(cfg["name"]))
-    params = dict(cfg.get("params") or {})
+
+def method_params(cell: CellConfig) -> dict[str, Any]:
+    """The method's options as a dict (what ``method.params`` sets)."""
+    params = cell.method.params
+    return dict(params) if isinstance(params, dict) else dataclasses.asdict(params)
+
+
+def with_method_option(cell: CellConfig, option: str, value: Any) -> CellConfig:
+    """``cell`` with ``method.params.<option> = value`` (e.g. a swept ``missing_policy``)."""
+    params = cell.method.params
+    params = ({**params, option: value} if isinstance(params, dict)
+              else dataclasses.replace(params, **{option: value}))
+    return dataclasses.replace(cell, method=dataclasses.replace(cell.method, params=params))
+
+
+def build_method(name: str, params: dict[str, Any], spec: TaskSpec) -> Method:
+    """Instantiate the registered method ``name`` with ``params`` and the task's fields."""
+    cls = get_method_class(name)
     options = method_options(cls)
     unknown = sorted(set(params) - set(options))
     if unknown:
         raise ConfigError(
-            f"method {cfg['name']!r} has no option(s) {', '.join(unknown)}; "
+            f"method {name!r} has no option(s) {', '.join(unknown)}; "
             f"its options are {', '.join(sorted(options)) or '(none)'}."
         )
     fields = {f.name for f in dataclasses.fields(cls)}
     task = {"num_experts": spec.num_experts, "num_classes": spec.num_classes}
-    params.update({k: v for k, v in task.items() if k in fields})
     try:
-        return cls(**params)
+        return cls(**{**params, **{k: v for k, v in task.items() if k in fields}})
     except MethodConfigError as err:
         raise ConfigError(str(err)) from None
 
 
-# ----------------------------------------------------------------------------- typed settings
+# ----------------------------------------------------------------------------- a cell's run
 
 
-def _number(cfg: Mapping[str, Any], key: str, option: str, kind: type, minimum=None, default=None):
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"{option} must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
-    value = kind(value)
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{option} must be >= {minimum}, got {value}.")
-    return value
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Training loop settings (``train.*``)."""
-
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    momentum: float
-    weight_decay: float
-
-    @classmethod
-    def parse(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
-        return cls(
-            epochs=_number(cfg, "epochs", "train.epochs", int, 1),
-            batch_size=_number(cfg, "batch_size", "train.batch_size", int, 1),
-            learning_rate=_number(cfg, "learning_rate", "train.learning_rate", float, 0.0),
-            momentum=_number(cfg, "momentum", "train.momentum", float, 0.0),
-            weight_decay=_number(cfg, "weight_decay", "train.weight_decay", float, 0.0),
-        )
-
-
-def _flag(cfg: Mapping[str, Any], key: str, option: str, default: bool) -> bool:
-    value = cfg.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{option} must be true or false, got {value!r}.")
-    return value
-
-
-def _frozen(value: Any) -> Any:
-    """Lists -> tuples and mappings -> sorted item tuples, recursively (hashable settings)."""
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _names(value: Any, option: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str) or not hasattr(value, "__iter__"):
-        raise ConfigError(f"{option} must be a list of manifest paths, got {value!r}.")
-    return tuple(str(v) for v in value)
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """A dataset preset (``dataset.*``) with its paths resolved."""
-
-    name: str
-    root: Path
-    builder: str | None
-    builder_args: tuple[tuple[str, Any], ...]
-    num_classes: int
-    image: tuple[int, int, int]  # (H, W, C) images are decoded (resized) to
-    crop: int | None  # square crop fed to the network: random in training, centred at test
-    backbone: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: tuple[tuple[str, Any], ...]
-    cache: bool
-    missing_seed: int | None  # None: the run seed draws the missing annotations
-    train_ground_truth: str
-    train_experts: tuple[str, ...]
-    complete_experts: tuple[str, ...] | None
-    test_ground_truth: str
-    test_experts: tuple[str, ...]
-    manifest_dirs: tuple[str, ...] = (".",)  # folders (under root) searched for each manifest
-    published_missing: str | None = None  # e.g. "{stem}_{rate}.json": published missing draws
-    workers: int = 0  # streamed data: Grain worker processes (0: threads of the main process)
-    memory_limit_mb: float = 2048.0  # stream when the decoded train + test images exceed this
-
-    @classmethod
-    def parse(cls, cfg: Mapping[str, Any], base: Path) -> "DatasetConfig":
-        image = cfg["image"]
-        train, test = cfg["train"], cfg["test"]
-        return cls(
-            name=str(cfg["name"]),
-            root=resolve_path(cfg["root"], base),
-            builder=cfg.get("builder"),
-            builder_args=_frozen(cfg.get("builder_args") or {}),
-            num_classes=_number(cfg, "num_classes", "dataset.num_classes", int, 2),
-            image=(int(image["height"]), int(image["width"]), int(image["channels"])),
-            crop=None if cfg.get("crop") is None else _number(cfg, "crop", "dataset.crop", int, 1),
-            backbone=str(cfg.get("backbone", "small_cnn")),
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-            augment=_frozen(cfg.get("augment") or {}),
-            cache=_flag(cfg, "cache", "dataset.cache", True),
-            missing_seed=None if cfg.get("missing_seed") is None
-            else _number(cfg, "missing_seed", "dataset.missing_seed", int, 0),
-            train_ground_truth=str(train["ground_truth"]),
-            train_experts=_names(train["experts"], "dataset.train.experts"),
-            complete_experts=_names(train.get("complete_experts"), "dataset.train.complete_experts") or None,
-            test_ground_truth=str(test["ground_truth"]),
-            test_experts=_names(test["experts"], "dataset.test.experts"),
-            manifest_dirs=_names(cfg.get("manifest_dirs"), "dataset.manifest_dirs") or (".",),
-            published_missing=cfg.get("published_missing"),
-            workers=_number(cfg, "workers", "dataset.workers", int, 0, default=0),
-            memory_limit_mb=_number(cfg, "memory_limit_mb", "dataset.memory_limit_mb", float, 0.0,
-                                    default=2048.0),
-        )
-
-    def task_spec(self) -> TaskSpec:
-        """The static task description (experts counted from the training manifests)."""
-        shape = self.image if self.crop is None else (self.crop, self.crop, self.image[2])
-        return TaskSpec(self.num_classes, len(self.train_experts), shape, self.backbone)
-
-    def loader(self, batch_size: int):
-        """The training loader configuration (``datasets.source.LoaderConfig``)."""
-
-        return LoaderConfig(batch_size=batch_size, mean=self.mean, std=self.std,
-                            augment=Augment(**dict(self.augment)), drop_remainder=True,
-                            crop=self.crop, workers=self.workers)
-
-
-def workload_bounds(cfg: Mapping[str, Any], num_experts: int) -> WorkloadBounds:
-    """Per-agent (lo, hi) from a workload preset, checked for feasibility.
-
-    A preset gives ``classifier: {lo, hi}`` and ``humans: {lo, hi}``; ``coverage: c`` (a
-    coverage target) sets the classifier's ``lo = hi = c``: exactly ``round(c N)`` of N
-    samples go to the classifier (``benchmark.assignment.integer_capacities``). With
-    ``balanced_slack`` set, each human gets an equal share of what the classifier leaves,
-    +/- the slack; ``lo``/``hi`` lists (E+1 values, classifier last) override everything.
-    """
-
-    classifier = cfg.get("classifier") or {}
-    humans = cfg.get("humans") or {}
-    c_lo, c_hi = float(classifier.get("lo", 0.0)), float(classifier.get("hi", 1.0))
-    h_lo, h_hi = float(humans.get("lo", 0.0)), float(humans.get("hi", 1.0))
-    if cfg.get("coverage") is not None:
-        c_lo = c_hi = _number(cfg, "coverage", "workload.coverage", float, 0.0)
-        if c_lo > 1.0:
-            raise ConfigError(f"workload.coverage must be in [0, 1] (the classifier's share of "
-                              f"the samples), got {c_lo:g}.")
-    slack = cfg.get("balanced_slack")
-    if slack is not None and num_experts > 0:
-        h_lo = max(0.0, (1.0 - c_hi) / num_experts - float(slack))
-        h_hi = min(1.0, (1.0 - c_lo) / num_experts + float(slack))
-    lo = [h_lo] * num_experts + [c_lo]
-    hi = [h_hi] * num_experts + [c_hi]
-    for key, values in (("lo", cfg.get("lo")), ("hi", cfg.get("hi"))):
-        if values is not None:
-            values = [float(v) for v in values]
-            if len(values) != num_experts + 1:
-                raise ConfigError(
-                    f"workload.{key} needs {num_experts + 1} values (experts then classifier), "
-                    f"got {len(values)}."
-                )
-            if key == "lo":
-                lo = values
-            else:
-                hi = values
-    try:
-        check_bounds(lo, hi, agent_names(num_experts))
-    except InfeasibleBoundsError as err:
-        raise ConfigError(f"workload preset {cfg.get('name', '?')!r}: {err}") from None
-    return WorkloadBounds(lo=tuple(lo), hi=tuple(hi))
+def dataset_of(cell: CellConfig, base: Path) -> DatasetConfig:
+    """The cell's dataset with its root resolved against ``base`` (the repository root)."""
+    return dataclasses.replace(cell.dataset, root=resolve_path(cell.dataset.root, base))
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one grid cell needs, typed and validated."""
+    """Everything one grid cell needs, derived once from its ``CellConfig``."""
 
-    dataset: DatasetConfig  # missing_seed resolved (never None)
-    missing_rate: float
-    seed: int
+    cell: CellConfig
+    dataset: DatasetConfig  # root resolved, missing_seed resolved (never None)
     missing_seed_source: str  # "run seed" or "dataset.missing_seed"
     spec: TaskSpec
     method: Method
     bounds: WorkloadBounds
-    train: TrainSettings
-    validation_fraction: float  # held out of the training split, never trained on
-    validation_seed: int
-    assignment_batch: int | None
     results_dir: Path
     cache_dir: Path  # trained models' test predictions
     data_cache_dir: Path  # derived data: missing-annotation manifests, decoded images
-    force: bool
-    tracking: Mapping[str, Any]
-    seeds_per_program: int = 1  # consecutive seeds trained together as one vmapped program
 
+    @classmethod
+    def build(cls, cell: CellConfig, base: Path) -> "RunConfig":
+        """Resolve the paths, the task, the method and the workload bounds of ``cell``;
+        ``ConfigError`` names a bad option."""
+        dataset, source = dataset_of(cell, base), "dataset.missing_seed"
+        if dataset.missing_seed is None:  # by default the run seed also draws the missing pattern
+            dataset, source = dataclasses.replace(dataset, missing_seed=cell.seed), "run seed"
+        spec = dataset.task_spec()
+        return cls(
+            cell=cell, dataset=dataset, missing_seed_source=source, spec=spec,
+            method=build_method(str(cell.method.name), method_params(cell), spec),
+            bounds=cell.workload.bounds(spec.num_experts),
+            results_dir=resolve_path(cell.results_dir, base),
+            cache_dir=resolve_path(cell.cache_dir, base),
+            data_cache_dir=resolve_path(cell.data_cache_dir, base),
+        )
 
-def parse_run(cfg: Mapping[str, Any], base: Path) -> RunConfig:
-    """A composed cell config (a plain dict) -> ``RunConfig``; ``ConfigError`` names bad options."""
-    missing_rate = _number(cfg, "missing_rate", "missing_rate", float, 0.0)
-    if missing_rate > 1.0:
-        raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
-    dataset = DatasetConfig.parse(cfg["dataset"], base)
-    seed = _number(cfg, "seed", "seed", int, 0)
-    source = "dataset.missing_seed"
-    if dataset.missing_seed is None:  # by default the run seed also draws the missing pattern
-        dataset, source = dataclasses.replace(dataset, missing_seed=seed), "run seed"
-    spec = dataset.task_spec()
-    evaluation = cfg.get("eval") or {}
-    batch = evaluation.get("assignment_batch")
-    validation_fraction = _number(evaluation, "validation_fraction", "eval.validation_fraction", float, 0.0)
-    if validation_fraction >= 1.0:
-        raise ConfigError(f"eval.validation_fraction must be in [0, 1), got {validation_fraction}.")
-    return RunConfig(
-        dataset=dataset,
-        missing_rate=missing_rate,
-        seed=seed,
-        missing_seed_source=source,
-        spec=spec,
-        method=build_method(cfg["method"], spec),
-        bounds=workload_bounds(cfg["workload"], spec.num_experts),
-        train=TrainSettings.parse(cfg["train"]),
-        validation_fraction=validation_fraction,
-        validation_seed=_number(evaluation, "validation_seed", "eval.validation_seed", int, 0),
-        assignment_batch=None if batch is None else _number(cfg["eval"], "assignment_batch",
-                                                            "eval.assignment_batch", int, 1),
-        results_dir=resolve_path(cfg["results_dir"], base),
-        cache_dir=resolve_path(cfg["cache_dir"], base),
-        data_cache_dir=resolve_path(cfg["data_cache_dir"], base),
-        force=bool(cfg.get("force", False)),
-        tracking=dict(cfg.get("tracking") or {}),
-        seeds_per_program=_number(cfg, "seeds_per_program", "seeds_per_program", int, 1, default=1),
-    )
+    def with_seed(self, seed: int, base: Path) -> "RunConfig":
+        """This cell under another seed (seeds trained in one program)."""
+        return RunConfig.build(dataclasses.replace(self.cell, seed=seed), base)
+
+    # the cell's settings under the names the trainer and the cache use
+    seed = property(lambda self: self.cell.seed)
+    missing_rate = property(lambda self: self.cell.missing_rate)
+    train = property(lambda self: self.cell.train)
+    force = property(lambda self: self.cell.force)
+    seeds_per_program = property(lambda self: self.cell.seeds_per_program)
+    validation_fraction = property(lambda self: self.cell.eval.validation_fraction)
+    validation_seed = property(lambda self: self.cell.eval.validation_seed)
+    assignment_batch = property(lambda self: self.cell.eval.assignment_batch)

@@ -64,13 +64,11 @@ class CellData:
     def streamed(self) -> bool:
         """Whether the images stay on disk and are decoded per batch (augmentation then
         draws its randomness per sample, so trained models differ from in-memory ones)."""
-
         return isinstance(self.train, StreamedSplit)
 
 
 def hold_out_validation(data: CellData, fraction: float, seed: int) -> CellData:
     """Split a seeded, class-stratified ``fraction`` of the training split off as validation."""
-
     if fraction <= 0.0:
         return data
     keep, held = stratified_split(np.asarray(data.train.y), fraction, seed)
@@ -92,7 +90,6 @@ def _is_managed(root: Path) -> bool:
 
 
 def _check_inside(dataset: DatasetConfig, names: tuple[str, ...], option: str) -> None:
-
     real_root = dataset.root.resolve()
     for name in names:
         if not inside(real_root, dataset.root / name):
@@ -119,17 +116,16 @@ def published_missing(dataset: DatasetConfig, rate: float) -> tuple[str, ...] | 
     if not dataset.published_missing:
         return None
     names = tuple(locate(dataset, dataset.published_missing.format(stem=Path(name).stem, rate=f"{rate:g}"))
-                  for name in dataset.train_experts)
+                  for name in dataset.train.experts)
     return names if all((dataset.root / name).is_file() for name in names) else None
 
 
 def refuse_stacked_drop(dataset: DatasetConfig, rate: float) -> None:
     """A drawn missing rate needs complete expert manifests: dropping annotations from
     manifests that already miss some would stack two missing rates without a word."""
-
-    split = load_split(dataset.root, dataset.train_ground_truth, dataset.train_experts,
+    split = load_split(dataset.root, dataset.train.ground_truth, dataset.train.experts,
                        dataset.num_classes, check_files=False)
-    for j, name in enumerate(dataset.train_experts):
+    for j, name in enumerate(dataset.train.experts):
         annotated = int((split.t[:, j] != -1).sum())
         if annotated < len(split):
             raise ConfigError(
@@ -148,17 +144,16 @@ def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_
     ground truth and of every source expert manifest with the rate and the seed, so an
     edited source derives a new file and nothing is ever written in the dataset root.
     """
-
-    root, experts = dataset.root, dataset.train_experts
-    sources = [root / dataset.train_ground_truth, *(root / name for name in experts)]
+    root, experts = dataset.root, dataset.train.experts
+    sources = [root / dataset.train.ground_truth, *(root / name for name in experts)]
     key = stable_hash({"sources": [file_sha256(path) for path in sources],
                        "rate": missing_rate, "seed": dataset.missing_seed})
     folder = cache_dir / "missing" / key
     derived = tuple(str(folder / f"expert_{j}_{Path(name).name}") for j, name in enumerate(experts))
     if not all(Path(path).is_file() for path in derived):
         # the same checks as at missing rate 0 (e.g. an expert naming an unknown sample)
-        load_split(root, dataset.train_ground_truth, experts, dataset.num_classes, check_files=False)
-        gt = read_manifest(root / dataset.train_ground_truth, dataset.num_classes)
+        load_split(root, dataset.train.ground_truth, experts, dataset.num_classes, check_files=False)
+        gt = read_manifest(root / dataset.train.ground_truth, dataset.num_classes)
         manifests = [read_manifest(root / name, dataset.num_classes) for name in experts]
         write_missing_manifests(manifests, gt.files, missing_rate, dataset.missing_seed, derived)
     return derived
@@ -166,31 +161,28 @@ def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_
 
 def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) -> DatasetFiles:
     """Manifest paths of a cell; missing-annotation manifests are derived into ``cache_dir``."""
-
     if not 0.0 <= float(missing_rate) <= 1.0:
         raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
     root = dataset.root
     if dataset.builder and _is_managed(root):
-
         BUILDERS.get(dataset.builder)(root, **dict(dataset.builder_args))
     if not root.is_dir():
         raise ManifestError(
             f"{root}: dataset root does not exist or is not a directory (dataset.root; "
             f"relative roots are resolved against {REPO_ROOT})."
         )
-    dataset = dataclasses.replace(
-        dataset,
-        train_ground_truth=locate(dataset, dataset.train_ground_truth),
-        test_ground_truth=locate(dataset, dataset.test_ground_truth),
-        train_experts=tuple(locate(dataset, name) for name in dataset.train_experts),
-        test_experts=tuple(locate(dataset, name) for name in dataset.test_experts),
-        complete_experts=None if dataset.complete_experts is None
-        else tuple(locate(dataset, name) for name in dataset.complete_experts),
-    )
-    _check_inside(dataset, (dataset.train_ground_truth, dataset.test_ground_truth),
+    def located(split):  # each manifest in the first of dataset.manifest_dirs holding it
+        complete = split.complete_experts
+        return dataclasses.replace(
+            split, ground_truth=locate(dataset, split.ground_truth),
+            experts=tuple(locate(dataset, name) for name in split.experts),
+            complete_experts=None if complete is None else tuple(locate(dataset, n) for n in complete))
+
+    dataset = dataclasses.replace(dataset, train=located(dataset.train), test=located(dataset.test))
+    _check_inside(dataset, (dataset.train.ground_truth, dataset.test.ground_truth),
                   "dataset.train/test.ground_truth")
-    _check_inside(dataset, dataset.train_experts + dataset.test_experts, "dataset.train/test.experts")
-    experts, complete, source = dataset.train_experts, dataset.complete_experts, "none"
+    _check_inside(dataset, (*dataset.train.experts, *dataset.test.experts), "dataset.train/test.experts")
+    experts, complete, source = dataset.train.experts, dataset.train.complete_experts, "none"
     if missing_rate > 0:
         complete = complete or experts
         published = published_missing(dataset, float(missing_rate))
@@ -201,18 +193,17 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) 
             experts, source = derive_missing_manifests(dataset, float(missing_rate), cache_dir), "drawn"
     return DatasetFiles(
         name=dataset.name, root=root, num_classes=dataset.num_classes,
-        train_ground_truth=dataset.train_ground_truth, train_experts=experts,
-        complete_experts=complete, test_ground_truth=dataset.test_ground_truth,
-        test_experts=dataset.test_experts, source_experts=dataset.train_experts,
+        train_ground_truth=dataset.train.ground_truth, train_experts=experts,
+        complete_experts=complete, test_ground_truth=dataset.test.ground_truth,
+        test_experts=dataset.test.experts, source_experts=dataset.train.experts,
         missing_source=source,
     )
 
 
 def source_manifest_hashes(dataset: DatasetConfig, missing_rate: float) -> dict[str, str | None]:
     """sha256 of every manifest a cell reads (None where a file does not exist yet)."""
-
-    names = (dataset.train_ground_truth, *dataset.train_experts, *(dataset.complete_experts or ()),
-             dataset.test_ground_truth, *dataset.test_experts)
+    names = (dataset.train.ground_truth, *dataset.train.experts, *(dataset.train.complete_experts or ()),
+             dataset.test.ground_truth, *dataset.test.experts)
     names = tuple(locate(dataset, name) for name in names)
     if missing_rate > 0:
         names += published_missing(dataset, missing_rate) or ()
@@ -243,7 +234,6 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
             signatures: tuple[str, str], stream: bool, memory_limit_mb: float) -> CellData:
     """The cell's splits, decoded into memory unless ``stream`` or their decoded size
     exceeds ``memory_limit_mb`` (then both stream from disk); cached in ``cache_dir``."""
-
     fmt = ImageFormat(*image)
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
     test = load_split(files.root, files.test_ground_truth, files.test_experts, files.num_classes,
@@ -280,7 +270,6 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
     ``dataset.cache``), never into the dataset root. The splits stream from disk instead
     of being decoded into memory when ``dataset.cache`` is false or their decoded images
     (train + test) would exceed ``dataset.memory_limit_mb``."""
-
     key = (dataset, missing_rate, cache_dir)
     if key in _ERRORS:
         raise _ERRORS[key]
@@ -290,7 +279,7 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
             image_signature(files.root, read_manifest(files.root / gt, files.num_classes).files)
             for gt in (files.train_ground_truth, files.test_ground_truth))
         images = cache_dir / "images" if dataset.cache else None
-        data = _decode(files, dataset.image, images, signatures, not dataset.cache,
+        data = _decode(files, dataset.image_shape, images, signatures, not dataset.cache,
                        dataset.memory_limit_mb)
         return hold_out_validation(data, *validation)
     except Exception as err:

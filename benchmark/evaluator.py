@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from benchmark.assignment import capacity_assignment
-from core.spec import WorkloadBounds, agent_names
+from core.spec import ReferenceRow, WorkloadBounds, agent_names
 
 CURVE_POINTS = 101
 ECE_BINS = 15
@@ -23,6 +23,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def decision_scores(method, logits, scores, y, t) -> np.ndarray:
+    """The (N, E+1) scores decisions are made on: the method's own, or for a reference row
+    (``core.spec.ReferenceRow``) its stated rule applied to the whole split (the oracle's
+    rule alone reads the labels)."""
+    scores = np.asarray(scores)
+    if not isinstance(method, ReferenceRow):
+        return scores
+    sees = method.sees_test_labels
+    return np.asarray(method.reference_scores(np.asarray(logits), scores, y if sees else None,
+                                              t if sees else None))
 
 
 def final_predictions(agent: np.ndarray, class_pred: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Identity of a result: variant labels, the record path and the settings fingerprint.
 
 A result row is (dataset variant, method variant, missing rate, workload variant, seed).
-A variant label is the preset or method name plus every setting that differs from its
-default, so different settings never share a record, a prediction-cache entry or an
-MLflow run:
+A variant label is the preset or method name plus every setting that differs from what
+Hydra composes from the chosen presets alone (``baseline_cell``), so different settings
+never share a record, a prediction-cache entry or an MLflow run:
 
 * method: ``prob_l2d[estep=meanfield]`` (options against the dataclass defaults and the
   tuned preset of the dataset, if any), plus the ``train.*`` / ``eval.*`` settings that
@@ -11,26 +11,28 @@ MLflow run:
   ``method.label`` replaces the label;
 * workload: ``paper[classifier.hi=0.3]`` (against ``conf/workload/<preset>.yaml``);
 * dataset: ``digits`` or ``digits@<hash>`` when any setting that changes the data differs
-  from ``conf/dataset/<preset>.yaml`` (the record lists them under ``variant``).
+  from ``conf/dataset/<preset>.yaml`` (the record lists them under ``variant``); fields
+  marked ``NEUTRAL`` (how data is held or read) never count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from benchmark.config import ConfigError, method_options
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from benchmark.config import NEUTRAL, CellConfig, ConfigError, DatasetConfig, method_params, to_cell
 from benchmark.provenance import REPO_ROOT
 from core.labels import flatten, stable_hash, variant_label
 from core.spec import RECORD_NAME, CellKey
-from methods import get_method_class
 
 CONF_DIR = REPO_ROOT / "conf"
-# dataset settings that never change what a result measures (how data is cached, held,
-# read or built, not what it is; streamed data draws its augmentation per sample instead)
-DATASET_NEUTRAL = frozenset({"name", "cache", "builder", "memory_limit_mb", "workers"})
+PRESET_GROUPS = ("dataset", "workload", "experiment")  # with the method: a label's baseline
 TRAINING_SECTIONS = ("train", "eval")
 SAFE_PATH = re.compile(r"[^A-Za-z0-9._=,+@\[\]-]")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+@-]{0,99}")
@@ -50,114 +52,94 @@ def changed_settings(actual: Mapping[str, Any], default: Mapping[str, Any]) -> d
             if key not in base or not _same(value, base[key])}
 
 
+def plain(value: Any) -> Any:
+    """A config dataclass as nested dicts with plain values (paths as text)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def dataset_identity(dataset: DatasetConfig) -> dict[str, Any]:
+    """The dataset settings that define what the data is (``NEUTRAL`` fields left out)."""
+    return {f.name: plain(getattr(dataset, f.name)) for f in dataclasses.fields(dataset)
+            if not f.metadata.get(NEUTRAL)}
+
+
+def preset_choices(cell: CellConfig, choices: Mapping[str, str] | None) -> tuple:
+    """The presets a cell was composed from (Hydra's ``choices``; without them, the presets
+    named like the cell's ``dataset.name``, ``workload.name`` and ``experiment_name``), the
+    method as registered: what ``baseline_cell`` composes."""
+    if choices is None:
+        choices = {"dataset": cell.dataset.name, "workload": cell.workload.name,
+                   "experiment": cell.experiment_name}
+    known = {group: str(choice) for group, choice in choices.items()
+             if group in PRESET_GROUPS and choice and (CONF_DIR / group / f"{choice}.yaml").is_file()}
+    return tuple(sorted({**known, "method": str(cell.method.name)}.items()))
+
+
 @functools.lru_cache(maxsize=64)
-def _load_yaml(path: str) -> tuple[dict, tuple[str, ...]]:
-    """A config file's keys (without ``defaults`` and ``hydra``) and the names its defaults
-    list takes from its own group (``- other_preset``, before ``_self_``)."""
-    from omegaconf import OmegaConf
-
-    if not Path(path).is_file():
-        return {}, ()
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    defaults = data.pop("defaults", None) or []
-    data.pop("hydra", None)
-    inherited = tuple(entry for entry in defaults if isinstance(entry, str) and entry != "_self_")
-    return data, inherited
+def baseline_cell(choices: tuple) -> CellConfig:
+    """The cell Hydra composes from the presets ``choices`` alone (no other override): what
+    a variant label is measured against. Composed by Hydra itself (the running app's, or
+    one initialised on ``conf/``), once per distinct choice per process."""
+    overrides = [f"{group}={choice}" for group, choice in choices]
+    if GlobalHydra.instance().is_initialized():
+        return to_cell(compose(config_name="config", overrides=overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_cell(compose(config_name="config", overrides=overrides))
 
 
-def _merged(base: dict, overlay: Mapping[str, Any]) -> dict:
-    """``base`` overlaid by ``overlay`` one level deep (sections merge, values replace)."""
-    out = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
+def tuned_preset(cell: CellConfig, choices: Mapping[str, str] | None) -> str | None:
+    """The tuned preset Hydra applied (``conf/tuned/<dataset>_<method>.yaml``), if one exists."""
+    name = (choices or {}).get("tuned")
+    return name if name and (CONF_DIR / "tuned" / f"{name}.yaml").is_file() else None
 
 
-def preset(group: str, name: str) -> dict | None:
-    """The preset ``conf/<group>/<name>.yaml`` as a dict (over the same-group presets its
-    defaults list names), or None if there is none."""
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    data, inherited = _load_yaml(str(path))
-    out: dict = {}
-    for parent in inherited:
-        out = _merged(out, preset(group, parent) or {})
-    return _merged(out, data)
-
-
-def experiment_defaults(experiment: str | None, tuned: str | None = None) -> dict:
-    """``config.yaml`` overlaid with the tuned preset ``conf/tuned/<tuned>.yaml`` and then
-    ``conf/experiment/<experiment>.yaml`` (the defaults list's order; top-level keys)."""
-    base = _load_yaml(str(CONF_DIR / "config.yaml"))[0]
-    for overlay in (preset("tuned", tuned) if tuned else None,
-                    preset("experiment", experiment) if experiment else None):
-        base = _merged(base, overlay or {})
-    return base
-
-
-def _against_preset(section: Mapping[str, Any], group: str, choice: str | None,
-                    experiment: Mapping[str, Any]) -> dict[str, Any]:
-    default = preset(group, choice or str(section.get("name")))
-    if default is None:  # not a known preset: the settings define it, nothing to compare
-        return {}
-    overlay = experiment.get(group)
-    if isinstance(overlay, Mapping):
-        default = {**default, **overlay}
-    return changed_settings(section, default)
-
-
-def cell_identity(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None
+def cell_identity(cell: CellConfig, choices: Mapping[str, str] | None = None
                   ) -> tuple[CellKey, dict[str, Any]]:
-    """The cell key (variant labels) of a composed config and the settings behind the labels.
+    """The cell key (variant labels) of a typed cell config and the settings behind the labels.
 
-    ``choices`` are Hydra's chosen presets per group (``hydra.runtime.choices``); without
-    them the presets are looked up by the ``name`` keys and ``experiment_name``.
+    ``choices`` are Hydra's chosen presets per group (``hydra.runtime.choices``).
     """
-
-
-    for option, value in (("dataset.name", cfg["dataset"]["name"]), ("workload.name", cfg["workload"]["name"]),
-                          ("method.label", cfg["method"].get("label"))):
+    for option, value in (("dataset.name", cell.dataset.name), ("workload.name", cell.workload.name),
+                          ("method.label", cell.method.label)):
         check_name(value, option)
-    choices = dict(choices or {})
-    experiment = experiment_defaults(choices.get("experiment") or cfg.get("experiment_name"),
-                                     choices.get("tuned"))
-    method_cfg = cfg["method"]
-    method_name = str(method_cfg["name"])
-    method_defaults = {**method_options(get_method_class(method_name)),
-                       **((experiment.get("method") or {}).get("params") or {})}  # tuned values
-    method_changes = changed_settings(method_cfg.get("params") or {}, method_defaults)
+    base = baseline_cell(preset_choices(cell, choices))
+    method_name = str(cell.method.name)
+    method_changes = changed_settings(method_params(cell), method_params(base))
     training_changes = {
         f"{section}.{key}": value
         for section in TRAINING_SECTIONS
-        for key, value in changed_settings(cfg.get(section) or {}, experiment.get(section) or {}).items()
+        for key, value in changed_settings(plain(getattr(cell, section)),
+                                           plain(getattr(base, section))).items()
     }
-    workload_changes = {k: v for k, v in _against_preset(
-        cfg["workload"], "workload", choices.get("workload"), experiment).items() if k != "name"}
-    dataset_changes = {k: v for k, v in _against_preset(
-        cfg["dataset"], "dataset", choices.get("dataset"), experiment).items()
-        if k.split(".")[0] not in DATASET_NEUTRAL}
-    dataset_name = str(cfg["dataset"]["name"])
-    cell = CellKey(
+    same_workload = cell.workload.name == base.workload.name
+    workload_changes = {k: v for k, v in changed_settings(
+        plain(cell.workload), plain(base.workload)).items() if k != "name"} if same_workload else {}
+    same_dataset = cell.dataset.name == base.dataset.name
+    dataset_changes = changed_settings(dataset_identity(cell.dataset),
+                                       dataset_identity(base.dataset)) if same_dataset else {}
+    dataset_name = str(cell.dataset.name)
+    key = CellKey(
         dataset=f"{dataset_name}@{stable_hash(dataset_changes, 8)}" if dataset_changes else dataset_name,
-        method=str(method_cfg.get("label") or variant_label(
+        method=str(cell.method.label or variant_label(
             method_name, {**method_changes, **training_changes})),
-        missing_rate=float(cfg["missing_rate"]),
-        workload=variant_label(str(cfg["workload"]["name"]), workload_changes),
-        seed=int(cfg["seed"]),
+        missing_rate=float(cell.missing_rate),
+        workload=variant_label(str(cell.workload.name), workload_changes),
+        seed=int(cell.seed),
     )
     variant = {"method": method_changes, "train": training_changes,
                "workload": workload_changes, "dataset": dataset_changes,
-               "tuned_preset": choices.get("tuned")}
-    return cell, variant
+               "tuned_preset": tuned_preset(cell, choices)}
+    return key, variant
 
 
 def check_name(value: Any, option: str) -> None:
     """Raise ``ConfigError`` unless a user-given name is a safe output path component."""
-
     if value is not None and not SAFE_NAME.fullmatch(str(value)):
         raise ConfigError(
             f"{option}={value!r} names folders under the results directory: use 1-100 letters, "
@@ -182,10 +164,11 @@ def record_path(results_dir: Path, cell: CellKey) -> Path:
             / f"seed{cell['seed']}" / RECORD_NAME)
 
 
-def settings_fingerprint(cfg: Mapping[str, Any], manifest_hashes: Mapping[str, Any] | None) -> str:
+def settings_fingerprint(cell: CellConfig, manifest_hashes: Mapping[str, Any] | None) -> str:
     """Hash of every setting that defines a cell's result and of the content of its source
     manifests (a changed setting or an edited manifest reruns the cell)."""
-    dataset = {k: v for k, v in (cfg.get("dataset") or {}).items() if k not in DATASET_NEUTRAL - {"name"}}
-    relevant = {"dataset": dataset, "manifests": manifest_hashes, **{k: cfg.get(k) for k in (
-        "method", "workload", "train", "eval", "missing_rate", "seed")}}
+    relevant = {"dataset": {"name": cell.dataset.name, **dataset_identity(cell.dataset)},
+                "manifests": manifest_hashes, "method": plain(cell.method),
+                **{key: plain(getattr(cell, key)) for key in (
+                    "workload", "train", "eval", "missing_rate", "seed")}}
     return stable_hash(relevant)

@@ -23,6 +23,7 @@ from benchmark import training
 from benchmark.config import RunConfig
 from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
+from benchmark.identity import dataset_identity
 from benchmark.provenance import code_hash, file_sha256
 from core.files import atomic_write_bytes, exclusive_lock
 from core.labels import stable_hash
@@ -33,14 +34,11 @@ from datasets.source import Augment, epoch_batches
 def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -> str:
     """Hash of everything that can change the trained model and its test outputs
     (``method_id`` replaces the method's repr: a shared training problem's name)."""
-
-    dataset = dataclasses.replace(run.dataset, name="", cache=False, builder=None, workers=0,
-                                  memory_limit_mb=0.0)  # how data is read, not what it is
     payload = {
         "code": code_hash(),
         "method": method_id or repr(run.method),
         "train": dataclasses.asdict(run.train),
-        "dataset": repr(dataset),
+        "dataset": dataset_identity(run.dataset),  # what the data is, not how it is read
         "missing_rate": run.missing_rate,
         "manifests": {k: file_sha256(p) for k, p in sorted(data.manifests.items())},
         "seed": run.seed,
@@ -75,12 +73,8 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
     batch_size = min(run.train.batch_size, train_size)
     epochs = run.train.epochs if method.trains else 0
     loader = run.dataset.loader(batch_size)
-    optim = training.OptimConfig(
-        learning_rate=run.train.learning_rate,
-        momentum=run.train.momentum,
-        weight_decay=run.train.weight_decay,
-        total_steps=max(1, epochs * (train_size // batch_size)),
-    )
+    optim = training.OptimConfig.for_training(
+        run.train, total_steps=max(1, epochs * (train_size // batch_size)))
     models, trained, shared = [], [], []
     for cell_run, data in cells:
         model = training.init_model(method, cell_run.spec, cell_run.seed)
@@ -118,13 +112,11 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
 
 
 def _train_batches(data: CellData, loader, seed: int, epoch: int):
-
     return epoch_batches(data.train, loader, seed=seed, epoch=epoch)
 
 
 def _predict(run: RunConfig, data: CellData, trained, loader) -> dict:
     """Test and validation outputs of a trained model, with its run metrics."""
-
     eval_loader = dataclasses.replace(loader, augment=Augment(), drop_remainder=False)
 
     def outputs(split, corrupt=False):
@@ -204,7 +196,7 @@ def cached_predictions(run: RunConfig, data: CellData,
     # one process trains a block; another one asking for it meanwhile waits, then reads
     block = seed_block(run.seed, run.seeds_per_program)
     block_key = stable_hash([repr(run.method), dataclasses.asdict(run.train), run.missing_rate,
-                             repr(dataclasses.replace(run.dataset, missing_seed=None)),
+                             dataset_identity(dataclasses.replace(run.dataset, missing_seed=None)),
                              dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
                              block])  # the same for every seed of the block
     with exclusive_lock(run.cache_dir / f"block-{run.method.name}-{block_key}.lock"):

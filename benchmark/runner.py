@@ -1,7 +1,9 @@
-"""One grid cell: identity -> parse -> data -> fit (or reuse) -> evaluate -> record -> track.
+"""One grid cell, one way: identity -> data -> method -> fit (or reuse) -> predict -> score ->
+one record write -> track.
 
-The record goes to ``benchmark.identity.record_path`` (one path per variant) and is written
-before the cell is tracked. A cell whose record says "ok" for the same settings and source
+``run_cell`` takes the typed ``CellConfig`` (``benchmark.config.to_cell``, once per cell) and
+derives the cell's ``RunConfig`` once. The record goes to ``benchmark.identity.record_path``
+(one path per variant). A cell whose record says "ok" for the same settings and source
 manifests is skipped unless ``force``. A lock file beside the record serialises processes
 that run the same cell at the same time (the second one then finds the record and skips).
 """
@@ -11,13 +13,13 @@ from __future__ import annotations
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
 
-from benchmark.config import ConfigError, DatasetConfig, parse_run, resolve_path
+from benchmark.config import (CellConfig, ConfigError, RunConfig, dataset_of, resolve_path,
+                              with_method_option)
 from benchmark.data import load_data, source_manifest_hashes
-from benchmark.evaluator import evaluate
+from benchmark.evaluator import decision_scores, evaluate
 from benchmark.identity import cell_identity, record_path, settings_fingerprint
 from benchmark.predictions import cached_predictions
 from benchmark.provenance import REPO_ROOT, provenance
@@ -25,11 +27,9 @@ from benchmark.tracking import Tracker
 from benchmark.training import use_compilation_cache
 from core.files import exclusive_lock
 from core.records import read_record, write_record
-from core.spec import RECORD_SCHEMA, SCORE_RANGE, ResultRecord, agent_names
+from core.spec import (NOT_APPLICABLE, RECORD_SCHEMA, SCORE_RANGE, SKIPPED, ResultRecord,
+                       agent_names, role_of)
 from methods import get_method_class
-
-
-NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
 
 
 def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
@@ -44,15 +44,13 @@ def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
         )
 
 
-def fingerprint_now(cfg: Mapping[str, Any], base: Path) -> str:
+def fingerprint_now(cell: CellConfig, base: Path) -> str:
     """The settings fingerprint with the source manifests' current content."""
-
     try:
-        hashes = source_manifest_hashes(DatasetConfig.parse(cfg["dataset"], base),
-                                        float(cfg.get("missing_rate") or 0.0))
-    except Exception:  # an invalid dataset config fails the cell later, with its message
+        hashes = source_manifest_hashes(dataset_of(cell, base), cell.missing_rate)
+    except Exception:  # an invalid dataset fails the cell later, with its message
         hashes = None
-    return settings_fingerprint(cfg, hashes)
+    return settings_fingerprint(cell, hashes)
 
 
 def cell_lock(path: Path):
@@ -60,28 +58,26 @@ def cell_lock(path: Path):
     return exclusive_lock(path.with_name(path.name + ".lock"))
 
 
-def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
+def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
     """Fill ``record`` with the cell's result (raises on failure)."""
+    run = RunConfig.build(cell, base)
+    use_compilation_cache(resolve_path(cell.jax_cache_dir, base) if cell.jax_cache_dir else None)
+    record["role"] = role_of(run.method)
 
-    def cell_data(run):
+    def cell_data(run: RunConfig):
         return load_data(run.dataset, run.missing_rate, run.data_cache_dir,
                          (run.validation_fraction, run.validation_seed))
 
     def seed_cell(seed: int):  # this cell under another seed (seeds_per_program > 1)
-        other = parse_run({**cfg, "seed": seed}, base)
+        other = run.with_seed(seed, base)
         return other, cell_data(other)
 
-    run = parse_run(cfg, base)
-    use_compilation_cache(resolve_path(cfg["jax_cache_dir"], base) if cfg.get("jax_cache_dir") else None)
-    record["role"] = run.method.role
     data = cell_data(run)
-    record["fingerprint"] = fingerprint_now(cfg, base)  # the data exist now (built on first use)
+    record["fingerprint"] = fingerprint_now(cell, base)  # the data exist now (built on first use)
     out = cached_predictions(run, data, seed_cell)
 
     def evaluate_split(outputs, split):
-        scores = run.method.finalize_scores(np.asarray(outputs["scores"]))
-        if run.method.sees_test_labels:  # the oracle reference row
-            scores = run.method.scores_from_labels(outputs["logits"], scores, split.y, split.t)
+        scores = decision_scores(run.method, outputs["logits"], outputs["scores"], split.y, split.t)
         check_scores(run.method.name, np.asarray(scores), np.asarray(outputs["logits"]))
         return evaluate(outputs["logits"], scores, split.y, split.t, run.bounds,
                         assignment_batch=run.assignment_batch, probs=outputs["probs"])
@@ -104,11 +100,10 @@ def compute(cfg: Mapping[str, Any], record: ResultRecord, base: Path) -> None:
         record["validation"] = evaluate_split(out["validation"], data.validation).metrics
 
 
-def track(cfg: Mapping[str, Any], record: ResultRecord, path: Path) -> ResultRecord:
+def track(cell: CellConfig, record: ResultRecord, path: Path) -> ResultRecord:
     """Log the written record to MLflow and store the run id (or the tracking error) in it."""
-
     try:
-        run_id = Tracker(cfg.get("tracking") or {}).log(record, cfg)
+        run_id = Tracker(cell.tracking).log(record, cell)
     except Exception as err:  # tracking never loses a result
         record["tracking_error"] = f"{type(err).__name__}: {err}"
         run_id = None
@@ -118,61 +113,56 @@ def track(cfg: Mapping[str, Any], record: ResultRecord, path: Path) -> ResultRec
     return record
 
 
-def run_cell(cfg: Mapping[str, Any], choices: Mapping[str, str] | None = None,
+def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
              base: Path = REPO_ROOT) -> ResultRecord:
     """Run one grid cell, write its record and track it; never raises for a failing cell.
 
-    ``cfg`` is the composed config as a plain dict; ``choices`` Hydra's chosen presets.
-    Returns the record (``status`` "ok", "failed" or "skipped" for an existing ok record;
-    "not_applicable" when a swept top-level ``missing_policy`` is one the method does not
-    support: nothing is run or written).
+    ``cell`` is the typed config (``benchmark.config.to_cell``); ``choices`` Hydra's chosen
+    presets. Returns the record, or an outcome whose ``status`` is one of
+    ``core.spec.OUTCOMES``: "skipped" for an existing ok record, "not_applicable" when a
+    swept top-level ``missing_policy`` is one the method does not support (nothing is run
+    or written).
     """
-    policy = cfg.get("missing_policy")
+    policy = cell.missing_policy
     if policy is not None:  # a sweep over policies: only the combinations a method supports
-
-        supported = get_method_class(str(cfg["method"]["name"])).missing_policies
-        if policy not in supported:
-            return {"status": NOT_APPLICABLE, "error": None, "cell": {"method": cfg["method"]["name"],
-                                                                    "missing_policy": policy}}
-        cfg = {**cfg, "method": {**cfg["method"], "params": {**(cfg["method"].get("params") or {}),
-                                                             "missing_policy": policy}}}
-    cell = {key: cfg.get(key) for key in ("missing_rate", "seed")}  # until the labels are known
+        if policy not in get_method_class(str(cell.method.name)).missing_policies:
+            return {"status": NOT_APPLICABLE, "error": None,
+                    "cell": {"method": cell.method.name, "missing_policy": policy}}
+        cell = with_method_option(cell, "missing_policy", policy)
+    key = {"missing_rate": cell.missing_rate, "seed": cell.seed}  # until the labels are known
     try:
-        cell, variant = cell_identity(cfg, choices)
-        path = record_path(resolve_path(cfg["results_dir"], base), cell)
+        key, variant = cell_identity(cell, choices)
+        path = record_path(resolve_path(cell.results_dir, base), key)
         with cell_lock(path):
-            return _run_locked(cfg, cell, variant, path, base)
+            return _run_locked(cell, key, variant, path, base)
     except ConfigError as err:  # no identity: nothing can be recorded
-        return {"status": "failed", "error": f"ConfigError: {err}", "cell": cell}
+        return {"status": "failed", "error": f"ConfigError: {err}", "cell": key}
     except OSError as err:  # the record (or its lock) cannot be written: say so, go on
-        return {"status": "failed", "error": f"cannot write the result record: {err}",
-                "cell": cell}
+        return {"status": "failed", "error": f"cannot write the result record: {err}", "cell": key}
 
 
-def _run_locked(cfg, cell, variant, path: Path, base: Path) -> ResultRecord:
+def _run_locked(cell: CellConfig, key, variant, path: Path, base: Path) -> ResultRecord:
     existing = read_record(path)
-    fingerprint = fingerprint_now(cfg, base)
-    if (existing and existing["status"] == "ok" and not cfg.get("force", False)
+    fingerprint = fingerprint_now(cell, base)
+    if (existing and existing["status"] == "ok" and not cell.force
             and existing.get("fingerprint") == fingerprint):
-        tracking = cfg.get("tracking") or {}
-        if tracking.get("enabled") and not existing.get("mlflow_run_id"):
-            existing = track(cfg, existing, path)  # killed before it was tracked: repair
-        return {**existing, "status": "skipped"}
-    user_label = cfg["method"].get("label")
-    if user_label and existing and existing.get("variant") not in (None, variant):
-        return {"status": "failed", "cell": cell, "error": (  # the existing record is kept
-            f"ConfigError: method.label={user_label!r}: {path} holds the result of other settings "
-            f"under this label ({existing['variant']}); give each variant its own label.")}
+        if cell.tracking.enabled and not existing.get("mlflow_run_id"):
+            existing = track(cell, existing, path)  # killed before it was tracked: repair
+        return {**existing, "status": SKIPPED}
+    if cell.method.label and existing and existing.get("variant") not in (None, variant):
+        return {"status": "failed", "cell": key, "error": (  # the existing record is kept
+            f"ConfigError: method.label={cell.method.label!r}: {path} holds the result of other "
+            f"settings under this label ({existing['variant']}); give each variant its own label.")}
     record: ResultRecord = {
-        "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": cell,
-        "method_name": str(cfg["method"]["name"]), "variant": variant,
+        "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": key,
+        "method_name": str(cell.method.name), "variant": variant,
         "fingerprint": fingerprint,  # recomputed once the data exist (built on first use)
     }
     try:
-        compute(cfg, record, base)
+        compute(cell, record, base)
     except Exception as err:  # a failing cell is recorded, the sweep goes on
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc()
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_record(path, record)
-    return track(cfg, record, path)
+    return track(cell, record, path)

@@ -8,6 +8,7 @@ provenance as JSON artifacts, and the result record itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from benchmark.config import CellConfig, TrackingConfig, method_params
 from core.labels import stable_hash
 from core.spec import ResultRecord
 from core.files import exclusive_lock
@@ -60,11 +62,17 @@ def _store_lock(uri: str | None) -> Iterator[None]:
 class Tracker:
     """Logs result records to MLflow (``enabled: false`` makes it a no-op)."""
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.enabled = bool(cfg.get("enabled", False))
-        self.uri = cfg.get("uri")
-        self.experiment = cfg.get("experiment", "l2d-bench")
-        self.artifact_location = cfg.get("artifact_location")
+    def __init__(self, settings: TrackingConfig | Mapping[str, Any]):
+        """``settings``: the cell's ``tracking`` (typed), or the sweep's ``tracking`` node."""
+        def get(key, default=None):
+            if isinstance(settings, Mapping):
+                return settings.get(key, default)
+            return getattr(settings, key, default)
+
+        self.enabled = bool(get("enabled", False))
+        self.uri = get("uri")
+        self.experiment = get("experiment") or "l2d-bench"
+        self.artifact_location = get("artifact_location")
         self._ready = False
 
     def prepare(self) -> str | None:
@@ -105,7 +113,7 @@ class Tracker:
             mlflow.set_experiment(self.experiment)
         self._ready = True
 
-    def log(self, record: ResultRecord, cfg: Mapping[str, Any]) -> str | None:
+    def log(self, record: ResultRecord, cell: CellConfig) -> str | None:
         """Log one cell's record as the cell's only run; returns its id (None when disabled).
 
         Runs are found by the ``cell_id`` tag (a hash of the cell key): an earlier run of
@@ -117,14 +125,14 @@ class Tracker:
 
         if not self._ready:
             self._setup()
-        cell = record["cell"]
+        settings, cell = cell, record["cell"]
         cell_id = stable_hash(dict(cell))
         for old in mlflow.search_runs(filter_string=f"tags.cell_id = '{cell_id}'", output_format="list"):
             mlflow.delete_run(old.info.run_id)
         name = "-".join(str(cell[k]) for k in ("method", "dataset", "missing_rate", "workload", "seed"))
         params = {**cell, "method_name": record["method_name"],
-                  **{f"method.{k}": v for k, v in ((cfg.get("method") or {}).get("params") or {}).items()},
-                  **{f"train.{k}": v for k, v in (cfg.get("train") or {}).items()}}
+                  **{f"method.{k}": v for k, v in method_params(settings).items()},
+                  **{f"train.{k}": v for k, v in dataclasses.asdict(settings.train).items()}}
         with mlflow.start_run(run_name=name[:250]) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             metrics = {}

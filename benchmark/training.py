@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmark.config import TrainConfig
 from core.files import atomic_write_bytes
 from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
@@ -39,13 +40,20 @@ def use_compilation_cache(path: Path | None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """SGD with momentum, decoupled-from-bias weight decay and a cosine schedule."""
+    """SGD with momentum, decoupled-from-bias weight decay and a cosine schedule (hashable:
+    a static argument of the jitted step). Defaults: ``benchmark.config.TrainConfig``'s."""
 
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    learning_rate: float = TrainConfig.learning_rate
+    momentum: float = TrainConfig.momentum
+    weight_decay: float = TrainConfig.weight_decay
     total_steps: int = 1000
     warmup_steps: int = 0
+
+    @classmethod
+    def for_training(cls, train: TrainConfig, total_steps: int) -> "OptimConfig":
+        """The optimiser of the ``train.*`` settings over ``total_steps`` steps."""
+        return cls(learning_rate=train.learning_rate, momentum=train.momentum,
+                   weight_decay=train.weight_decay, total_steps=total_steps)
 
 
 def _decay_mask(params):

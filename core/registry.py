@@ -24,8 +24,11 @@ class UnknownNameError(KeyError):
 class Registry(Generic[T]):
     """Name -> object mapping filled by the ``register`` decorator."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, name_attribute: str | None = None):
+        """``name_attribute``: set this attribute of each registered object to its name, so
+        the name is written once (in the decorator)."""
         self.kind = kind
+        self.name_attribute = name_attribute
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -35,6 +38,8 @@ class Registry(Generic[T]):
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered.")
             self._entries[name] = obj
+            if self.name_attribute is not None:
+                setattr(obj, self.name_attribute, name)
             return obj
 
         return decorate

@@ -105,28 +105,27 @@ class TrainInputs:
 
 @runtime_checkable
 class Method(Protocol):
-    """What every registered L2D method provides (defaults: ``methods.common.MethodBase``).
+    """The learning hooks of every registered L2D method.
 
     A method object is a frozen dataclass of hyper-parameters (hashable: it is passed to
     ``jax.jit`` as a static argument, never ``self`` closed over arrays). Its registered
-    name and field defaults are its whole definition: the Hydra config ``method=<name>``
-    is generated from them. Fields named in ``TASK_FIELDS`` are filled from the task by
-    the runner. All arrays live in the Flax NNX model it builds. The shared trainer
-    (``benchmark.training``) owns the optimiser and the loop; the evaluator turns
-    ``agent_scores`` into decisions.
+    name (which the registry sets as ``name``) and field defaults are its whole definition:
+    the Hydra config ``method=<name>`` is generated from them. Fields named in
+    ``TASK_FIELDS`` are filled from the task by the runner. All arrays live in the Flax NNX
+    model it builds. The shared trainer (``benchmark.training``) owns the optimiser and the
+    loop; the evaluator turns ``agent_scores`` into decisions. The defaults of the optional
+    members are written once, in ``methods.common.MethodBase``.
     """
 
-    name: ClassVar[str]
-    trains: ClassVar[bool]  # default True; False: no gradient step (e.g. best_expert)
-    # default False; True: the loss reads inputs.bounds, so the method trains once per workload
-    # (a class attribute, or a property where an option decides it, as prob_l2d's)
+    name: ClassVar[str]  # the registered name (set by the registry)
+    trains: ClassVar[bool]  # False: no gradient step (e.g. best_expert)
+    # True: the loss reads inputs.bounds, so the method trains once per workload (a class
+    # attribute, or a property where an option decides it, as prob_l2d's)
     workload_in_training: ClassVar[bool]
     missing_policies: ClassVar[tuple[str, ...]]  # accepted ``missing_policy`` values; () = any
-    sees_test_labels: ClassVar[bool]  # default False; True only for the oracle reference row
-    role: ClassVar[str]  # "method" (default) or "reference" (oracle, random, ...)
     # Methods naming the same training problem (same parameters, loss and data; e.g. the
     # cross-entropy classifier of three reference rows) train once and share the trained
-    # parameters; default None: the method trains on its own.
+    # parameters; None: the method trains on its own.
     training_problem: ClassVar[str | None]
 
     def init_model(self, spec: TaskSpec, rngs: Any) -> Any:
@@ -161,16 +160,28 @@ class Method(Protocol):
         (e.g. ``estep_ms``, Prob-L2D's E-step time per step). Default: none.
         """
 
-    def finalize_scores(self, scores: Any) -> Any:
-        """(N, E+1) scores of a whole evaluation split, on the host, before decisions: for a
-        rule that needs the split's size (random deferral of an exact share). Default: as is.
-        """
 
-    def scores_from_labels(self, logits: Any, scores: Any, y: Any, t: Any) -> Any:
-        """Test-time scores of a method with ``sees_test_labels`` (numpy, on the host).
+@runtime_checkable
+class ReferenceRow(Protocol):
+    """A reference row (oracle, random, classifier-only, best expert): a ``Method`` that is a
+    reference, not a competitor (never ranked), with a stated test-time rule. The evaluator
+    applies the rule (``benchmark.evaluator.decision_scores``). Defaults:
+    ``methods.common.ReferenceRowBase``."""
 
-        Default: ``scores`` unchanged.
-        """
+    sees_test_labels: ClassVar[bool]  # True only for the oracle: its rule reads y and t
+
+    def reference_scores(self, logits: Any, scores: Any, y: Any, t: Any) -> Any:
+        """(N, E+1) scores of a whole evaluation split (numpy, on the host) under the row's
+        rule, before decisions: e.g. random deferral of an exact share of N. ``y`` and ``t``
+        are the split's labels when ``sees_test_labels``, else None."""
+
+
+REFERENCE = "reference"  # a record's role: a reference row; "method" otherwise
+
+
+def role_of(method: Any) -> str:
+    """``"reference"`` for a reference row, ``"method"`` for a competitor."""
+    return REFERENCE if isinstance(method, ReferenceRow) else "method"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -235,7 +246,10 @@ def tunable(default: Any, low: float, high: float, *, log: bool = False) -> Any:
 
 RECORD_SCHEMA = 2
 RECORD_NAME = "result.json"
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed")  # what a record says
+SKIPPED = "skipped"  # a cell whose ok record exists (nothing run, nothing written)
+NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
+OUTCOMES = (*STATUSES, SKIPPED, NOT_APPLICABLE)  # what running a cell can return
 
 
 class CellKey(TypedDict):

@@ -6,7 +6,7 @@ import os
 
 from core.registry import Registry
 
-METHODS: Registry = Registry("method")
+METHODS: Registry = Registry("method", name_attribute="name")  # sets each class's ``name``
 HELPER_MODULES = {"nets", "surrogates", "missing_policy", "estep", "projection", "template", "common"}
 
 

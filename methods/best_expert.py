@@ -17,15 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from methods import METHODS
-from methods.common import (Constant, MethodBase, Networks, expert_accuracies, human_scores,
+from methods.common import (Constant, ReferenceRowBase, Networks, expert_accuracies, human_scores,
                             require_experts)
 
 
 @METHODS.register("best_expert")
 @dataclasses.dataclass(frozen=True)
-class BestExpert(MethodBase):
-    name = "best_expert"
-    role = "reference"
+class BestExpert(ReferenceRowBase):
     trains = False
     missing_policies = ("mask", "as_incorrect")
     missing_policy: str = "mask"

@@ -18,7 +18,7 @@ import numpy as np
 
 from core.spec import TaskSpec
 from methods import METHODS
-from methods.common import (CE_CLASSIFIER, TIE_BREAK_SCALE, Constant, MethodBase, Networks,
+from methods.common import (CE_CLASSIFIER, TIE_BREAK_SCALE, Constant, ReferenceRowBase, Networks,
                             cross_entropy, expert_accuracies, human_scores, sample_uniform)
 from methods.nets import Network
 
@@ -27,9 +27,7 @@ HUMAN_SCALE = 1e-3  # humans' scores: their training accuracy, scaled below any 
 
 @METHODS.register("classifier_only")
 @dataclasses.dataclass(frozen=True)
-class ClassifierOnly(MethodBase):
-    name = "classifier_only"
-    role = "reference"
+class ClassifierOnly(ReferenceRowBase):
     training_problem = CE_CLASSIFIER  # the same trained classifier as the other reference rows
     num_experts: int = 0
 

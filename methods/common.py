@@ -29,12 +29,10 @@ class MethodBase:
     the accepted values in ``missing_policies``; an unsupported value is refused here.
     """
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by METHODS.register
     trains: ClassVar[bool] = True
     workload_in_training: ClassVar[bool] = False
     missing_policies: ClassVar[tuple[str, ...]] = ()
-    sees_test_labels: ClassVar[bool] = False
-    role: ClassVar[str] = "method"
     training_problem: ClassVar[str | None] = None
 
     def __post_init__(self):
@@ -56,17 +54,20 @@ class MethodBase:
         """Extra run metrics after training (default: none)."""
         return {}
 
-    def finalize_scores(self, scores):
-        """Scores of a whole evaluation split, before decisions (default: as is)."""
-        return scores
-
-    def scores_from_labels(self, logits, scores, y, t):
-        """Test-time scores for reference rows that may look at the labels (default: as is)."""
-        return scores
-
     def impute(self, model: Any, batch: Batch, inputs: TrainInputs) -> jax.Array | None:
         """(B, E, K) inferred distribution of expert labels, or None if not modelled."""
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceRowBase(MethodBase):
+    """Base of reference rows (``core.spec.ReferenceRow``): listed apart, never ranked."""
+
+    sees_test_labels: ClassVar[bool] = False
+
+    def reference_scores(self, logits, scores, y, t):
+        """The split's scores under the row's rule (default: the scores as they are)."""
+        return scores
 
 
 CE_CLASSIFIER = "cross_entropy_classifier"  # training problem: Networks(classifier=Network) by CE

@@ -20,7 +20,6 @@ from methods.nets import Network
 @METHODS.register("compare_confidence")
 @dataclasses.dataclass(frozen=True)
 class CompareConfidence(MethodBase):
-    name = "compare_confidence"
     missing_policies = ("mask", "as_incorrect", "drop")
     missing_policy: str = "mask"
 

@@ -32,7 +32,6 @@ from methods.nets import Network, NetworkStack
 @METHODS.register("impute_then_defer")
 @dataclasses.dataclass(frozen=True)
 class ImputeThenDefer(MethodBase):
-    name = "impute_then_defer"
     missing_policies = ("impute",)
     missing_policy: str = "impute"
     num_experts: int = 0

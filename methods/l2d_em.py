@@ -49,7 +49,6 @@ def em_posterior(class_logits, gate_logits, y, t, policy: str, label_noise: floa
 @METHODS.register("l2d_em")
 @dataclasses.dataclass(frozen=True)
 class L2DEM(MethodBase):
-    name = "l2d_em"
     workload_in_training = True
     missing_policies = ("as_incorrect", "mask")
     missing_policy: str = "as_incorrect"

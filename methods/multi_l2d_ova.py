@@ -20,7 +20,6 @@ from methods.surrogates import deferral_scores_ova, ova_deferral_loss
 @METHODS.register("multi_l2d_ova")
 @dataclasses.dataclass(frozen=True)
 class MultiL2DOvA(DeferralSurrogate):
-    name = "multi_l2d_ova"
     missing_policies = ("as_incorrect", "drop", "mask")
     surrogate = staticmethod(ova_deferral_loss)
     deferral_scores = staticmethod(deferral_scores_ova)

@@ -19,7 +19,6 @@ from methods.surrogates import deferral_scores_softmax, softmax_deferral_loss
 @METHODS.register("multi_l2d_softmax")
 @dataclasses.dataclass(frozen=True)
 class MultiL2DSoftmax(DeferralSurrogate):
-    name = "multi_l2d_softmax"
     missing_policies = ("as_incorrect", "drop")
     surrogate = staticmethod(softmax_deferral_loss)
     deferral_scores = staticmethod(deferral_scores_softmax)

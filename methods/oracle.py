@@ -1,7 +1,7 @@
 """``oracle``: correct whenever some agent is correct (a reference row; sees test labels).
 
 The classifier is trained by cross-entropy as in ``classifier_only``. At test time
-``scores_from_labels`` scores the classifier 1 if its argmax is right, a correct expert
+``reference_scores`` scores the classifier 1 if its argmax is right, a correct expert
 ``1 - TIE_BREAK`` and a wrong agent 0: among correct agents the classifier is preferred, so the oracle's coverage is
 the largest that still attains its accuracy (it defers only when it must). Ties among
 humans go to the lowest index.
@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from methods import METHODS
-from methods.common import (CE_CLASSIFIER, MethodBase, Networks, classifier_confidence_scores,
+from methods.common import (CE_CLASSIFIER, ReferenceRowBase, Networks, classifier_confidence_scores,
                             cross_entropy)
 from methods.nets import Network
 
@@ -23,9 +23,7 @@ TIE_BREAK = 1e-3
 
 @METHODS.register("oracle")
 @dataclasses.dataclass(frozen=True)
-class Oracle(MethodBase):
-    name = "oracle"
-    role = "reference"
+class Oracle(ReferenceRowBase):
     training_problem = CE_CLASSIFIER  # the same trained classifier as the other reference rows
     sees_test_labels = True
     num_experts: int = 0
@@ -43,7 +41,7 @@ class Oracle(MethodBase):
     def agent_scores(self, model, x):
         return classifier_confidence_scores(model.classifier(x), self.num_experts)
 
-    def scores_from_labels(self, logits, scores, y, t):
+    def reference_scores(self, logits, scores, y, t):
         """(N, E+1) numpy: classifier 1 if correct, expert ``1 - TIE_BREAK`` if correct, else 0."""
         y = np.asarray(y)
         correct = np.concatenate(

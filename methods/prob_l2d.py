@@ -77,7 +77,6 @@ def _constrained_estep(method, gating_logits, agent_logits, batch, inputs):
 @METHODS.register("prob_l2d")
 @dataclasses.dataclass(frozen=True)
 class ProbL2D(MethodBase):
-    name = "prob_l2d"
     missing_policies = ()  # missing labels are latent variables, inferred by the E-step
 
     num_experts: int = 0

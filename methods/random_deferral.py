@@ -22,16 +22,14 @@ import numpy as np
 
 from core.spec import target_count
 from methods import METHODS
-from methods.common import (CE_CLASSIFIER, Constant, MethodBase, MethodConfigError, Networks,
+from methods.common import (CE_CLASSIFIER, Constant, ReferenceRowBase, MethodConfigError, Networks,
                             cross_entropy, require_experts, sample_uniform)
 from methods.nets import Network
 
 
 @METHODS.register("random")
 @dataclasses.dataclass(frozen=True)
-class RandomDeferral(MethodBase):
-    name = "random"
-    role = "reference"
+class RandomDeferral(ReferenceRowBase):
     training_problem = CE_CLASSIFIER  # the same trained classifier as the other reference rows
     num_experts: int = 0
     coverage: float = 0.5  # share of the samples that goes to the classifier
@@ -55,13 +53,13 @@ class RandomDeferral(MethodBase):
 
     def agent_scores(self, model, x):
         """Per sample: E uniform human scores in [0, 0.5) and the classifier's draw in [0, 1)
-        (``finalize_scores`` turns the draws into an exact share)."""
+        (``reference_scores`` turns the draws into an exact share)."""
         key = jax.random.key(model.seed[...])
         humans = jnp.stack([sample_uniform(x, jax.random.fold_in(key, j + 1))
                             for j in range(self.num_experts)], axis=1)
         return jnp.concatenate([0.5 * humans, sample_uniform(x, key)[:, None]], axis=1)
 
-    def finalize_scores(self, scores):
+    def reference_scores(self, logits, scores, y, t):
         """The ``round(coverage * N)`` samples with the smallest classifier draws score
         ``1 - draw / 2`` (in (0.5, 1], above every human), the others 0: the order among
         them stays random, so any capacity on the classifier keeps a random subset."""

@@ -23,7 +23,6 @@ from methods.surrogates import deferral_scores_realizable, realizable_deferral_l
 @METHODS.register("realizable")
 @dataclasses.dataclass(frozen=True)
 class Realizable(DeferralSurrogate):
-    name = "realizable"
     missing_policies = ("as_incorrect", "drop")
     surrogate = staticmethod(realizable_deferral_loss)
     deferral_scores = staticmethod(deferral_scores_realizable)

@@ -29,10 +29,9 @@ from methods.nets import Network
 # @METHODS.register("my_method")   # <- uncomment with your method's name
 @dataclasses.dataclass(frozen=True)  # frozen + hashable: passed to jax.jit as a static argument
 class MyMethod(MethodBase):
-    name = "my_method"
-    # Class attributes read by the runner (defaults in MethodBase, meaning in core/spec.py):
-    trains = True                   # False for reference rows that take no gradient step
-    workload_in_training = False    # True if the loss reads inputs.bounds (then trained per workload)
+    # The registry sets `name`. Class attributes to change only where the default in
+    # MethodBase does not fit (meaning in core/spec.py): trains, workload_in_training,
+    # missing_policies, training_problem.
     missing_policies = ("as_incorrect", "drop")  # accepted values of `missing_policy`
 
     # Options: fields with defaults (typed: Hydra checks overrides against these types).
@@ -68,6 +67,5 @@ class MyMethod(MethodBase):
 
     # Optional hooks (defaults in MethodBase): prepare(model, train_split) before training;
     # impute(model, batch, inputs) -> (B, E, K) inferred expert labels (scores imputation);
-    # sees_test_labels + scores_from_labels(...) for reference rows such as the oracle;
-    # role = "reference" for a reference row (oracle, random, ...);
-    # training_problem = "<name>" to share one training with methods naming the same problem.
+    # diagnostics(...) -> extra run metrics. A reference row (oracle, random, ...) subclasses
+    # ReferenceRowBase instead and may state its test-time rule in reference_scores(...).

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmark.config import register_configs
+
+register_configs()  # the typed schema (cell_schema) and method=<name>, as the entry point does
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 NUM_EXPERTS = 3

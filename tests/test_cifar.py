@@ -257,9 +257,7 @@ def test_cifar10h_builder_is_idempotent(cifar10h_root):
 def test_cifar10h_preset_composes_and_validates(cifar10h_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from omegaconf import OmegaConf
-
-    from benchmark.config import DatasetConfig
+    from benchmark.config import dataset_of, to_cell
     from benchmark.data import dataset_files
 
     overrides = ["dataset=cifar10h", "experiment=single", f"dataset.root={cifar10h_root}",
@@ -273,7 +271,7 @@ def test_cifar10h_preset_composes_and_validates(cifar10h_root, tmp_path):
     before = stamp.stat().st_mtime_ns
     BUILDERS.get(cfg.dataset.builder)(cifar10h_root, **cfg.dataset.builder_args)
     assert stamp.stat().st_mtime_ns == before
-    dataset = DatasetConfig.parse(OmegaConf.to_container(cfg.dataset), REPO)
+    dataset = dataset_of(to_cell(cfg), REPO)
     files = dataset_files(dataset, 0.3, tmp_path / "cache")  # derives missing manifests
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
     test = load_split(files.root, files.test_ground_truth, files.test_experts, files.num_classes,

@@ -11,7 +11,7 @@ import pytest
 
 from benchmark.assignment import capacity_assignment, integer_capacities
 from benchmark.bounds import InfeasibleBoundsError
-from benchmark.config import ConfigError, workload_bounds
+from benchmark.config import AgentShare, ConfigError, WorkloadConfig
 from core.spec import target_count
 from tests.conftest import REPO_ROOT, tiny_overrides
 
@@ -56,15 +56,15 @@ def test_a_range_that_holds_no_whole_number_still_names_the_agent():
 
 
 def test_workload_coverage_sets_the_classifier_share_and_is_checked():
-    free = workload_bounds({"name": "none", "coverage": 0.3}, num_experts=2)
+    free = WorkloadConfig(name="none", coverage=0.3).bounds(num_experts=2)
     assert free.lo == (0.0, 0.0, 0.3) and free.hi == (1.0, 1.0, 0.3)
-    balanced = workload_bounds({"name": "balanced", "coverage": 0.4, "balanced_slack": 0.05,
-                                "classifier": {"lo": 0.0, "hi": 0.4}}, num_experts=3)
+    balanced = WorkloadConfig(name="balanced", coverage=0.4, balanced_slack=0.05,
+                              classifier=AgentShare(0.0, 0.4)).bounds(num_experts=3)
     assert balanced.lo[-1] == balanced.hi[-1] == 0.4
     assert balanced.lo[0] == pytest.approx(0.15) and balanced.hi[0] == pytest.approx(0.25)
-    for bad in (1.5, -0.1, "half"):
+    for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(ConfigError, match="workload.coverage"):
-            workload_bounds({"name": "none", "coverage": bad}, num_experts=2)
+            WorkloadConfig(name="none", coverage=bad)
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -79,7 +79,7 @@ def test_random_is_random_at_every_target():
     method = build("random", coverage=0.5)
     model = training.init_model(method, SPEC, 0)
     x = make_batch(size=400, seed=2).x
-    scores = method.finalize_scores(np.asarray(method.agent_scores(model, x)))
+    scores = method.reference_scores(None, np.asarray(method.agent_scores(model, x)), None, None)
     own = set(np.flatnonzero(scores.argmax(axis=1) == E))
     assert len(own) == 200
     lo, hi = np.zeros(E + 1), np.ones(E + 1)
@@ -118,9 +118,9 @@ def test_prob_l2d_posthoc_config_is_prob_l2d_with_its_tuned_preset():
 
     cfg, choices = compose_cfg(["method=prob_l2d_posthoc", "workload.coverage=0.3"])
     reference, _ = compose_cfg(["method=prob_l2d"])
-    assert cfg["method"]["name"] == "prob_l2d"
-    assert cfg["method"]["params"]["train_with_workload"] is False
-    assert cfg["train"]["learning_rate"] == reference["train"]["learning_rate"]  # inherited
+    assert cfg.method.name == "prob_l2d"
+    assert cfg.method.params.train_with_workload is False
+    assert cfg.train.learning_rate == reference.train.learning_rate  # inherited
     cell, variant = cell_identity(cfg, choices)
     assert cell["method"] == "prob_l2d[train_with_workload=false]"  # no train.* difference
     assert cell["workload"] == "none[coverage=0.3]" and variant["workload"] == {"coverage": 0.3}

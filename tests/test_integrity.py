@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from core.records import load_records
+from benchmark.config import ConfigError
 from benchmark.runner import run_cell
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.test_pipeline import compose_cfg, flat, run_cli
@@ -63,7 +66,7 @@ def test_a_corrupted_image_after_a_cached_run_is_reported(tiny_root, tmp_path):
     image = tiny_root / "test/3/003.png"
     time.sleep(0.01)  # a new modification time even on coarse clocks
     image.write_bytes(b"not a png")
-    record = run_cell({**cfg, "force": True}, choices)
+    record = run_cell(dataclasses.replace(cfg, force=True), choices)
     assert record["status"] == "failed"
     assert "test/3/003.png: image file cannot be decoded" in record["error"]
 
@@ -93,15 +96,35 @@ def test_a_symbolic_link_out_of_the_root_is_refused(tiny_root, tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
-    ("train.epochs=-3", "train.epochs must be >= 1, got -3"),
-    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
-    ("seed=-1", "seed must be >= 0, got -1"),
-    ("train.learning_rate=abc", "train.learning_rate must be a number, got 'abc'"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0."),
+    ("train.epochs=-3", "train.epochs must be >= 1, got -3."),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0."),
+    ("train.learning_rate=nan", "train.learning_rate must be a finite number >= 0, got nan."),
+    ("seed=-1", "seed must be >= 0, got -1."),
+    ("missing_rate=1.5", "missing_rate must be in [0, 1], got 1.5."),
+    ("eval.validation_fraction=1", "eval.validation_fraction must be in [0, 1), got 1.0."),
+    ("workload.coverage=2", "workload.coverage must be null or in [0, 1]"),
+    ("dataset.num_classes=1", "dataset.num_classes must be >= 2, got 1."),
+])
+def test_values_out_of_range_fail_when_the_config_is_converted(tiny_root, tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        compose_cfg(tiny_overrides(tiny_root, tmp_path) + [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=abc", "train.epochs=1.5", "seed=zero",
+                                      "train.no_such_option=1", "workload.coverage=half"])
+def test_values_of_the_wrong_type_fail_at_composition(tiny_root, tmp_path, override):
+    with pytest.raises(Exception) as err:
+        compose_cfg(tiny_overrides(tiny_root, tmp_path) + [override])
+    assert override.split("=")[0] in str(err.value)
+
+
+@pytest.mark.parametrize("override,message", [
     ("dataset.name=../../x", "dataset.name='../../x' names folders under the results directory"),
     ("method.label=a/b", "method.label='a/b' names folders"),
 ])
-def test_bad_settings_are_named(tiny_root, tmp_path, override, message):
+def test_unsafe_names_are_refused(tiny_root, tmp_path, override, message):
     cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + [override])
     record = run_cell(cfg, choices)
     assert record["status"] == "failed" and message in record["error"], record["error"]
@@ -121,13 +144,11 @@ def test_an_unwritable_record_ends_with_the_failure_list(tiny_root, tmp_path):
 
 def test_unreachable_tracking_server_is_detected_once(tiny_root, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_root, tmp_path) if o != "tracking=none"]
-    start = time.monotonic()
     result = run_cli("experiment=smoke", *overrides, "train.epochs=1", "method=classifier_only",
                      "workload=none,paper", "tracking.uri=http://127.0.0.1:9")
-    elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-2000:]
-    assert elapsed < 60, elapsed
-    assert "tracking server http://127.0.0.1:9 does not answer" in flat(result.stderr)
+    # checked once before the first job (no per-cell connection timeouts), said once
+    assert flat(result.stderr).count("[l2d-bench] tracking server http://127.0.0.1:9 does not answer") == 1
     records = load_records(tmp_path / "runs/smoke")
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
 
@@ -153,7 +174,7 @@ def test_concurrent_sweeps_on_a_new_store_keep_one_run_per_cell(tiny_root, tmp_p
 def test_ctrl_c_stops_the_sweep_with_one_line(tiny_root, tmp_path):
     # Ctrl-C as in an interactive shell: SIGINT handled even if this test process ignores it
     start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-             "sys.argv[0] = 'benchmark'; runpy.run_module('benchmark', run_name='__main__', alter_sys=True)")
+             "sys.argv[0] = 'app'; runpy.run_module('app', run_name='__main__', alter_sys=True)")
     args = [sys.executable, "-c", start, "experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
             "train.epochs=100", "method=classifier_only", "workload=none", "seed=range(10)"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

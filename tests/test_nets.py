@@ -65,7 +65,7 @@ def test_batchnorm_backbones_train_and_update_their_statistics(backbone):
     from core.spec import Batch, TaskSpec
 
     spec = TaskSpec(num_classes=3, num_experts=1, input_shape=(8, 8, 3), backbone=backbone)
-    method = build_method({"name": "classifier_only", "params": {}}, spec)
+    method = build_method("classifier_only", {}, spec)
     model = training.init_model(method, spec, 0)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

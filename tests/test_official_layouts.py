@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.config import DatasetConfig
+from benchmark.config import DatasetConfig, dataset_of
 from benchmark.data import dataset_files
 from core.records import load_records
 from datasets.layout import load_split
@@ -59,7 +59,7 @@ def chaoyang_root(tmp_path_factory) -> Path:
 
 def chaoyang(root: Path, *overrides: str) -> DatasetConfig:
     cfg, _ = compose_cfg(["dataset=chaoyang", f"dataset.root={root}", *overrides])
-    return DatasetConfig.parse(cfg["dataset"], REPO_ROOT)
+    return dataset_of(cfg, REPO_ROOT)
 
 
 @pytest.mark.parametrize("rate", sorted(PUBLISHED_KEPT))
@@ -94,9 +94,9 @@ def test_official_preprocessing_resizes_crops_and_scales(chaoyang_root):
     from datasets.source import crop_batch
 
     dataset = chaoyang(chaoyang_root)
-    assert dataset.image == (256, 256, 3) and dataset.crop == 224
+    assert dataset.image_shape == (256, 256, 3) and dataset.crop == 224
     assert dataset.task_spec().input_shape == (224, 224, 3)
-    assert dataset.mean == (0.0, 0.0, 0.0) and dataset.std == (1.0, 1.0, 1.0)  # pixels / 255
+    assert dataset.mean == [0.0, 0.0, 0.0] and dataset.std == [1.0, 1.0, 1.0]  # pixels / 255
     images = np.arange(2 * 6 * 6 * 1).reshape(2, 6, 6, 1)
     np.testing.assert_array_equal(crop_batch(images, 4, None), images[:, 1:5, 1:5])  # centre
     random = crop_batch(images, 4, np.random.default_rng(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,26 +10,24 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from benchmark.config import register_method_configs
+from benchmark.config import CellConfig, register_configs, to_cell
 from core.records import load_records
 from benchmark.runner import run_cell
 from tests.conftest import REPO_ROOT, tiny_overrides
 
-register_method_configs()
+register_configs()
 TINY_METHOD = "classifier_only[train.batch_size=16,train.epochs=2]"  # tiny_overrides' training
 
 
-def compose_cfg(overrides: list[str]) -> tuple[dict, dict]:
-    """A composed cell config (plain dict) and Hydra's chosen presets, as the entry point has."""
+def compose_cfg(overrides: list[str]) -> tuple[CellConfig, dict]:
+    """A typed cell config and Hydra's chosen presets, as the entry point has them."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["experiment=single", *overrides],
                       return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return OmegaConf.to_container(cfg, resolve=True), choices
+        choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+        return to_cell(cfg), choices
 
 
 def cell_records(run_dir) -> dict[tuple, dict]:
@@ -81,7 +80,7 @@ def test_rerun_skips_and_force_redoes(tiny_root, tmp_path):
     cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
     assert run_cell(cfg, choices)["status"] == "ok"
     assert run_cell(cfg, choices)["status"] == "skipped"
-    assert run_cell({**cfg, "force": True}, choices)["status"] == "ok"
+    assert run_cell(dataclasses.replace(cfg, force=True), choices)["status"] == "ok"
     changed, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["train.epochs=1"])
     assert run_cell(changed, choices)["status"] == "ok"  # a changed setting is not skipped ...
     # ... and keeps its own record beside the first
@@ -153,7 +152,9 @@ def test_failing_cell_does_not_stop_the_sweep(tiny_root, tmp_path):
     assert "1 of 2 cells failed" in flat(result.stderr)
     assert "missing_rate must be in [0, 1], got 1.5" in flat(result.stderr)
     records = cell_records(tmp_path / "runs/smoke")
-    assert records[(TINY_METHOD, 1.5, "none", 0)]["status"] == "failed"
+    # a value out of range fails when the config is converted, before the cell has an
+    # identity: nothing is recorded for it ...
+    assert [key for key in records if key[1] == 1.5] == []
     # ... but the cell after the failing one ran and the report was written
     assert records[(TINY_METHOD, 0.0, "none", 0)]["status"] == "ok"
     assert (tmp_path / "runs/smoke/report/leaderboard.csv").is_file()
@@ -196,7 +197,6 @@ def test_a_method_in_one_file_outside_the_repository_joins_the_sweep(tiny_root, 
     plugin.parent.mkdir()
     source = (REPO_ROOT / "methods/template.py").read_text()
     source = source.replace('# @METHODS.register("my_method")', '@METHODS.register("throwaway")')
-    source = source.replace('name = "my_method"', 'name = "throwaway"')
     source = source.replace("class MyMethod(", "class Throwaway(")
     plugin.write_text(source.replace("missing_policy: str = \"as_incorrect\"",
                                      "missing_policy: str = \"as_incorrect\"\n    width: int = 3"))
@@ -219,12 +219,12 @@ def test_force_replaces_the_cells_mlflow_run(tiny_root, tmp_path):
     overrides = [o if o != "tracking=none" else "tracking=mlflow" for o in tiny_overrides(tiny_root, tmp_path)]
     cfg, choices = compose_cfg(overrides)
     first = run_cell(cfg, choices)
-    forced = run_cell({**cfg, "force": True}, choices)
+    forced = run_cell(dataclasses.replace(cfg, force=True), choices)
     other, _ = compose_cfg(overrides + ["seed=1"])
     another_cell = run_cell(other, choices)
     assert first["mlflow_run_id"] and forced["mlflow_run_id"] != first["mlflow_run_id"]
-    mlflow.set_tracking_uri(cfg["tracking"]["uri"])
-    runs = mlflow.search_runs(experiment_names=[cfg["tracking"]["experiment"]], output_format="list")
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     # one active run per cell: the forced re-run replaced the first one
     assert sorted(r.info.run_id for r in runs) == sorted([forced["mlflow_run_id"],
                                                           another_cell["mlflow_run_id"]])
@@ -241,3 +241,32 @@ def test_a_user_label_names_the_row_and_refuses_other_settings(tiny_root, tmp_pa
     assert "method.label='mine'" in refused["error"] and "give each variant its own label" in refused["error"]
     (kept,) = load_records(tmp_path / "runs/single")
     assert kept["status"] == "ok" and kept["variant"] == record["variant"]  # not overwritten
+
+
+def test_a_cell_is_converted_once_and_derived_once(tiny_root, tmp_path, monkeypatch):
+    """One parse per cell: the typed config is converted once (at the entry point), the
+    cell's run is derived from it once, and labels reuse Hydra's composition of the
+    presets (composed once per process and choice)."""
+    import benchmark.config
+    import benchmark.identity
+
+    calls = {"to_cell": 0, "build": 0}
+    real_to_cell, real_build = benchmark.config.to_cell, benchmark.config.RunConfig.build.__func__
+
+    def counting_to_cell(cfg):
+        calls["to_cell"] += 1
+        return real_to_cell(cfg)
+
+    def counting_build(cls, cell, base):
+        calls["build"] += 1
+        return real_build(cls, cell, base)
+
+    monkeypatch.setattr(benchmark.identity, "to_cell", counting_to_cell)
+    monkeypatch.setattr(benchmark.config.RunConfig, "build", classmethod(counting_build))
+    first, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["seed=0"])
+    second, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["seed=1"])
+    benchmark.identity.baseline_cell.cache_clear()
+    assert run_cell(first, choices)["status"] == "ok"
+    assert calls == {"to_cell": 1, "build": 1}  # the presets' baseline, then the cell's run
+    assert run_cell(second, choices)["status"] == "ok"
+    assert calls == {"to_cell": 1, "build": 2}  # the baseline is reused

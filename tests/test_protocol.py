@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from benchmark.config import DatasetConfig
+from benchmark.config import dataset_of
 from benchmark.data import load_data
 from benchmark.runner import run_cell
 from datasets.generators import stratified_split
@@ -22,7 +22,7 @@ def image_keys(split) -> set[str]:
 
 def test_validation_is_held_out_stratified_and_disjoint(tiny_root, tmp_path):
     cfg, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path))
-    dataset = DatasetConfig.parse(cfg["dataset"], REPO_ROOT)
+    dataset = dataset_of(cfg, REPO_ROOT)
     dataset = dataclasses.replace(dataset, missing_seed=0)
     whole = load_data(dataset, 0.0, tmp_path / "cache")
     data = load_data(dataset, 0.0, tmp_path / "cache", validation=(0.25, 0))
@@ -182,9 +182,9 @@ def test_the_default_grid_uses_the_tuned_presets(method):
     preset = yaml.safe_load((REPO_ROOT / "conf/tuned" / f"digits_{method}.yaml").read_text())
     cfg, choices = compose_cfg([f"method={method}"])
     assert choices["tuned"] == f"digits_{method}"
-    assert cfg["train"]["learning_rate"] == pytest.approx(preset["train"]["learning_rate"])
+    assert cfg.train.learning_rate == pytest.approx(preset["train"]["learning_rate"])
     for option, value in (preset.get("method") or {}).get("params", {}).items():
-        assert cfg["method"]["params"][option] == pytest.approx(value)
+        assert getattr(cfg.method.params, option) == pytest.approx(value)
     cell, variant = cell_identity(cfg, choices)
     assert cell["method"] == method and variant["tuned_preset"] == f"digits_{method}"
 

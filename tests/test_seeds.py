@@ -24,7 +24,7 @@ def test_seed_blocks_are_consecutive_seeds():
 
 @pytest.mark.parametrize("name", ["classifier_only", "prob_l2d"])
 def test_one_program_equals_separate_trainings(name):
-    method = build_method({"name": name, "params": {}}, SPEC)
+    method = build_method(name, {}, SPEC)
     seeds = (0, 1, 2)
     # each seed its own batches (order, labels and missing pattern differ)
     batches = {s: [make_batch(seed=10 * s + k) for k in range(3)] for s in seeds}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import datasets.source as source
-from benchmark.config import ConfigError, DatasetConfig
+from benchmark.config import ConfigError, dataset_of
 from benchmark.data import load_data
 from benchmark.runner import run_cell
 from datasets.layout import load_split
@@ -84,7 +84,7 @@ def test_worker_processes_do_not_change_the_batches(tiny_root):
 
 def _dataset(root, tmp_path, *overrides):
     cfg, _ = compose_cfg(tiny_overrides(root, tmp_path) + list(overrides))
-    return dataclasses.replace(DatasetConfig.parse(cfg["dataset"], REPO_ROOT), missing_seed=0)
+    return dataclasses.replace(dataset_of(cfg, REPO_ROOT), missing_seed=0)
 
 
 def test_memory_limit_switches_to_streaming_with_the_same_validation(tiny_root, tmp_path):
@@ -121,13 +121,18 @@ def test_cache_false_streams_a_whole_cell(tiny_root, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("option, value, message", [
     ("workers", -1, "dataset.workers must be >= 0, got -1."),
-    ("workers", 1.5, "dataset.workers must be an integer, got 1.5."),
-    ("memory_limit_mb", "lots", "dataset.memory_limit_mb must be a number, got 'lots'."),
-    ("memory_limit_mb", -2, "dataset.memory_limit_mb must be >= 0.0, got -2.0."),
-    ("cache", "no", "dataset.cache must be true or false, got 'no'."),
+    ("memory_limit_mb", -2.0, "dataset.memory_limit_mb must be >= 0, got -2.0."),
 ])
 def test_bad_streaming_options_name_themselves(tmp_path, option, value, message):
     cfg, _ = compose_cfg(tiny_overrides(tmp_path, tmp_path))
     with pytest.raises(ConfigError) as err:
-        DatasetConfig.parse({**cfg["dataset"], option: value}, REPO_ROOT)
+        dataclasses.replace(cfg.dataset, **{option: value})
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override", ["dataset.workers=1.5", "dataset.memory_limit_mb=lots",
+                                      "dataset.cache=sometimes"])
+def test_streaming_options_of_the_wrong_type_fail_at_composition(tmp_path, override):
+    with pytest.raises(Exception) as err:
+        compose_cfg(tiny_overrides(tmp_path, tmp_path) + [override])
+    assert override.split("=")[0] in str(err.value)

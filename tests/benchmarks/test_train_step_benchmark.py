@@ -69,14 +69,14 @@ def test_default_seeds_per_program_is_the_faster_choice(benchmark, method):
     program beat 3 programs on this backend."""
     if benchmark.disabled:
         pytest.skip("timing ratios only when benchmarks are enabled")
-    from benchmark.identity import experiment_defaults
+    from benchmark.config import CellConfig
 
     one = step_seconds(method, "small_cnn", 8, "native")
     joint = step_seconds(method, "small_cnn", 8, "native", seeds=3)
     speedup = 3 * one / joint
     benchmark.extra_info.update({"method": method, "speedup": speedup, "backend": jax.default_backend()})
     benchmark(lambda: None)
-    default = experiment_defaults(None)["seeds_per_program"]
+    default = CellConfig.seeds_per_program  # the schema's default, the one source of truth
     assert (speedup > 1.0) == (default > 1), (
         f"{method}: 3 seeds in one program run {speedup:.2f}x the speed of 3 programs on "
         f"{jax.default_backend()}, but seeds_per_program defaults to {default}")

@@ -54,7 +54,7 @@ def _prepared_steps(method_name: str, backbone: str, size: int, batch: int, step
     from flax import nnx
 
     spec = TaskSpec(NUM_CLASSES, NUM_EXPERTS, (size, size, 3), backbone)
-    method = build_method({"name": method_name, "params": {}}, spec)
+    method = build_method(method_name, {}, spec)
     optim = training.OptimConfig(total_steps=100)
     rng = np.random.default_rng(0)
     states, batches = [], []
