@@ -8,12 +8,13 @@ throughput is at least 1/5.5 of 16x16 throughput (4x the pixels; proportional is
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 try:  # repository root on sys.path (PYTHONPATH=.)
-    from tests.benchmarks.train_step_table import BATCH, prepared_steps, step_seconds
+    from tests.benchmarks.train_step_table import BATCH, STEPS, prepared_steps, step_seconds
 except ImportError:  # pragma: no cover
-    from train_step_table import BATCH, prepared_steps, step_seconds
+    from train_step_table import BATCH, STEPS, prepared_steps, step_seconds
 
 TARGET_RATIO = 1 / 5.5
 
@@ -24,9 +25,11 @@ TARGET_RATIO = 1 / 5.5
 def test_train_step(benchmark, size, conv):
     if benchmark.disabled:
         pytest.skip("timings only when benchmarks are enabled")
-    seconds = benchmark.pedantic(lambda: step_seconds("classifier_only", "small_cnn", size, conv,
-                                                      repeats=1), rounds=3)
+    run = prepared_steps("classifier_only", "small_cnn", size, conv)  # compiled outside the timing
+    loss = benchmark.pedantic(run, rounds=3)
+    assert loss.shape == () and np.isfinite(loss), loss  # the timed steps really trained
     benchmark.group = "train step small_cnn classifier_only"
+    seconds = benchmark.stats.stats.median / STEPS
     benchmark.extra_info.update({"size": size, "conv": conv, "images_per_second": BATCH / seconds,
                                  "backend": jax.default_backend()})
 
@@ -60,7 +63,11 @@ def test_seeds_in_one_program(benchmark, method, seeds):
         pytest.skip("timings only when benchmarks are enabled")
     benchmark.group = f"train step {method}: seeds in one program"
     benchmark.extra_info.update({"seeds": seeds, "backend": jax.default_backend()})
-    benchmark.pedantic(prepared_steps(method, "small_cnn", 8, "native", seeds=seeds), rounds=5)
+    losses = benchmark.pedantic(prepared_steps(method, "small_cnn", 8, "native", seeds=seeds),
+                                rounds=5)
+    assert np.all(np.isfinite(losses)) and losses.shape == (() if seeds == 1 else (seeds,))
+    if seeds > 1:  # each seed its own initialisation and data: distinct losses
+        assert len(set(np.round(losses, 6).tolist())) == seeds, losses
 
 
 @pytest.mark.parametrize("method", SEED_METHODS)

@@ -37,8 +37,9 @@ def make_step(seeds: int = 1):
 
 def prepared_steps(method_name: str, backbone: str, size: int, conv: str, batch: int = BATCH,
                    steps: int = STEPS, seeds: int = 1):
-    """A compiled train step on random data; returns ``run()``, which takes ``steps`` steps
-    and waits for them (``seeds`` > 1: that many seeds trained as one program)."""
+    """A compiled train step on random data; returns ``run()``, which takes ``steps`` steps,
+    waits for them and returns the last step's loss (one per seed when ``seeds`` > 1: that
+    many seeds trained as one program)."""
     previous = os.environ.get("L2D_CONV")
     os.environ["L2D_CONV"] = conv
     try:
@@ -75,11 +76,12 @@ def _prepared_steps(method_name: str, backbone: str, size: int, batch: int, step
     current = {"state": step(method, graphdef, optim, state, data, inputs)[0]}  # compile
     jax.block_until_ready(current["state"].params)
 
-    def run() -> None:
-        state = current["state"]
+    def run() -> np.ndarray:
+        state, metrics = current["state"], None
         for _ in range(steps):
-            state, _ = step(method, graphdef, optim, state, data, inputs)
+            state, metrics = step(method, graphdef, optim, state, data, inputs)
         current["state"] = jax.block_until_ready(state)
+        return np.asarray(metrics["loss"])
 
     return run
 
