@@ -59,6 +59,7 @@ class CellData:
     train_complete_t: np.ndarray | None
     manifests: dict[str, Path]
     validation: Any = None  # as ``train``, or None with validation_fraction 0
+    image_digests: dict[str, str] | None = None  # content hash of the train and test images
 
     @property
     def streamed(self) -> bool:
@@ -211,16 +212,22 @@ def source_manifest_hashes(dataset: DatasetConfig, missing_rate: float) -> dict[
             for name in names}
 
 
-def image_signature(root: Path, files: tuple[str, ...]) -> str:
-    """Hash of every image's (path, size, mtime): a replaced image changes it."""
-    entries = []
-    for file in files:
-        try:
-            stat = (root / file).stat()
-            entries.append((file, stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            entries.append((file, None, None))
-    return stable_hash(entries)
+def image_digest(root: Path, files: tuple[str, ...]) -> str:
+    """Hash of every image's path and content (each file hashed once per process while its
+    size and modification time stay the same): an edited image changes it."""
+    return stable_hash([(file, file_sha256(root / file) if (root / file).is_file() else None)
+                        for file in files])
+
+
+def source_image_digests(dataset: DatasetConfig) -> dict[str, str | None]:
+    """``image_digest`` of the train and test images a cell reads (None where a ground-truth
+    manifest does not exist yet): part of every identity that derives from the images."""
+    digests = {}
+    for split, manifests in (("train", dataset.train), ("test", dataset.test)):
+        path = dataset.root / locate(dataset, manifests.ground_truth)
+        digests[split] = (image_digest(dataset.root, read_manifest(path, dataset.num_classes).files)
+                          if path.is_file() else None)
+    return digests
 
 
 def decoded_megabytes(num_images: int, image: tuple[int, int, int]) -> float:
@@ -231,9 +238,10 @@ def decoded_megabytes(num_images: int, image: tuple[int, int, int]) -> float:
 
 @functools.lru_cache(maxsize=8)
 def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | None,
-            signatures: tuple[str, str], stream: bool, memory_limit_mb: float) -> CellData:
+            digests: tuple[str, str], stream: bool, memory_limit_mb: float) -> CellData:
     """The cell's splits, decoded into memory unless ``stream`` or their decoded size
-    exceeds ``memory_limit_mb`` (then both stream from disk); cached in ``cache_dir``."""
+    exceeds ``memory_limit_mb`` (then both stream from disk); cached in ``cache_dir`` under
+    the images' content ``digests`` (train, test)."""
     fmt = ImageFormat(*image)
     train = load_split(files.root, files.train_ground_truth, files.train_experts, files.num_classes)
     test = load_split(files.root, files.test_ground_truth, files.test_experts, files.num_classes,
@@ -251,12 +259,14 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
             manifests[f"train/expert_{j}/source"] = files.root / files.source_experts[j]
     for j, name in enumerate(files.test_experts):
         manifests[f"test/expert_{j}"] = files.root / name
+    image_digests = {"train": digests[0], "test": digests[1]}
     if stream or decoded_megabytes(len(train) + len(test), image) > memory_limit_mb:
         return CellData(files, stream_split(train, fmt), stream_split(test, fmt), complete_t,
-                        manifests)
-    train_images = decode_all(train, fmt, cache_dir, signature=signatures[0])
-    test_images = decode_all(test, fmt, cache_dir, signature=signatures[1])
-    return CellData(files, train_images, test_images, complete_t, manifests)
+                        manifests, image_digests=image_digests)
+    train_images = decode_all(train, fmt, cache_dir, signature=digests[0])
+    test_images = decode_all(test, fmt, cache_dir, signature=digests[1])
+    return CellData(files, train_images, test_images, complete_t, manifests,
+                    image_digests=image_digests)
 
 
 _ERRORS: dict[tuple, Exception] = {}
@@ -264,8 +274,8 @@ _ERRORS: dict[tuple, Exception] = {}
 
 def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
               validation: tuple[float, int] = (0.0, 0)) -> CellData:
-    """Resolve, validate and decode a cell's data (memoised per process while the image
-    files are unchanged; errors too) and hold out ``validation`` = (fraction, seed) of the
+    """Resolve, validate and decode a cell's data (memoised per process while the images'
+    content is unchanged; errors too) and hold out ``validation`` = (fraction, seed) of the
     training split. Derived files go below ``cache_dir`` (decoded images only if
     ``dataset.cache``), never into the dataset root. The splits stream from disk instead
     of being decoded into memory when ``dataset.cache`` is false or their decoded images
@@ -275,11 +285,11 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
         raise _ERRORS[key]
     try:
         files = dataset_files(dataset, missing_rate, cache_dir)
-        signatures = tuple(
-            image_signature(files.root, read_manifest(files.root / gt, files.num_classes).files)
+        digests = tuple(
+            image_digest(files.root, read_manifest(files.root / gt, files.num_classes).files)
             for gt in (files.train_ground_truth, files.test_ground_truth))
         images = cache_dir / "images" if dataset.cache else None
-        data = _decode(files, dataset.image_shape, images, signatures, not dataset.cache,
+        data = _decode(files, dataset.image_shape, images, digests, not dataset.cache,
                        dataset.memory_limit_mb)
         return hold_out_validation(data, *validation)
     except Exception as err:

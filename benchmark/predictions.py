@@ -25,7 +25,7 @@ from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
 from benchmark.identity import dataset_identity
 from benchmark.provenance import code_hash, file_sha256
-from core.files import atomic_write_bytes, exclusive_lock
+from core.files import atomic_write_bytes, exclusive_lock, read_cache
 from core.labels import stable_hash
 from core.spec import Batch
 from datasets.source import Augment, epoch_batches
@@ -41,6 +41,7 @@ def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -
         "dataset": dataset_identity(run.dataset),  # what the data is, not how it is read
         "missing_rate": run.missing_rate,
         "manifests": {k: file_sha256(p) for k, p in sorted(data.manifests.items())},
+        "images": data.image_digests,  # an edited image retrains
         "seed": run.seed,
         "streamed": data.streamed,  # streamed batches draw their augmentation per sample
         "validation": (run.validation_fraction, run.validation_seed),
@@ -84,7 +85,7 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
             problem = method.training_problem
             path = cell_run.cache_dir / f"trained-{problem}-{training_key(cell_run, data, problem)}.npz"
         restored = None
-        if path is not None and path.is_file() and not cell_run.force:
+        if path is not None and not cell_run.force:
             restored = training.restore_trained(method, model, path)
         models.append(model)
         trained.append(restored)
@@ -158,14 +159,14 @@ def _prediction_path(run: RunConfig, data: CellData) -> Path:
 
 
 def _load_predictions(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as saved:
+    def read(saved):
         return {
             **{split: {name: saved[f"{split}/{name}"] for name in OUTPUTS}
                if f"{split}/logits" in saved else None for split in SPLITS},
             "run_metrics": json.loads(str(saved["run_metrics"])),
         }
+
+    return read_cache(path, read, "predictions")
 
 
 def _save_predictions(path: Path, out: dict) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmark.config import (CellConfig, ConfigError, RunConfig, dataset_of, resolve_path,
                               with_method_option)
-from benchmark.data import load_data, source_manifest_hashes
+from benchmark.data import load_data, source_image_digests, source_manifest_hashes
 from benchmark.evaluator import decision_scores, evaluate
 from benchmark.identity import cell_identity, record_path, settings_fingerprint
 from benchmark.predictions import cached_predictions
@@ -45,9 +45,13 @@ def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
 
 
 def fingerprint_now(cell: CellConfig, base: Path) -> str:
-    """The settings fingerprint with the source manifests' current content."""
+    """The settings fingerprint with the current content of the source manifests and images
+    (an edited manifest or image reruns the cell)."""
     try:
-        hashes = source_manifest_hashes(dataset_of(cell, base), cell.missing_rate)
+        dataset = dataset_of(cell, base)
+        hashes = {**source_manifest_hashes(dataset, cell.missing_rate),
+                  **{f"images/{split}": digest
+                     for split, digest in source_image_digests(dataset).items()}}
     except Exception:  # an invalid dataset fails the cell later, with its message
         hashes = None
     return settings_fingerprint(cell, hashes)
@@ -94,7 +98,7 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
         missing_seed={"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
         missing_annotations={"source": data.files.missing_source,  # none | published | drawn
                              "observed_rate": float(np.mean(data.train.t == -1))},
-        provenance=provenance(data.manifests),
+        provenance={**provenance(data.manifests), "images": data.image_digests},
     )
     if data.validation is not None:
         record["validation"] = evaluate_split(out["validation"], data.validation).metrics

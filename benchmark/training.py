@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmark.config import TrainConfig
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, read_cache
 from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
 
@@ -232,14 +232,21 @@ def save_trained(trained: "TrainedModel", path: Path) -> None:
 
 def restore_trained(method: Method, model: Any, path: Path) -> "TrainedModel | None":
     """``model`` (initialised and prepared) with the trained state saved at ``path``, in
-    evaluation mode; None when the file does not match the model's structure."""
+    evaluation mode; None when there is no such file, it does not match the model's
+    structure, or it is corrupt (then it is named, deleted and trained again)."""
     state = nnx.state(model, TRAINED)
     treedef = jax.tree.structure(state)
-    with np.load(path, allow_pickle=False) as saved:
+
+    def read(saved):
         if len([k for k in saved.files if k.startswith("leaf_")]) != treedef.num_leaves:
             return None
-        leaves = [jnp.asarray(saved[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
-        meta = json.loads(str(saved["meta"]))
+        return ([jnp.asarray(saved[f"leaf_{i}"]) for i in range(treedef.num_leaves)],
+                json.loads(str(saved["meta"])))
+
+    found = read_cache(path, read, "trained model")
+    if found is None:
+        return None
+    leaves, meta = found
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -1,13 +1,22 @@
-"""File helpers every package uses: atomic writes and inter-process locks."""
+"""File helpers every package uses: atomic writes, inter-process locks, cache reads that
+survive a corrupt file."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+# what a truncated, overwritten or foreign .npz raises when read
+CORRUPT_NPZ = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 @contextlib.contextmanager
@@ -42,3 +51,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_cache(path: str | Path, read: Callable[[np.lib.npyio.NpzFile], T], what: str) -> T | None:
+    """``read(np.load(path))``; None when there is no such file. A cache file that cannot be
+    read (truncated, overwritten, from another version) is named on stderr, deleted and
+    reported as absent, so the caller recomputes it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return read(saved)
+    except CORRUPT_NPZ as err:
+        print(f"[l2d-bench] corrupt {what} cache file {path} ({type(err).__name__}: {err}); "
+              "deleted, recomputing it.", file=sys.stderr, flush=True)
+        path.unlink(missing_ok=True)
+        return None

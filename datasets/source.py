@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.spec import Batch
 from datasets.layout import SplitData
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, read_cache
 from datasets.manifest import ManifestError
 
 
@@ -123,14 +123,15 @@ def decode_all(
     """Decode every image of ``split`` once (cached as .npz under ``cache_dir`` if given).
 
     The cache file is keyed by the format, the file list and ``signature`` (the caller's
-    hash of the images' sizes and modification times), so a replaced image is decoded again.
+    hash of the images' content), so an edited image is decoded again; a corrupt cache file
+    is named, deleted and decoded again.
     """
     cache_path = None
     if cache_dir is not None:
         cache_path = Path(cache_dir) / f"images-{_cache_key(split, fmt, signature)}.npz"
-        if cache_path.is_file():
-            with np.load(cache_path) as cached:
-                return ArraySplit(images=cached["images"], y=split.y, t=split.t)
+        cached = read_cache(cache_path, lambda saved: saved["images"], "decoded images")
+        if cached is not None:
+            return ArraySplit(images=cached, y=split.y, t=split.t)
     indices = range(len(split))
     if progress and len(split) > 2000:
         from tqdm.auto import tqdm

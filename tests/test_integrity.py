@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,6 +59,67 @@ def test_an_edited_expert_manifest_derives_again_and_reruns(tiny_root, tmp_path)
     assert source != first["provenance"]["manifests"]["train/expert_0/source"]
     derived = sorted((tmp_path / "cache/data/missing").glob("*/expert_0_train_expert_0.json"))
     assert len(derived) == 2  # one derivation per source content
+
+
+def blank_images(root: Path, split: str) -> None:
+    """Overwrite every image of ``split`` with a black one (same names, same manifests)."""
+    from PIL import Image
+
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    for path in sorted((root / split).rglob("*.png")):
+        Image.new("L", (8, 8)).save(path)
+
+
+def test_an_edited_image_reruns_its_cells_and_no_cell_reuses_old_outputs(tiny_root, tmp_path):
+    """The skip decision and every cache key (predictions, trained model, decoded images)
+    include the images' content: after the test images change, an existing cell reruns and
+    a new cell (another workload) is computed from the new pixels, not served from the cache."""
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    first = run_cell(cfg, choices)
+    assert first["status"] == "ok" and run_cell(cfg, choices)["status"] == "skipped"
+    blank_images(tiny_root, "test")
+    again = run_cell(cfg, choices)  # no force
+    assert again["status"] == "ok"
+    assert again["provenance"]["images"]["test"] != first["provenance"]["images"]["test"]
+    assert again["provenance"]["images"]["train"] == first["provenance"]["images"]["train"]
+    # a black image carries no class: the classifier answers one class for every test image
+    before = first["metrics"]["argmax"]["classifier_accuracy"]
+    assert again["metrics"]["argmax"]["classifier_accuracy"] <= 0.2 < before
+    other, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["workload=paper"])
+    new_cell = run_cell(other, choices)
+    assert new_cell["status"] == "ok"
+    assert (new_cell["metrics"]["argmax"]["classifier_accuracy"]
+            == again["metrics"]["argmax"]["classifier_accuracy"])  # the new pixels, not the old
+    predictions = sorted((tmp_path / "cache/predictions").glob("classifier_only-*.npz"))
+    assert len(predictions) == 2  # one per image content
+    assert len(list((tmp_path / "cache/data/images").glob("images-*.npz"))) == 3  # train, 2 tests
+
+
+@pytest.mark.parametrize("pattern,what", [("predictions/classifier_only-*.npz", "predictions"),
+                                          ("predictions/trained-*.npz", "trained model"),
+                                          ("data/images/images-*.npz", "decoded images")])
+def test_a_corrupt_cache_file_is_named_and_recomputed(tiny_root, tmp_path, capfd, pattern, what):
+    import benchmark.data
+
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    first = run_cell(cfg, choices)
+    files = sorted((tmp_path / "cache").glob(pattern))
+    assert first["status"] == "ok" and files
+    for path in files:
+        path.write_bytes(b"PK\x03\x04 truncated")
+    benchmark.data._decode.cache_clear()  # a new process: nothing memoised
+    capfd.readouterr()
+    for path in (tmp_path / "runs").rglob("result.json"):
+        path.unlink()  # the cell runs again (no force: caches are read)
+    if what != "predictions":  # the cell's predictions gone, so the model and images are read
+        for path in (tmp_path / "cache").glob("predictions/classifier_only-*.npz"):
+            path.unlink()
+    again = run_cell(cfg, choices)
+    err = capfd.readouterr().err
+    assert again["status"] == "ok", again.get("error")
+    assert f"corrupt {what} cache file {files[0]}" in err and "recomputing it" in err
+    assert again["metrics"]["argmax"]["classifier_accuracy"] == first["metrics"]["argmax"]["classifier_accuracy"]
+    assert all(np.load(path) is not None for path in sorted((tmp_path / "cache").glob(pattern)))
 
 
 def test_a_corrupted_image_after_a_cached_run_is_reported(tiny_root, tmp_path):
