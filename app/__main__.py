@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import hydra
@@ -44,15 +46,21 @@ def main(cfg: DictConfig) -> dict:
 
 def interrupted_message() -> str:
     """One line: how far a sweep got and how to resume it."""
-
     done, total = PROGRESS["done"], PROGRESS["total"]
     where = f" after {done} of {total if total is not None else '?'} cells" if total or done else ""
     return f"interrupted{where}; re-run the same command to resume (finished cells are kept)."
 
 
+def stop_on_interrupt(signum: int, frame) -> None:
+    """The one path of Ctrl-C (SIGINT): say how far the sweep got and leave at once with the
+    shell's status 130. No exception unwinds through JAX, XLA or a garbage-collection callback
+    (where it could be swallowed, or the interpreter crash at teardown): records, caches and
+    reports are written atomically and locks die with the process, so nothing is half-made."""
+    print(f"\n{interrupted_message()}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(INTERRUPTED)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print(f"\n{interrupted_message()}", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    signal.signal(signal.SIGINT, stop_on_interrupt)
+    main()

@@ -16,7 +16,7 @@ from app.launchers import keep_local_ray_on_loopback
 from app.tuning import write_tuned_preset
 from benchmark.config import resolve_path
 from benchmark.provenance import REPO_ROOT
-from benchmark.tracking import Tracker, local_store
+from benchmark.tracking import Tracker, import_mlflow, local_store
 from core.records import NoRecordsError, load_records
 from core.spec import RECORD_NAME
 from reports import build_report
@@ -131,6 +131,8 @@ class SweepCallback(Callback):
 
         keep_local_ray_on_loopback(config.hydra.launcher)
         tracker = Tracker(config.get("tracking") or {})
+        if tracker.enabled:
+            import_mlflow()  # once, here: never imported by two threads at the same time
         if local_store(tracker.uri) is not None:
             # create and migrate a local store (seconds) while the first cell trains: every
             # job's tracking takes the same store lock, so none can use it half-made
@@ -181,7 +183,6 @@ class SweepCallback(Callback):
                   f"({failed} failed, {skipped} skipped so far)", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-
         if self.bar is not None:
             self.bar.close()
         if self.preparing is not None:
@@ -191,23 +192,34 @@ class SweepCallback(Callback):
             self.outcomes = outcomes_since(results_dir, self.started)
         failed = any(o["status"] == "failed" for o in self.outcomes)
         if config.get("objective"):  # tuning: no test-set report of the trials, only the choice
-
             preset = write_tuned_preset(config, resolve_path(config.tuned_dir, REPO_ROOT))
             if preset is not None:
                 print(f"\nTuned preset (used by later runs of this dataset and method): {preset}\n"
                       + preset.read_text())
         else:
-            failed = not self._show_report(results_dir, resolve_path(config.report_dir, REPO_ROOT)) or failed
+            report_dir = resolve_path(config.report_dir, REPO_ROOT)
+            failed = not self._show_report(results_dir, report_dir) or failed
+            self._track_sweep(config, results_dir, report_dir)
         lines = summary_lines(self.outcomes, self.tracking_problem)
         if lines:
             print("\n" + "\n".join(lines), file=sys.stderr)
         if failed and not config.get("objective"):
             sys.exit(1)
 
+    def _track_sweep(self, config: DictConfig, results_dir, report_dir) -> None:
+        """A parent MLflow run for the sweep, holding the report; the cells' runs its children."""
+        tracker = Tracker(config.get("tracking") or {})
+        if not tracker.enabled or self.tracking_problem:
+            return
+        try:
+            runs = [r["mlflow_run_id"] for r in load_records(results_dir) if r.get("mlflow_run_id")]
+            tracker.log_sweep(str(config.experiment_name), report_dir, runs)
+        except Exception as err:  # the records and the report never depend on tracking
+            self.tracking_problem = f"the sweep's parent run was not logged ({type(err).__name__}: {err})"
+
     def _show_report(self, results_dir, report_dir) -> bool:
         """Print the leaderboard, rebuilding the report unless every cell was already done;
         False when the report could not be written."""
-
         unchanged = all(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
         try:
             if unchanged and report_is_current(results_dir, report_dir):

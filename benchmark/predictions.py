@@ -141,6 +141,7 @@ def _predict(run: RunConfig, data: CellData, trained, loader) -> dict:
         # validation images come from the training split: they get the training inputs'
         # corruption (one fixed draw), as the test images of a corrupted dataset have it baked in
         "validation": outputs(data.validation, corrupt=True),
+        "history": trained.history,  # training metrics per epoch
         "run_metrics": {
             "train_seconds": trained.train_seconds,
             "compile_seconds": trained.compile_seconds,
@@ -164,6 +165,7 @@ def _load_predictions(path: Path) -> dict | None:
             **{split: {name: saved[f"{split}/{name}"] for name in OUTPUTS}
                if f"{split}/logits" in saved else None for split in SPLITS},
             "run_metrics": json.loads(str(saved["run_metrics"])),
+            "history": json.loads(str(saved["history"])) if "history" in saved else [],
         }
 
     return read_cache(path, read, "predictions")
@@ -173,7 +175,8 @@ def _save_predictions(path: Path, out: dict) -> None:
     arrays = {f"{split}/{name}": out[split][name]
               for split in SPLITS if out[split] is not None for name in OUTPUTS}
     buffer = io.BytesIO()
-    np.savez(buffer, run_metrics=json.dumps(out["run_metrics"]), **arrays)
+    np.savez(buffer, run_metrics=json.dumps(out["run_metrics"]),
+             history=json.dumps(out.get("history") or []), **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -94,6 +94,7 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
         metrics=test.metrics,
         correct={rule: "".join("1" if c else "0" for c in right) for rule, right in test.correct.items()},
         run_metrics=out["run_metrics"],
+        history=out.get("history") or [],
         curves=test.curves,
         missing_seed={"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
         missing_annotations={"source": data.files.missing_source,  # none | published | drawn
@@ -108,6 +109,8 @@ def track(cell: CellConfig, record: ResultRecord, path: Path) -> ResultRecord:
     """Log the written record to MLflow and store the run id (or the tracking error) in it."""
     try:
         run_id = Tracker(cell.tracking).log(record, cell)
+        if run_id:
+            record.pop("tracking_error", None)  # an earlier attempt's error is history
     except Exception as err:  # tracking never loses a result
         record["tracking_error"] = f"{type(err).__name__}: {err}"
         run_id = None

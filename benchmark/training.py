@@ -218,13 +218,13 @@ TRAINED = nnx.Any(nnx.Param, nnx.BatchStat)  # what training changes (shared bet
 
 
 def save_trained(trained: "TrainedModel", path: Path) -> None:
-    """Write what training produced (parameters, batch statistics, timings) to ``path``."""
-
+    """Write what training produced (parameters, batch statistics, timings, the metrics of
+    every epoch) to ``path``."""
     model = nnx.merge(trained.graphdef, trained.params, trained.rest)
     leaves = jax.tree.leaves(nnx.state(model, TRAINED))
     meta = {"train_seconds": trained.train_seconds, "compile_seconds": trained.compile_seconds,
             "samples_seen": trained.samples_seen, "num_devices": trained.num_devices,
-            "seeds_in_program": trained.seeds_in_program}
+            "seeds_in_program": trained.seeds_in_program, "history": trained.history}
     buffer = io.BytesIO()
     np.savez(buffer, meta=json.dumps(meta), **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
     atomic_write_bytes(path, buffer.getvalue())
@@ -252,7 +252,8 @@ def restore_trained(method: Method, model: Any, path: Path) -> "TrainedModel | N
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return TrainedModel(method, graphdef, params, rest, meta["train_seconds"], meta["compile_seconds"],
                         meta["samples_seen"], num_devices=meta["num_devices"],
-                        seeds_in_program=meta.get("seeds_in_program", 1))
+                        seeds_in_program=meta.get("seeds_in_program", 1),
+                        history=meta.get("history", []))
 
 
 def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float) -> TrainInputs:

@@ -293,6 +293,7 @@ class ResultRecord(TypedDict, total=False):
     correct: dict[str, str]  # per decision rule, "0"/"1" per test sample: answered correctly
     missing_seed: dict[str, Any]  # {"seed": int, "from": "run seed" | "dataset.missing_seed"}
     run_metrics: dict[str, float | None]  # train_seconds, samples_per_second, ...
+    history: list[dict[str, float]]  # training metrics (mean over the epoch's steps) per epoch
     curves: dict[str, list[float]]  # {"coverage": [...], "accuracy": [...]}
     provenance: dict[str, Any]
     mlflow_run_id: str | None

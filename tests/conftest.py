@@ -84,3 +84,18 @@ def tiny_overrides(root: Path, output_dir: Path) -> list[str]:
         "train.batch_size=16",
         f"output_dir={output_dir}",
     ]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only with ``--slow`` or ``L2D_SLOW=1``."""
+    if config.getoption("--slow") or os.environ.get("L2D_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with ./run.sh test --slow (or L2D_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
