@@ -17,6 +17,7 @@ from app.launchers import register_ray_launcher_config
 from app.tuning import objective_value
 from benchmark.config import ConfigError, register_configs, to_cell
 from benchmark.runner import run_cell
+from core.spec import NOT_APPLICABLE
 
 register_configs()  # the typed schema and method=<name> for every registered method
 register_ray_launcher_config()  # hydra/launcher=ray: local on 127.0.0.1, or RAY_ADDRESS
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> dict:
                   "cell": {"missing_rate": cfg.get("missing_rate"), "seed": cfg.get("seed")}}
     if hydra_cfg.mode == RunMode.RUN:
         print_cell(record)
-        if record["status"] == "failed":
+        if record["status"] in ("failed", NOT_APPLICABLE):
             sys.exit(1)
     outcome = outcome_of(record)
     if cfg.get("objective"):  # experiment=tune: the sweeper wants a number

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from core.spec import ResultRecord
+from core.spec import NOT_APPLICABLE, SKIPPED, ResultRecord
 
 
 def error_paragraph(error: str) -> str:
@@ -20,7 +20,10 @@ def print_cell(record: ResultRecord, file=sys.stdout) -> None:
     if record["status"] == "failed":
         print(f"FAILED {title}\n{error_paragraph(record['error'])}", file=sys.stderr)
         return
-    if record["status"] == "skipped":
+    if record["status"] == NOT_APPLICABLE:
+        print(f"NOT RUN {title}: {record['error']}", file=sys.stderr)
+        return
+    if record["status"] == SKIPPED:
         print(f"[skipped: result exists; force=true redoes it] {title}", file=file)
     print(f"\n{title}", file=file)
     metrics = record["metrics"]

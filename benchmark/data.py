@@ -247,6 +247,12 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
     test = load_split(files.root, files.test_ground_truth, files.test_experts, files.num_classes,
                       require_complete=True)
     check_expert_counts(train, test, f"dataset {files.name!r}")
+    used = int(max(np.max(train.y, initial=-1), np.max(test.y, initial=-1))) + 1
+    if used < files.num_classes:
+        raise ConfigError(
+            f"dataset.num_classes={files.num_classes}, but the ground truth of {files.root} uses "
+            f"classes 0..{used - 1} only; set dataset.num_classes={used} (a class that never "
+            "occurs cannot be learned or scored).")
     complete_t = None
     if files.complete_experts:
         complete_t = load_split(files.root, files.train_ground_truth, files.complete_experts,

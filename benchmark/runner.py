@@ -132,14 +132,19 @@ def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
     """
     policy = cell.missing_policy
     if policy is not None:  # a sweep over policies: only the combinations a method supports
-        if policy not in get_method_class(str(cell.method.name)).missing_policies:
-            return {"status": NOT_APPLICABLE, "error": None,
-                    "cell": {"method": cell.method.name, "missing_policy": policy}}
+        supported = get_method_class(str(cell.method.name)).missing_policies
+        if policy not in supported:
+            return {"status": NOT_APPLICABLE, "cell": {"method": cell.method.name, "missing_policy": policy},
+                    "error": (f"method {cell.method.name!r} does not support missing_policy={policy!r}"
+                              f" (it supports {', '.join(supported) or 'none: it needs no policy'})")}
         cell = with_method_option(cell, "missing_policy", policy)
     key = {"missing_rate": cell.missing_rate, "seed": cell.seed}  # until the labels are known
     try:
         key, variant = cell_identity(cell, choices)
         path = record_path(resolve_path(cell.results_dir, base), key)
+        done = finished(cell, path, base)  # no lock needed to read a whole record: a read-only
+        if done is not None:               # results folder of finished cells still reports
+            return done
         with cell_lock(path):
             return _run_locked(cell, key, variant, path, base)
     except ConfigError as err:  # no identity: nothing can be recorded
@@ -148,14 +153,24 @@ def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
         return {"status": "failed", "error": f"cannot write the result record: {err}", "cell": key}
 
 
+def finished(cell: CellConfig, path: Path, base: Path) -> ResultRecord | None:
+    """The cell's "skipped" outcome when its ok record exists for the same settings and
+    source content (and ``force`` is off); None when the cell must run."""
+    existing = read_record(path)
+    if (existing is None or existing["status"] != "ok" or cell.force
+            or existing.get("fingerprint") != fingerprint_now(cell, base)):
+        return None
+    if cell.tracking.enabled and not existing.get("mlflow_run_id"):
+        existing = track(cell, existing, path)  # killed before it was tracked: repair
+    return {**existing, "status": SKIPPED}
+
+
 def _run_locked(cell: CellConfig, key, variant, path: Path, base: Path) -> ResultRecord:
+    done = finished(cell, path, base)  # another process may have finished it meanwhile
+    if done is not None:
+        return done
     existing = read_record(path)
     fingerprint = fingerprint_now(cell, base)
-    if (existing and existing["status"] == "ok" and not cell.force
-            and existing.get("fingerprint") == fingerprint):
-        if cell.tracking.enabled and not existing.get("mlflow_run_id"):
-            existing = track(cell, existing, path)  # killed before it was tracked: repair
-        return {**existing, "status": SKIPPED}
     if cell.method.label and existing and existing.get("variant") not in (None, variant):
         return {"status": "failed", "cell": key, "error": (  # the existing record is kept
             f"ConfigError: method.label={cell.method.label!r}: {path} holds the result of other "

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except (NoRecordsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. a read-only results folder
+        print(f"error: cannot write the report to {out_dir} ({error.strerror or error}); "
+              "choose a writable folder with --out DIR", file=sys.stderr)
+        return 2
     print(paths["leaderboard.txt"].read_text(encoding="utf-8"), end="")  # the console table
     print(f"\nreport: {paths['report.html']}")
     return 0

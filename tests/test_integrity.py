@@ -360,3 +360,27 @@ def test_a_cell_run_has_epochs_bounds_record_and_config_and_the_sweep_has_the_re
     assert parent.data.tags["sweep"] == "smoke"
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in report and "report/leaderboard.md" in report
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Records, caches and reports are as readable as any file the user creates (0644 under
+    the usual umask 022), so colleagues on a shared file system can read them."""
+    from core.files import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_num_classes_larger_than_the_data_is_refused(tiny_root, tmp_path):
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["dataset.num_classes=1000"])
+    record = run_cell(cfg, choices)
+    assert record["status"] == "failed"
+    assert "dataset.num_classes=1000, but the ground truth" in record["error"]
+    assert "set dataset.num_classes=10" in record["error"]

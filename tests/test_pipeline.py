@@ -270,3 +270,36 @@ def test_a_cell_is_converted_once_and_derived_once(tiny_root, tmp_path, monkeypa
     assert calls == {"to_cell": 1, "build": 1}  # the presets' baseline, then the cell's run
     assert run_cell(second, choices)["status"] == "ok"
     assert calls == {"to_cell": 1, "build": 2}  # the baseline is reused
+
+
+def test_a_single_run_of_an_unsupported_policy_says_so(tiny_root, tmp_path):
+    result = run_cli("experiment=single", *tiny_overrides(tiny_root, tmp_path),
+                     "method=multi_l2d_softmax", "missing_policy=mask")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert ("method 'multi_l2d_softmax' does not support missing_policy='mask' "
+            "(it supports as_incorrect, drop)") in flat(result.stderr)
+
+
+def test_a_failed_job_without_identity_is_named_by_its_overrides(tiny_root, tmp_path):
+    result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path),
+                     "method=classifier_only", "workload=none", "missing_rate=1.5")
+    assert result.returncode == 1
+    assert "missing_rate=1.5" in result.stderr.split("cells failed:")[1]
+    assert "failed: " not in result.stderr.replace("failed: job=", "")  # never an empty name
+
+
+def test_a_read_only_finished_run_reports_its_cells_as_done(tiny_root, tmp_path):
+    """Finished cells are reported as done without writing anything (not even their lock
+    file): here no lock can be created (a folder stands where each lock file would go,
+    which stops root as well as a user of a read-only folder)."""
+    args = ["experiment=smoke", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
+            "method=classifier_only", "workload=none,paper"]
+    assert run_cli(*args).returncode == 0
+    for record in (tmp_path / "runs").rglob("result.json"):
+        lock = record.with_name(record.name + ".lock")
+        lock.unlink(missing_ok=True)
+        lock.mkdir()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "(0 failed, 2 skipped so far)" in again.stderr
