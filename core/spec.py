@@ -189,32 +189,37 @@ def role_of(method: Any) -> str:
 
 class MetricSpec(NamedTuple):
     """How to read a metric: which side is better (``"higher"``, ``"lower"`` or None for a
-    description such as a workload share) and the range of its values (None: unbounded)."""
+    description such as a workload share), the range of its values (None: unbounded) and
+    what it measures (one sentence, for the reports' data dictionary)."""
 
     direction: str | None
     low: float | None
     high: float | None
+    meaning: str = ""
 
 
 HIGHER, LOWER = "higher", "lower"
-SHARE = MetricSpec(None, 0.0, 1.0)
 # every metric a record can carry; a name ending in "/" is a prefix (workload/expert_0)
 METRICS: dict[str, MetricSpec] = {
-    "accuracy": MetricSpec(HIGHER, 0.0, 1.0),
-    "coverage": SHARE,
-    "workload/": SHARE,
-    "workload_violation": MetricSpec(LOWER, 0.0, 1.0),
-    "human_workload_cv": MetricSpec(LOWER, 0.0, None),
-    "classifier_accuracy": MetricSpec(HIGHER, 0.0, 1.0),
-    "expert_accuracy/": MetricSpec(HIGHER, 0.0, 1.0),
-    "classifier_ece": MetricSpec(LOWER, 0.0, 1.0),
-    "deferral_auc": MetricSpec(HIGHER, 0.0, 1.0),
-    "imputation_accuracy": MetricSpec(HIGHER, 0.0, 1.0),
-    "train_seconds": MetricSpec(LOWER, 0.0, None),
-    "compile_seconds": MetricSpec(LOWER, 0.0, None),
-    "samples_per_second": MetricSpec(HIGHER, 0.0, None),
-    "estep_ms": MetricSpec(LOWER, 0.0, None),
-    "num_devices": MetricSpec(None, 1.0, None),
+    "accuracy": MetricSpec(HIGHER, 0.0, 1.0, "share of test samples the system answers correctly"),
+    "coverage": MetricSpec(None, 0.0, 1.0, "share of test samples sent to the classifier"),
+    "workload/": MetricSpec(None, 0.0, 1.0, "share of test samples sent to this agent"),
+    "workload_violation": MetricSpec(LOWER, 0.0, 1.0,
+                                     "largest distance of an agent's share outside its bounds"),
+    "human_workload_cv": MetricSpec(LOWER, 0.0, None,
+                                    "coefficient of variation of the humans' shares (0: equal)"),
+    "classifier_accuracy": MetricSpec(HIGHER, 0.0, 1.0, "accuracy of the classifier on every test sample"),
+    "expert_accuracy/": MetricSpec(HIGHER, 0.0, 1.0, "accuracy of this expert's test annotations"),
+    "classifier_ece": MetricSpec(LOWER, 0.0, 1.0, "expected calibration error of the classifier (15 bins)"),
+    "deferral_auc": MetricSpec(HIGHER, 0.0, 1.0,
+                               "area under one trained model's own score-ranking accuracy-coverage curve"),
+    "imputation_accuracy": MetricSpec(HIGHER, 0.0, 1.0,
+                                      "accuracy of the inferred labels of withheld annotations"),
+    "train_seconds": MetricSpec(LOWER, 0.0, None, "training wall time, compilation excluded (s)"),
+    "compile_seconds": MetricSpec(LOWER, 0.0, None, "time of the first, compiling train step (s)"),
+    "samples_per_second": MetricSpec(HIGHER, 0.0, None, "training samples per second"),
+    "estep_ms": MetricSpec(LOWER, 0.0, None, "one jitted E-step + workload projection (ms)"),
+    "num_devices": MetricSpec(None, 1.0, None, "devices the training ran on"),
 }
 
 

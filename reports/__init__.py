@@ -20,6 +20,7 @@ import pandas as pd
 from core.files import atomic_write_text
 from reports.coverage import (AREA_SENTENCE, DEFERRAL_AUC_SENTENCE, area_table, coverage_blocks,
                               coverage_points, target_table)
+from reports.columns import write_columns
 from reports.figures import MadeFigure, all_figures, critical_difference, save_figures
 from reports.frames import (
     RECORD_NAME,
@@ -120,7 +121,8 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     """Write every report file for ``records`` into ``out_dir``.
 
     Files: leaderboard.md (compact), leaderboard.csv (every aggregated metric, numeric),
-    leaderboard.txt (the console table), report.html (self-contained) and figures/*.png;
+    leaderboard.txt (the console table), report.html (self-contained), figures/*.png and
+    columns.md (what every CSV column holds);
     for a coverage sweep also coverage_auc.csv (equal-coverage AUC per method) and
     coverage_targets.csv (accuracy at every target).
     Returns {path relative to ``out_dir``: path}, e.g. ``paths["report.html"]``.
@@ -133,6 +135,7 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
     paths = {
         "leaderboard.csv": write_csv(full_table, out_dir / "leaderboard.csv"),
     }
+    csv_tables = {"leaderboard.csv": full_table}
     sections: list[ReportSection] = []
     points = coverage_points(records)
     targets = None
@@ -140,7 +143,9 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
         area, targets = area_table(points, analysis.roles), target_table(points, analysis.roles)
         paths["coverage_auc.csv"] = write_csv(area, out_dir / "coverage_auc.csv")
         paths["coverage_targets.csv"] = write_csv(targets, out_dir / "coverage_targets.csv")
+        csv_tables.update({"coverage_auc.csv": area, "coverage_targets.csv": targets})
         sections.append(coverage_section(area, targets))
+    paths["columns.md"] = write_columns(csv_tables, out_dir / "columns.md")
     figures = all_figures(agg, curves_frame(records), bounds_frame(records), analysis.roles,
                           primary_metric, decision, targets)
     if direction(primary_metric) is not None:

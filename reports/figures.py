@@ -92,10 +92,20 @@ def _pick(values: Iterable, wanted, what: str):
     return wanted
 
 
-def _panels(count: int, rows: int = 1, sharey: bool = True) -> tuple[Figure, np.ndarray]:
-    figure = Figure(figsize=(PANEL_SIZE[0] * count + 1.8, PANEL_SIZE[1] * rows), layout="constrained")
-    axes = figure.subplots(rows, count, squeeze=False, sharey=sharey)
-    return figure, axes.ravel()
+MAX_COLUMNS = 3  # panels per row: a figure stays readable at a page's width
+
+
+def _panels(count: int, sharey: bool = True) -> tuple[Figure, np.ndarray]:
+    """``count`` panels in rows of at most ``MAX_COLUMNS`` (unused cells removed), room for
+    a legend on the right."""
+    columns = min(count, MAX_COLUMNS)
+    rows = -(-count // columns)
+    figure = Figure(figsize=(PANEL_SIZE[0] * columns + 2.4, PANEL_SIZE[1] * rows + 0.4),
+                    layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharey=sharey).ravel()
+    for unused in axes[count:]:
+        figure.delaxes(unused)
+    return figure, axes[:count]
 
 
 def _figure_legend(figure: Figure, handles: list, labels: list[str]) -> None:
@@ -403,6 +413,9 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
     """
     figures: dict[str, MadeFigure] = {}
     if coverage_targets is not None and not coverage_targets.empty:
+        # the sweep's points are the headline figure's: not one panel per target elsewhere
+        swept = lambda frame: frame[~frame["workload"].str.contains(r"[\[,]coverage=", regex=True)]  # noqa: E731
+        agg, curves, bounds = swept(agg), swept(curves), swept(bounds)
         for (dataset, workload), _ in coverage_targets.groupby(["dataset", "workload"]):
             figures[f"accuracy_at_coverage_{_slug(dataset)}_{_slug(workload)}"] = MadeFigure(
                 plot_accuracy_at_coverage(coverage_targets, dataset, workload, roles),
@@ -414,7 +427,7 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
     for dataset in sorted(agg["dataset"].unique()):
         rows = _select(agg, dataset=dataset)
         name = _slug(dataset)
-        if (rows["metric"] == "accuracy").any():
+        if (rows["metric"] == "accuracy").any() and rows["missing_rate"].nunique() > 1:
             figures[f"accuracy_vs_missing_rate_{name}"] = MadeFigure(
                 plot_accuracy_vs_missing_rate(agg, dataset, roles=roles),
                 f"{dataset}: constrained accuracy of every method against the missing-annotation "
@@ -434,7 +447,8 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
                     f"{dataset}, missing rate {rate:g}: share of the test set each agent receives "
                     "under constrained decisions, against the workload bounds (dashed: upper, "
                     f"dotted: lower). {INTERVAL_CAPTION}")
-        if {"accuracy", "workload_violation"} <= set(rows["metric"]):
+        violations = rows.loc[rows["metric"] == "workload_violation", "mean"]
+        if {"accuracy", "workload_violation"} <= set(rows["metric"]) and (violations > 0).any():
             figures[f"accuracy_vs_violation_{name}"] = MadeFigure(
                 plot_accuracy_vs_violation(agg, dataset, roles),
                 f"{dataset}: accuracy against workload violation per method and missing rate; "
@@ -443,7 +457,9 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
 
 
 def save_figures(figures: dict[str, Figure], out_dir: str | Path, dpi: int = 110) -> list[Path]:
-    """Write each figure as ``<out_dir>/<name>.png``; returns the paths in order."""
+    """Write each figure as ``<out_dir>/<name>.png`` and remove the PNGs of an earlier
+    report that this one no longer has (the folder is the report's); returns the paths in
+    order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -455,4 +471,6 @@ def save_figures(figures: dict[str, Figure], out_dir: str | Path, dpi: int = 110
             figure.savefig(buffer, dpi=dpi, format="png")
         atomic_write_bytes(path, buffer.getvalue())  # a kill never leaves a truncated PNG
         paths.append(path)
+    for stale in set(out_dir.glob("*.png")) - set(paths):
+        stale.unlink(missing_ok=True)
     return paths

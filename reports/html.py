@@ -11,7 +11,7 @@ from html import escape
 
 import pandas as pd
 
-from reports.leaderboard import (INTERVAL_NOTE, ReportSection, failure_summary,
+from reports.leaderboard import (INTERVAL_NOTE, MARKS_NOTE, ReportSection, failure_summary,
                                  format_leaderboard, group_blocks, primary_caption)
 
 STYLE = """
@@ -70,12 +70,12 @@ def _summary_html(provenance: pd.DataFrame) -> str:
 
 def _leaderboard_html(table: pd.DataFrame) -> str:
     caption = (f"{primary_caption(table)} per (missing rate, workload), learned methods only. "
-               f"Cells are {INTERVAL_NOTE}. ★ = best; ≈ = not significantly different from the "
-               "best (paired bootstrap, 95%). Reference rows are listed apart, unranked.")
+               f"Cells are {INTERVAL_NOTE}; vs best = difference from the best learned method. "
+               f"{MARKS_NOTE}. Reference rows are listed apart, unranked.")
     parts = [f'<p class="note">{escape(caption)}</p>']
     if table.empty:
         return parts[0] + "<p>No successful cells.</p>"
-    shown = format_leaderboard(table, best_format="{} ★", tied_format="{} ≈")
+    shown = format_leaderboard(table)
     previous = None
     drop = ["dataset", "missing_rate", "workload"]
     for dataset, rate, workload, learned, reference in group_blocks(shown, table):

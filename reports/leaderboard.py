@@ -37,6 +37,7 @@ MISSING_TEXT = "–"
 LEARNED, REFERENCE = "method", "reference"  # the roles of a row
 RANK_DECIMALS = 12
 CSV_FLOAT_FORMAT = "%.10g"
+VS_BEST = "vs_best"
 
 
 def column_name(decision: str, metric: str) -> str:
@@ -165,12 +166,15 @@ def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str
 
     ``columns`` lists (decision, metric) pairs (default: ``default_columns``; pass
     ``all_columns(agg)`` for everything); each gives a mean column and ``_lo`` / ``_hi``
-    interval columns, and columns without any value are dropped. ``n`` counts the seeds of
+    interval columns, and columns without any value are dropped (in the compact default, also
+    those that are constant or empty in most rows, e.g. a violation of 0 everywhere).
+    ``vs_best`` is the primary metric minus the best learned method's, per group. ``n`` counts the seeds of
     the primary metric. ``roles`` marks reference rows (unranked, listed after the learned
     methods of each group); ``ties`` (``reports.uncertainty.ties_with_best``) fills
     ``tied_with_best``. The primary metric and decision are kept in ``table.attrs``.
     """
     decision = resolve_decision(agg, metric, decision)
+    compact = columns is None
     columns = columns if columns is not None else default_columns(metric, decision)
     ranked = rank_methods(agg, metric, decision, roles)
     table = agg[ROW_KEYS].drop_duplicates().merge(
@@ -191,6 +195,15 @@ def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str
             columns={"mean": name, "lo": f"{name}_lo", "hi": f"{name}_hi"})
         table = table.merge(part, on=ROW_KEYS, how="left")
     table["n"] = table["n"].astype("Int64")
+    primary = column_name(decision, metric)
+    if primary in table.columns:  # signed difference from the group's best learned method
+        best = table[primary].where((table["role"] == LEARNED) & (table["rank"] == 1))
+        table[VS_BEST] = table[primary] - best.groupby([table[k] for k in GROUP_KEYS]).transform("max")
+    if compact:  # leave out what says nothing: constant or mostly empty columns
+        for name in [c for c in list(table.columns) if f"{c}_lo" in table.columns and c != primary]:
+            values = table[name]
+            if values.notna().mean() < 0.5 or values.dropna().round(6).nunique() <= 1:
+                table = table.drop(columns=[name, f"{name}_lo", f"{name}_hi"])
     fixed = [*ROW_KEYS, "role", "rank", "tied_with_best", "n"]
     metric_columns = [c for c in table.columns if c not in fixed]
     table = table[[*GROUP_KEYS, "role", "rank", "method", "tied_with_best", *metric_columns, "n"]]
@@ -227,13 +240,15 @@ def format_interval(mean: float, lo: float, hi: float, decimals: int = 3) -> str
     return f"{mean:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
 
 
-def format_leaderboard(table: pd.DataFrame, best_format: str = "{}",
-                       tied_format: str = "{}") -> pd.DataFrame:
-    """Display strings: one "mean [lo, hi]" column per metric; markers on method names.
+BEST_MARK, TIED_MARK = "*", "="  # the one marker style of every table of the report
+MARKS_NOTE = "* = best learned method; = = not significantly different from it (paired bootstrap, 95%)"
 
-    ``best_format`` is applied to every rank-1 learned method (e.g. "**{}**"),
-    ``tied_format`` to the other learned methods tied with the best (e.g. "_{}_").
-    Reference rows show "ref" as their rank.
+
+def format_leaderboard(table: pd.DataFrame, best_format: str = BEST_MARK + "{}",
+                       tied_format: str = TIED_MARK + "{}") -> pd.DataFrame:
+    """Display strings: one "mean [lo, hi]" column per metric, the signed difference from
+    the best (``vs best``), markers on method names (``*`` best, ``=`` tied with it, by
+    default). Reference rows show "ref" as their rank.
     """
     def marked(method, rank, tied):
         if rank == 1:
@@ -253,6 +268,9 @@ def format_leaderboard(table: pd.DataFrame, best_format: str = "{}",
         decimals = decimals_for(table[name])
         shown[name] = [format_interval(mean, lo, hi, decimals) for mean, lo, hi in
                        zip(table[name], table[f"{name}_lo"], table[f"{name}_hi"])]
+        if name == table.attrs.get("primary_column") and VS_BEST in table.columns:
+            shown["vs best"] = table[VS_BEST].map(
+                lambda d: MISSING_TEXT if pd.isna(d) else f"{d:+.{decimals}f}")
     shown["n"] = table["n"].map(lambda n: MISSING_TEXT if pd.isna(n) else str(int(n)))
     return shown
 
@@ -321,13 +339,13 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
         "# Leaderboard",
         "",
         f"{primary_caption(table)} per (missing rate, workload), learned methods only. Cells are "
-        f"{INTERVAL_NOTE}. **Bold**: best; _italics_: not significantly different from the best "
-        "(paired bootstrap, 95%). Reference rows are listed apart and not ranked.",
+        f"{INTERVAL_NOTE}; vs best = difference from the best learned method of the group. "
+        f"{MARKS_NOTE}. Reference rows are listed apart and not ranked.",
     ]
     lines += _markdown_sections(sections)
     if table.empty:
         lines += ["", "No successful cells."]
-    shown = format_leaderboard(table, best_format="**{}**", tied_format="_{}_")
+    shown = format_leaderboard(table)
     previous = None
     for dataset, rate, workload, learned, reference in group_blocks(shown, table):
         if dataset != previous:
@@ -359,8 +377,12 @@ def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame |
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
-    """Write the numeric table: one row per (dataset, method, missing_rate, workload)."""
+    """Write a numeric table (``tied_with_best`` as true / false, empty for reference rows
+    and where no paired test is possible; see ``columns.md``)."""
     path = Path(path)
+    if "tied_with_best" in table.columns:
+        table = table.assign(tied_with_best=table["tied_with_best"].map(
+            lambda tied: "" if pd.isna(tied) else str(bool(tied)).lower()))
     atomic_write_text(path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT))
     return path
 
@@ -391,8 +413,10 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
     ``failed`` (``reports.frames.failures``) adds a line counting failed cells per method.
     """
     decision = _shown_decision(table.attrs.get("primary_decision", "constrained"))
-    title = (f"Leaderboard. {primary_caption(table)}, learned methods only; {INTERVAL_NOTE}; "
-             f"* = best, = = tied with the best; columns are {decision} decisions unless named")
+    title = textwrap.fill(
+        f"Leaderboard. {primary_caption(table)}, learned methods only; {INTERVAL_NOTE}; "
+        f"{MARKS_NOTE}; vs best = difference from the best; columns are {decision} decisions "
+        "unless named", width=100)
     if failed is not None and not failed.empty:
         title += "\n" + failure_summary(failed)
     if table.empty:
@@ -401,7 +425,9 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
     wanted = [primary, "constrained/accuracy", "argmax/accuracy",
               f"{decision}/workload_violation", f"{decision}/coverage"]
     metric_names = [name for name in dict.fromkeys(wanted) if name in table.columns]
-    shown = format_leaderboard(table, best_format="*{}", tied_format="={}")
+    shown = format_leaderboard(table)
+    if "vs best" in shown.columns:
+        metric_names.insert(1, "vs best")
     shown["method"] = [name if name[:1] in "*=" else f" {name}" for name in shown["method"]]
     labels = [name.removeprefix(f"{decision}/").replace("/", " ") for name in metric_names]
     header = ["missing", "workload", "rank", "method", *labels, "n"]

@@ -123,7 +123,7 @@ def test_reference_rows_are_unranked_apart_and_never_best(toy_records, tmp_path)
         write_record(tmp_path / "runs" / f"{i}" / "result.json", rec)
     written = build_report(tmp_path / "runs", tmp_path / "report")
     markdown = written["leaderboard.md"].read_text()
-    assert "**best**" in markdown and "_close_" in markdown and "**oracle**" not in markdown
+    assert "| *best |" in markdown and "| =close |" in markdown and "*oracle" not in markdown
     assert "Reference rows (not ranked):" in markdown
     text = written["leaderboard.txt"].read_text()
     assert "*best" in text and "=close" in text and "*oracle" not in text

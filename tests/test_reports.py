@@ -31,7 +31,7 @@ from reports import (
     tidy,
 )
 from reports.frames import correct_frame, curves_frame
-from reports.leaderboard import format_interval
+from reports.leaderboard import all_columns, format_interval
 from reports.uncertainty import metric_range
 from reports.metrics import direction
 
@@ -315,9 +315,17 @@ def test_leaderboard_table_and_console(records, agg):
     assert len(table) == 8
     expected = {"constrained/accuracy", "constrained/accuracy_lo", "constrained/accuracy_hi",
                 "argmax/accuracy", "constrained/workload_violation", "train_seconds",
-                "imputation_accuracy", "n", "role", "tied_with_best"}
+                "n", "role", "tied_with_best", "vs_best"}
     assert expected <= set(table.columns)
+    # the compact table leaves out what says nothing (here a constant imputation accuracy);
+    # the full one (the CSV) keeps it
+    assert "imputation_accuracy" not in table.columns
+    full = leaderboard_table(agg, columns=all_columns(agg))
+    assert "imputation_accuracy" in full.columns
+    best = table[table["rank"] == 1]
+    assert (best["vs_best"] == 0).all() and (table.loc[table["role"] == "method", "vs_best"] <= 0).all()
     text = format_console(table, failures(records))
+    assert max(len(line) for line in text.splitlines()[:4]) <= 100
     assert "*alpha" in text and "*beta" in text  # best per group is marked
     assert "constrained accuracy (higher is better)" in text
     assert "1 failed cell (beta: 1)" in text
@@ -353,7 +361,7 @@ def test_csv_has_one_row_per_method_missing_rate_workload(report):
 
 def test_markdown_marks_best_method(report):
     text = report["leaderboard.md"].read_text()
-    assert "## digits" in text and "**alpha**" in text and "**beta**" in text
+    assert "## digits" in text and "| *alpha |" in text and "| *beta |" in text
     assert "0.900 [" in text and "### missing rate 0, workload none" in text
 
 
