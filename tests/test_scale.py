@@ -163,7 +163,9 @@ def test_tracking_to_an_mlflow_server(tiny_root, tmp_path):
             assert result.returncode == 0, result.stderr[-2000:]
             assert "not tracked" not in result.stderr and "does not answer" not in result.stderr
         mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-        runs = mlflow.search_runs(experiment_names=["l2d-bench-smoke"], output_format="list")
+        found = mlflow.search_runs(experiment_names=["l2d-bench-smoke"], output_format="list")
+        runs = [run for run in found if "cell_id" in run.data.tags]  # the sweeps' parents aside
+        assert len(found) - len(runs) == 2  # one parent run per sweep
         assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
         ids = {r["mlflow_run_id"] for r in load_records(tmp_path / "runs/smoke")}
         assert ids == {run.info.run_id for run in runs}
