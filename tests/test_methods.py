@@ -402,3 +402,90 @@ def test_reference_rows_share_one_trained_classifier():
     for other in states[1:]:
         for a, b in zip(states[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- the three newest baselines
+
+
+def test_two_stage_surrogate_on_a_hand_worked_batch():
+    """y = 0; expert 0 right, expert 1 wrong, the classifier (argmax 2) wrong: costs
+    (0, 1, 1), weights tau_k = sum of the others' costs = (2, 1, 1); a uniform rejector pays
+    log 3 per unit of weight. Under "mask" a missing expert 1 leaves the softmax: weights
+    (1, -, 0) over two agents, log 2."""
+    from methods.two_stage import two_stage_surrogate
+
+    y = jnp.array([0])
+    classifier = jnp.array([[0.0, 0.0, 5.0]])
+    rejector = jnp.zeros((1, 3))
+    both = jnp.array([[0, 1]])
+    one_missing = jnp.array([[0, MISSING]])
+    assert float(two_stage_surrogate(rejector, classifier, y, both, "mask")) == pytest.approx(4 * np.log(3))
+    assert float(two_stage_surrogate(rejector, classifier, y, one_missing, "mask")) == pytest.approx(np.log(2))
+    assert float(two_stage_surrogate(rejector, classifier, y, one_missing, "as_incorrect")) == pytest.approx(4 * np.log(3))
+    assert float(two_stage_surrogate(rejector, classifier, y, one_missing, "drop")) == 0.0
+    # the classifier's cost comes from its predictions, never its gradient
+    grad = jax.grad(lambda c: two_stage_surrogate(rejector, c, y, both, "mask"))(classifier)
+    assert float(jnp.abs(grad).max()) == 0.0
+
+
+def test_team_loss_on_a_hand_worked_batch():
+    """Uniform weights over (expert 0, expert 1, classifier), y = 0, expert 0 right, expert 1
+    wrong, a uniform classifier over 3 classes: P(y) = 1/3 + 0 + 1/9 = 4/9. Under "mask" a
+    missing expert 1 leaves the team: P(y) = 1/2 + 1/6 = 2/3."""
+    from methods.team_allocation import team_loss
+
+    y = jnp.array([0])
+    allocation, classifier = jnp.zeros((1, 3)), jnp.zeros((1, 3))
+    assert float(team_loss(allocation, classifier, y, jnp.array([[0, 1]]), "mask")) == pytest.approx(-np.log(4 / 9))
+    one_missing = jnp.array([[0, MISSING]])
+    assert float(team_loss(allocation, classifier, y, one_missing, "mask")) == pytest.approx(-np.log(2 / 3))
+    assert float(team_loss(allocation, classifier, y, one_missing, "as_incorrect")) == pytest.approx(-np.log(4 / 9))
+    assert float(team_loss(allocation, classifier, y, one_missing, "drop")) == 0.0
+
+
+def minimise(loss_of_logits, logits, steps=300, rate=0.5):
+    grad = jax.jit(jax.grad(loss_of_logits))
+    for _ in range(steps):
+        logits = logits - rate * grad(logits)
+    return logits
+
+
+@pytest.mark.parametrize("method", ["two_stage", "team_allocation"])
+def test_the_learned_allocation_picks_the_agent_that_is_right(method):
+    """Free allocation logits per sample, minimised on a batch where a different agent is
+    the only correct one on each of three kinds of sample: the argmax is that agent."""
+    from methods.team_allocation import team_loss
+    from methods.two_stage import two_stage_surrogate
+
+    y = jnp.array([0, 1, 2])
+    t = jnp.array([[0, 2], [2, 1], [1, 0]])  # sample 0: expert 0 right; 1: expert 1; 2: neither
+    classifier = jnp.array([[0.0, 4.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 4.0]])  # right on 2 only
+    if method == "two_stage":
+        loss = lambda r: two_stage_surrogate(r, classifier, y, t, "mask")  # noqa: E731
+    else:
+        loss = lambda r: team_loss(r, classifier, y, t, "mask")  # noqa: E731
+    learned = minimise(loss, jnp.zeros((3, 3)))
+    assert list(np.asarray(jnp.argmax(learned, axis=1))) == [0, 1, 2]
+
+
+def test_post_hoc_defers_by_the_bayes_rule_on_the_base_model():
+    """The classifier scores its confidence, each expert its estimated correctness; the
+    estimators see the base model's probabilities and never send it a gradient."""
+    method = build("post_hoc")
+    model = training.init_model(method, SPEC, 0)
+    batch = make_batch(size=8)
+    early, _ = method.loss(model, batch, TrainInputs(jnp.float32(0.2)))
+    late, metrics = method.loss(model, batch, TrainInputs(jnp.float32(0.8)))
+    assert float(late) == pytest.approx(float(early) + float(metrics["correctness_bce"]), rel=1e-5)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def estimator_loss(params):
+        merged = nnx.merge(graphdef, params, rest)
+        return method.loss(merged, batch, TrainInputs(jnp.float32(0.8)))[1]["correctness_bce"]
+
+    grads = jax.grad(estimator_loss)(params)
+    classifier_grads = jax.tree.leaves(grads["classifier"]) if "classifier" in grads else []
+    assert classifier_grads and all(float(jnp.abs(g).max()) == 0.0 for g in classifier_grads)
+    scores = np.asarray(method.agent_scores(model, batch.x))
+    class_probs = np.asarray(jax.nn.softmax(method.classify(model, batch.x), axis=-1))
+    np.testing.assert_allclose(scores[:, -1], class_probs.max(axis=1), rtol=1e-5)

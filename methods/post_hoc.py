@@ -1,0 +1,85 @@
+"""``post_hoc``: a base classifier, then post-hoc correctness estimators combined by the
+Bayes-optimal rule (Narasimhan, Jitkrittum, Menon, Rawat & Kumar, NeurIPS 2022,
+"Post-hoc estimators for learning to defer to an expert").
+
+Base model: a classifier trained by cross-entropy on ``y`` (it never sees the deferral
+loss). Post hoc, for the base model as it is (``stop_gradient``): one estimator per expert
+of ``P(t_j = y | x)``, trained by BCE on ``1[t_j = y]``, whose input is the image *and the
+base model's class probabilities*, so deferral depends on what the base model predicts
+(the paper's fix for deferral functions that ignore it and for the softmax surrogate's
+underfitting). The estimators start after ``first_stage_fraction`` of the training steps.
+Decision (the Bayes-optimal rule with equal costs): the agent most likely to be right,
+the classifier scoring ``max_y P(y | x)``, expert j its estimate.
+
+Missing annotations: ``mask`` (default; each estimator learns from its expert's observed
+labels only), ``as_incorrect`` (a missing answer counts as wrong), ``drop`` (fully annotated
+samples only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from methods import METHODS
+from methods.common import MethodBase, MethodConfigError, Networks, cross_entropy, require_experts
+from methods.nets import Network
+from methods.surrogates import correctness_loss, deferral_scores_correctness
+
+
+class CorrectnessEstimators(nnx.Module):
+    """E logits of ``P(t_j = y | x)`` from the image and the base model's probabilities."""
+
+    def __init__(self, backbone: str, channels: int, num_classes: int, num_experts: int,
+                 rngs: nnx.Rngs):
+        self.image = Network(backbone, channels, num_experts, rngs=rngs)
+        self.base = nnx.Linear(num_classes, num_experts, rngs=rngs)
+
+    def __call__(self, x, base_probs):
+        return self.image(x) + self.base(jax.lax.stop_gradient(base_probs))
+
+
+@METHODS.register("post_hoc")
+@dataclasses.dataclass(frozen=True)
+class PostHoc(MethodBase):
+    missing_policies = ("mask", "as_incorrect", "drop")
+    missing_policy: str = "mask"
+    num_experts: int = 0
+    num_classes: int = 0
+    first_stage_fraction: float = 0.5  # share of training before the estimators start
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.first_stage_fraction < 1.0:
+            raise MethodConfigError(
+                f"method 'post_hoc': first_stage_fraction must be in [0, 1), got {self.first_stage_fraction}.")
+
+    def init_model(self, spec, rngs):
+        require_experts(self.name, spec.num_experts)
+        channels = spec.input_shape[-1]
+        return Networks(
+            classifier=Network(spec.backbone, channels, spec.num_classes, rngs=rngs),
+            estimators=CorrectnessEstimators(spec.backbone, channels, spec.num_classes,
+                                             spec.num_experts, rngs=rngs))
+
+    def _estimates(self, model, x, class_logits):
+        return model.estimators(x, jax.nn.softmax(class_logits, axis=-1))
+
+    def loss(self, model, batch, inputs):
+        class_logits = model.classifier(batch.x)
+        classifier = cross_entropy(class_logits, batch.y)
+        estimators = correctness_loss(self._estimates(model, batch.x, class_logits), batch.y,
+                                      batch.t, self.missing_policy)
+        post_hoc = (inputs.progress >= self.first_stage_fraction).astype(jnp.float32)
+        return classifier + post_hoc * estimators, {"classifier_ce": classifier,
+                                                    "correctness_bce": estimators}
+
+    def classify(self, model, x):
+        return model.classifier(x)
+
+    def agent_scores(self, model, x):
+        class_logits = model.classifier(x)
+        return deferral_scores_correctness(class_logits, self._estimates(model, x, class_logits))
