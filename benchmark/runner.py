@@ -1,5 +1,5 @@
 """One grid cell, one way: identity -> data -> method -> fit (or reuse) -> predict -> score ->
-one record write -> track.
+write the record -> track (the MLflow run id then added to the record).
 
 ``run_cell`` takes the typed ``CellConfig`` (``benchmark.config.to_cell``, once per cell) and
 derives the cell's ``RunConfig`` once. The record goes to ``benchmark.identity.record_path``

@@ -58,14 +58,15 @@ REFERENCE_GREYS = ((0.15, 0.15, 0.15), (0.45, 0.45, 0.45), (0.62, 0.62, 0.62), (
 
 def method_styles(methods: Iterable[str], roles: dict[str, str] | None = None) -> dict[str, Style]:
     """A fixed, distinguishable style per method: the i-th learned method (sorted names) gets
-    the i-th of tab10's nine colours other than its grey and a marker that shifts every
-    round of nine, so no two of up to 81 look alike; reference rows are dashed greys with
-    their own markers, so they never share a learned method's colour."""
+    the i-th of 18 colours (tab20's dark, then light shades, greys left out; no colour reused
+    within 18 methods) and a marker; reference rows are dashed greys with their own markers,
+    so they never share a learned method's colour."""
     names = sorted(set(methods))
     reference = [name for name in names if (roles or {}).get(name) == "reference"]
     learned = [name for name in names if name not in reference]
-    colours = [colour for k, colour in enumerate(sns.color_palette("tab10", 10)) if k != 7]
-    styles = {name: Style(colours[i % 9], MARKERS[(i + i // 9) % len(MARKERS)], "-")
+    tab20 = sns.color_palette("tab20", 20)  # dark and light shades of ten hues; greys left out
+    colours = [tab20[k] for k in range(0, 20, 2) if k != 14] + [tab20[k] for k in range(1, 20, 2) if k != 15]
+    styles = {name: Style(colours[i % len(colours)], MARKERS[(i + i // len(colours)) % len(MARKERS)], "-")
               for i, name in enumerate(learned)}
     styles.update({name: Style(REFERENCE_GREYS[i % len(REFERENCE_GREYS)],
                                MARKERS[(i + 4) % len(MARKERS)], "--")

@@ -168,7 +168,8 @@ def test_tune_searches_on_validation_and_writes_a_preset(tiny_root, tmp_path):
 
 
 LEARNED_TRAINED = ["multi_l2d_softmax", "multi_l2d_ova", "realizable", "compare_confidence",
-                   "l2d_em", "impute_then_defer", "prob_l2d", "classifier_only"]
+                   "l2d_em", "impute_then_defer", "prob_l2d", "classifier_only", "two_stage",
+                   "team_allocation", "post_hoc"]
 
 
 @pytest.mark.parametrize("method", LEARNED_TRAINED)
