@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -92,8 +93,9 @@ def test_a_python_entry_point_command_starts(command):
         module = rest[1]
         sub = [w for w in rest[2:3] if not w.startswith("-") and module == "datasets"]
         args = [sys.executable, "-m", module, *sub, "--help"]
-    else:  # another console script of the environment (mlflow ui ...)
-        args = [str(REPO_ROOT / program), *[w for w in rest if not w.startswith("-")][:1], "--help"]
+    else:  # another console script of the environment (mlflow ui ...), from the running one
+        script = Path(sys.executable).with_name(Path(program).name)
+        args = [str(script), *[w for w in rest if not w.startswith("-")][:1], "--help"]
     result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
