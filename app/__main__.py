@@ -31,9 +31,9 @@ def main(cfg: DictConfig) -> dict:
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     try:
         record = run_cell(to_cell(cfg), choices)
-    except ConfigError as err:  # a value out of range: no identity, nothing recorded
+    except ConfigError as err:  # a value out of range: no identity, named by its overrides
         record = {"status": "failed", "error": f"ConfigError: {err}",
-                  "cell": {"missing_rate": cfg.get("missing_rate"), "seed": cfg.get("seed")}}
+                  "cell": {"job": " ".join(hydra_cfg.overrides.task) or "(no overrides)"}}
     if hydra_cfg.mode == RunMode.RUN:
         print_cell(record)
         if record["status"] in ("failed", NOT_APPLICABLE):

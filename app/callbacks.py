@@ -167,8 +167,7 @@ class SweepCallback(Callback):
             outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "cell": {}}
         if not isinstance(outcome, dict):  # a tuning trial returned its objective
             outcome = OUTCOMES.pop() if OUTCOMES else {"status": "ok", "cell": {}}
-        if not outcome.get("cell") or set(outcome["cell"]) <= {"missing_rate", "seed"}:
-            # no identity (a crash, a value out of range): name the job by its overrides
+        if not outcome.get("cell"):  # the task crashed: name the job by its overrides
             outcome = {**outcome, "cell": {"job": " ".join(getattr(job_return, "overrides", None) or [])
                                            or "?"}}
         if os.getpid() != self.pid:  # a job's own process (joblib, submitit, Ray): no counts

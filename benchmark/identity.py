@@ -93,7 +93,7 @@ def baseline_cell(choices: tuple) -> CellConfig:
         return to_cell(compose(config_name="config", overrides=overrides))
 
 
-def tuned_preset(cell: CellConfig, choices: Mapping[str, str] | None) -> str | None:
+def tuned_preset(choices: Mapping[str, str] | None) -> str | None:
     """The tuned preset Hydra applied (``conf/tuned/<dataset>_<method>.yaml``), if one exists."""
     name = (choices or {}).get("tuned")
     return name if name and (CONF_DIR / "tuned" / f"{name}.yaml").is_file() else None
@@ -134,7 +134,7 @@ def cell_identity(cell: CellConfig, choices: Mapping[str, str] | None = None
     )
     variant = {"method": method_changes, "train": training_changes,
                "workload": workload_changes, "dataset": dataset_changes,
-               "tuned_preset": tuned_preset(cell, choices)}
+               "tuned_preset": tuned_preset(choices)}
     return key, variant
 
 

@@ -142,35 +142,37 @@ def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
     try:
         key, variant = cell_identity(cell, choices)
         path = record_path(resolve_path(cell.results_dir, base), key)
-        done = finished(cell, path, base)  # no lock needed to read a whole record: a read-only
-        if done is not None:               # results folder of finished cells still reports
+        fingerprint = fingerprint_now(cell, base)  # the settings and the sources' content now
+        # no lock needed to read a whole record: a read-only folder of finished cells reports
+        done = finished(cell, read_record(path), fingerprint, path)
+        if done is not None:
             return done
         with cell_lock(path):
-            return _run_locked(cell, key, variant, path, base)
+            return _run_locked(cell, key, variant, path, fingerprint, base)
     except ConfigError as err:  # no identity: nothing can be recorded
         return {"status": "failed", "error": f"ConfigError: {err}", "cell": key}
     except OSError as err:  # the record (or its lock) cannot be written: say so, go on
         return {"status": "failed", "error": f"cannot write the result record: {err}", "cell": key}
 
 
-def finished(cell: CellConfig, path: Path, base: Path) -> ResultRecord | None:
-    """The cell's "skipped" outcome when its ok record exists for the same settings and
-    source content (and ``force`` is off); None when the cell must run."""
-    existing = read_record(path)
+def finished(cell: CellConfig, existing: ResultRecord | None, fingerprint: str,
+             path: Path) -> ResultRecord | None:
+    """The cell's "skipped" outcome when its ``existing`` ok record has ``fingerprint`` (the
+    same settings and source content) and ``force`` is off; None when the cell must run."""
     if (existing is None or existing["status"] != "ok" or cell.force
-            or existing.get("fingerprint") != fingerprint_now(cell, base)):
+            or existing.get("fingerprint") != fingerprint):
         return None
     if cell.tracking.enabled and not existing.get("mlflow_run_id"):
         existing = track(cell, existing, path)  # killed before it was tracked: repair
     return {**existing, "status": SKIPPED}
 
 
-def _run_locked(cell: CellConfig, key, variant, path: Path, base: Path) -> ResultRecord:
-    done = finished(cell, path, base)  # another process may have finished it meanwhile
+def _run_locked(cell: CellConfig, key, variant, path: Path, fingerprint: str,
+                base: Path) -> ResultRecord:
+    existing = read_record(path)  # another process may have finished the cell meanwhile
+    done = finished(cell, existing, fingerprint, path)
     if done is not None:
         return done
-    existing = read_record(path)
-    fingerprint = fingerprint_now(cell, base)
     if cell.method.label and existing and existing.get("variant") not in (None, variant):
         return {"status": "failed", "cell": key, "error": (  # the existing record is kept
             f"ConfigError: method.label={cell.method.label!r}: {path} holds the result of other "

@@ -156,6 +156,17 @@ def expert_accuracies(y: np.ndarray, t: np.ndarray, policy: str = "mask") -> np.
     return correct / np.maximum(seen, 1)
 
 
+def check_stage_fraction(method: str, option: str, value: float) -> None:
+    """Raise ``MethodConfigError`` unless a stage boundary (a share of training) is in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise MethodConfigError(f"method {method!r}: {option} must be in [0, 1), got {value}.")
+
+
+def after_stage(inputs: TrainInputs, fraction: float, loss: jax.Array) -> jax.Array:
+    """``loss`` once ``fraction`` of training is done, 0 (and no gradient) before."""
+    return jnp.where(inputs.progress >= fraction, loss, 0.0)
+
+
 def require_experts(name: str, num_experts: int) -> None:
     """Raise ``MethodConfigError`` if a method that routes to humans gets none."""
     if num_experts < 1:

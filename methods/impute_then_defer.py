@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from core.spec import tunable
 from methods import METHODS
-from methods.common import MethodBase, MethodConfigError, Networks, require_experts
+from methods.common import (MethodBase, Networks, after_stage, check_stage_fraction,
+                            require_experts)
 from methods.surrogates import annotator_loss, deferral_scores_softmax, softmax_deferral_loss
 from methods.nets import Network, NetworkStack
 
@@ -39,10 +40,7 @@ class ImputeThenDefer(MethodBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.annotator_fraction < 1.0:
-            raise MethodConfigError(
-                f"method 'impute_then_defer': annotator_fraction must be in [0, 1), "
-                f"got {self.annotator_fraction}.")
+        check_stage_fraction(self.name, "annotator_fraction", self.annotator_fraction)
 
     def init_model(self, spec, rngs):
         require_experts(self.name, spec.num_experts)
@@ -60,8 +58,7 @@ class ImputeThenDefer(MethodBase):
         annot = annotator_loss(annot_logits, batch.t)
         t_imputed = jnp.argmax(jax.lax.stop_gradient(annot_logits), axis=-1)
         defer = softmax_deferral_loss(model.deferral(batch.x), batch.y, batch.t, "impute", t_imputed)
-        second_stage = inputs.progress >= self.annotator_fraction
-        total = annot + jnp.where(second_stage, defer, 0.0)
+        total = annot + after_stage(inputs, self.annotator_fraction, defer)
         return total, {"annotator_ce": annot, "deferral_loss": defer}
 
     def impute(self, model, batch, inputs):

@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from methods import METHODS
-from methods.common import MethodBase, MethodConfigError, Networks, cross_entropy, require_experts
+from methods.common import (MethodBase, Networks, after_stage, check_stage_fraction,
+                            cross_entropy, require_experts)
 from methods.nets import Network
 from methods.surrogates import correctness_loss, deferral_scores_correctness
 
@@ -53,9 +53,7 @@ class PostHoc(MethodBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.first_stage_fraction < 1.0:
-            raise MethodConfigError(
-                f"method 'post_hoc': first_stage_fraction must be in [0, 1), got {self.first_stage_fraction}.")
+        check_stage_fraction(self.name, "first_stage_fraction", self.first_stage_fraction)
 
     def init_model(self, spec, rngs):
         require_experts(self.name, spec.num_experts)
@@ -73,9 +71,8 @@ class PostHoc(MethodBase):
         classifier = cross_entropy(class_logits, batch.y)
         estimators = correctness_loss(self._estimates(model, batch.x, class_logits), batch.y,
                                       batch.t, self.missing_policy)
-        post_hoc = (inputs.progress >= self.first_stage_fraction).astype(jnp.float32)
-        return classifier + post_hoc * estimators, {"classifier_ce": classifier,
-                                                    "correctness_bce": estimators}
+        total = classifier + after_stage(inputs, self.first_stage_fraction, estimators)
+        return total, {"classifier_ce": classifier, "correctness_bce": estimators}
 
     def classify(self, model, x):
         return model.classifier(x)

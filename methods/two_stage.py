@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from methods import METHODS
-from methods.common import MethodBase, MethodConfigError, Networks, cross_entropy, require_experts
+from methods.common import (MethodBase, Networks, after_stage, check_stage_fraction,
+                            cross_entropy, require_experts)
 from methods.missing_policy import resolve_annotations, weighted_row_mean
 from methods.nets import Network
 
@@ -57,9 +58,7 @@ class TwoStage(MethodBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.first_stage_fraction < 1.0:
-            raise MethodConfigError(
-                f"method 'two_stage': first_stage_fraction must be in [0, 1), got {self.first_stage_fraction}.")
+        check_stage_fraction(self.name, "first_stage_fraction", self.first_stage_fraction)
 
     def init_model(self, spec, rngs):
         require_experts(self.name, spec.num_experts)
@@ -72,9 +71,8 @@ class TwoStage(MethodBase):
         classifier = cross_entropy(class_logits, batch.y)
         rejector = two_stage_surrogate(model.rejector(batch.x), class_logits, batch.y, batch.t,
                                        self.missing_policy)
-        second_stage = (inputs.progress >= self.first_stage_fraction).astype(jnp.float32)
-        return classifier + second_stage * rejector, {"classifier_ce": classifier,
-                                                      "rejector_surrogate": rejector}
+        total = classifier + after_stage(inputs, self.first_stage_fraction, rejector)
+        return total, {"classifier_ce": classifier, "rejector_surrogate": rejector}
 
     def classify(self, model, x):
         return model.classifier(x)

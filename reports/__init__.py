@@ -19,7 +19,7 @@ import pandas as pd
 
 from core.files import atomic_write_text
 from reports.coverage import (AREA_SENTENCE, DEFERRAL_AUC_SENTENCE, area_table, coverage_blocks,
-                              coverage_points, target_table)
+                              coverage_points, target_of, target_table)
 from reports.columns import write_columns
 from reports.figures import MadeFigure, all_figures, critical_difference, save_figures
 from reports.frames import (
@@ -146,8 +146,11 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
         csv_tables.update({"coverage_auc.csv": area, "coverage_targets.csv": targets})
         sections.append(coverage_section(area, targets))
     paths["columns.md"] = write_columns(csv_tables, out_dir / "columns.md")
-    figures = all_figures(agg, curves_frame(records), bounds_frame(records), analysis.roles,
-                          primary_metric, decision, targets)
+    # a coverage sweep's cells are drawn in the headline figure only, not one panel per target
+    swept = {record["cell"]["workload"] for record in records if target_of(record)}
+    others = [frame[~frame["workload"].isin(swept)]
+              for frame in (agg, curves_frame(records), bounds_frame(records))]
+    figures = all_figures(*others, analysis.roles, primary_metric, decision, targets)
     if direction(primary_metric) is not None:
         diagram = critical_difference(agg, analysis.roles, primary_metric, decision)
         if isinstance(diagram, str):

@@ -407,16 +407,13 @@ def all_figures(agg: pd.DataFrame, curves: pd.DataFrame, bounds: pd.DataFrame,
     kinds without data are skipped.
 
     Accuracy at equal coverage per (dataset, workload family) when the records hold a
-    coverage sweep (``coverage_targets``: ``reports.coverage.target_table``); then per
-    dataset: accuracy vs missing rate; post-hoc accuracy-coverage curves per workload;
+    coverage sweep (``coverage_targets``: ``reports.coverage.target_table``; the caller
+    leaves the sweep's cells out of the other frames); then per dataset: accuracy vs missing rate; post-hoc accuracy-coverage curves per workload;
     workload shares per missing rate; accuracy vs workload violation. The
     critical-difference diagram is separate (``critical_difference``).
     """
     figures: dict[str, MadeFigure] = {}
     if coverage_targets is not None and not coverage_targets.empty:
-        # the sweep's points are the headline figure's: not one panel per target elsewhere
-        swept = lambda frame: frame[~frame["workload"].str.contains(r"[\[,]coverage=", regex=True)]  # noqa: E731
-        agg, curves, bounds = swept(agg), swept(curves), swept(bounds)
         for (dataset, workload), _ in coverage_targets.groupby(["dataset", "workload"]):
             figures[f"accuracy_at_coverage_{_slug(dataset)}_{_slug(workload)}"] = MadeFigure(
                 plot_accuracy_at_coverage(coverage_targets, dataset, workload, roles),
