@@ -58,6 +58,10 @@ def resolve_path(path: str | Path, base: Path) -> Path:
 # ----------------------------------------------------------------------------- groups
 
 
+TRAIN_LOOPS = ("auto", "device", "host")  # auto: device for in-memory data, host for streamed
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     """The training loop (``train.*``): SGD with momentum, cosine decay."""
@@ -67,9 +71,14 @@ class TrainConfig:
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5.0e-4
+    loop: str = "auto"  # device: an epoch per dispatch (in-memory data); host: a step per batch
+    precision: str = "fp32"  # bf16: the backbone computes in bfloat16 (float32 parameters)
 
     def __post_init__(self):
         require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        require(self.loop in TRAIN_LOOPS, "train.loop", f"one of {', '.join(TRAIN_LOOPS)}", self.loop)
+        require(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
+                self.precision)
         require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         for name in ("learning_rate", "momentum", "weight_decay"):
             value = getattr(self, name)

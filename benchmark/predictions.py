@@ -28,7 +28,7 @@ from benchmark.provenance import code_hash, file_sha256
 from core.files import atomic_write_bytes, exclusive_lock, read_cache
 from core.labels import stable_hash
 from core.spec import Batch
-from datasets.source import Augment, epoch_batches
+from datasets.source import ArraySplit, Augment, LoaderConfig, epoch_batches
 
 
 def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -> str:
@@ -101,8 +101,8 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
             bar.update()
 
-        batches = [functools.partial(_train_batches, cells[i][1], loader, cells[i][0].seed) for i in todo]
-        fitted = training.fit(method, [models[i] for i in todo], batches, epochs=epochs,
+        fitted = training.fit(method, [models[i] for i in todo],
+                              _training_data(run, [cells[i] for i in todo], loader), epochs=epochs,
                               optim=optim, bounds=run.bounds, progress=on_epoch)
         bar.close()
         for i, model in zip(todo, fitted):
@@ -112,7 +112,21 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
     return [_predict(cell_run, data, model, loader) for (cell_run, data), model in zip(cells, trained)]
 
 
-def _train_batches(data: CellData, loader, seed: int, epoch: int):
+def _training_data(run: RunConfig, cells: list[tuple[RunConfig, CellData]], loader: LoaderConfig):
+    """What ``training.fit`` trains on: in-memory splits for the on-device epoch loop
+    (``train.loop`` auto or device), else each seed's host batches."""
+    splits = [data.train for _, data in cells]
+    in_memory = all(isinstance(split, ArraySplit) for split in splits)
+    if run.train.loop == "device" and not in_memory:
+        raise ValueError("train.loop=device needs the training images in memory, but this dataset "
+                         "is streamed from disk; set train.loop=auto (or host), or dataset.cache=true "
+                         "with a dataset.memory_limit_mb the decoded images fit in.")
+    if in_memory and run.train.loop != "host":
+        return training.DeviceEpochs(tuple(splits), loader, tuple(cell.seed for cell, _ in cells))
+    return [functools.partial(_train_batches, data, loader, cell.seed) for cell, data in cells]
+
+
+def _train_batches(data: CellData, loader: LoaderConfig, seed: int, epoch: int):
     return epoch_batches(data.train, loader, seed=seed, epoch=epoch)
 
 

@@ -1,9 +1,12 @@
-"""The one training loop shared by every method: pure jitted steps, host-side loop.
+"""The one training loop shared by every method: pure jitted steps and epochs.
 
 A method's NNX model is split into ``(graphdef, params, rest)``; the jitted step merges
 it, takes the gradient of ``method.loss``, applies an optax update and returns the new
-state with scalar metrics. ``method``, ``graphdef`` and ``OptimConfig`` are hashable
-static arguments, so each (method config, shape) compiles once per process.
+state with scalar metrics. In-memory data trains an epoch per dispatch (``train_epoch``:
+the split on the device, batches and augmentation built there, ``lax.scan`` over the
+steps); streamed data dispatches one step per host batch. ``method``, ``graphdef``,
+``OptimConfig`` and ``LoaderConfig`` are hashable static arguments, so each (method
+config, shape) compiles once per process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from benchmark.config import TrainConfig
 from core.files import atomic_write_bytes, read_cache
+from datasets.device import DeviceSplit, device_batch, epoch_rows, put_split
+from datasets.source import ArraySplit, LoaderConfig
 from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
 
@@ -202,8 +207,21 @@ class DataParallel:
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
 
+    @property
+    def replicated(self) -> NamedSharding | None:
+        """The sharding of arrays every device holds whole (None: the default device)."""
+        return None if self.mesh is None else NamedSharding(self.mesh, P())
+
     def replicate(self, tree: Any) -> Any:
-        return tree if self.mesh is None else jax.device_put(tree, NamedSharding(self.mesh, P()))
+        """``tree`` on the device(s), whole on each."""
+        return jax.device_put(tree, self.replicated)
+
+    def constrain(self, batch: Batch) -> Batch:
+        """Inside a jitted program: ``batch`` split along ``batch_axis`` over the mesh."""
+        if self.mesh is None:
+            return batch
+        spec = P(*([None] * self.batch_axis), "data")
+        return jax.lax.with_sharding_constraint(batch, NamedSharding(self.mesh, spec))
 
     def put(self, batch: Batch) -> Batch:
         """Host arrays of a batch for the step: split along ``batch_axis`` over the mesh;
@@ -269,24 +287,101 @@ def init_model(method: Method, spec: TaskSpec, seed: int):
     return method.init_model(spec, nnx.Rngs(params=seed, default=seed))
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceEpochs:
+    """In-memory training data for the on-device loop: each seed's split (decoded images on
+    the host), the loader settings and the run seeds that pick each seed's shuffles and
+    augmentation draws."""
+
+    splits: tuple[ArraySplit, ...]
+    loader: LoaderConfig
+    seeds: tuple[int, ...]
+    steps_per_dispatch: int | None = None  # None: ``steps_per_dispatch``'s choice
+
+
+def _epoch_inputs(step: jax.Array, total_steps: int, fixed: TrainInputs) -> TrainInputs:
+    return TrainInputs(step.astype(jnp.float32) / max(total_steps, 1), fixed.lo, fixed.hi)
+
+
+def steps_per_dispatch(requested: int | None, steps_per_epoch: int) -> int:
+    """Training steps in one dispatch of ``train_chunk`` (``train.steps_per_dispatch``).
+
+    None (default) picks a whole epoch on accelerators and one step on the CPU: XLA:CPU
+    runs a native convolution inside a loop body about 60x slower than the same
+    convolution in a program of its own (small_cnn at 8x8, batch 128: 261 ms against
+    4.2 ms a step, jax 0.10.2), and a step's dispatch costs little there.
+    """
+    if requested is None:
+        requested = 1 if jax.default_backend() == "cpu" else steps_per_epoch
+    return max(1, min(requested, steps_per_epoch))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6,))
+def train_chunk(
+    method: Method, graphdef: Any, optim: OptimConfig, loader: LoaderConfig, parallel: "DataParallel",
+    length: int, state: TrainState, step: jax.Array, split: DeviceSplit, rows: jax.Array,
+    keys: jax.Array, fixed: TrainInputs,
+) -> tuple[TrainState, jax.Array, dict[str, jax.Array]]:
+    """``length`` training steps as one program, from step ``step`` (a device counter of the
+    steps taken so far): each step builds its batch on the device
+    (``datasets.device.device_batch``: gather the epoch's rows ``step % steps_per_epoch``,
+    crop, flip, noise from ``fold_in(key, step)``) and takes ``train_step``; several steps
+    run as a ``lax.scan``.
+
+    One seed: ``rows`` (steps_per_epoch, B), ``keys`` one key. S seeds (one vmapped
+    program): ``state``, ``rows`` (S, steps_per_epoch, B), ``keys`` (S,) and the split's
+    ``y``/``t`` carry a leading seed axis; the images too unless they are (N, H, W, C),
+    shared by every seed. Returns the new state and step counter and every step's metrics
+    ((length,) or (length, S) each).
+    """
+    seeds = None if rows.ndim == 2 else rows.shape[0]
+    steps_per_epoch = rows.shape[-2]
+    take_step = functools.partial(train_step.__wrapped__, method, graphdef, optim)
+
+    def make_batch(split, rows, key, step):
+        own_rows = jax.lax.dynamic_index_in_dim(rows, step % steps_per_epoch, keepdims=False)
+        return device_batch(split, own_rows, jax.random.fold_in(key, step), loader)
+
+    if seeds is not None:
+        image_axis = None if split.images.ndim == 4 else 0
+        make_batch = jax.vmap(make_batch, in_axes=(DeviceSplit(image_axis, 0, 0), 0, 0, None))
+        take_step = jax.vmap(take_step, in_axes=(0, 0, None))
+
+    def body(carry, _):
+        state, step = carry
+        batch = parallel.constrain(make_batch(split, rows, keys, step))
+        state, metrics = take_step(state, batch, _epoch_inputs(step, optim.total_steps, fixed))
+        return (state, step + 1), metrics
+
+    if length == 1:
+        (state, step), metrics = body((state, step), None)
+        return state, step, jax.tree.map(lambda m: m[None], metrics)
+    (state, step), metrics = jax.lax.scan(body, (state, step), None, length=length)
+    return state, step, metrics
+
+
 def fit(
     method: Method,
     models: list[Any],
-    epoch_batches: list[Callable[[int], Iterator[Batch]]],
+    data: "list[Callable[[int], Iterator[Batch]]] | DeviceEpochs",
     *,
     epochs: int,
     optim: OptimConfig,
     bounds: WorkloadBounds | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[TrainedModel]:
-    """Train ``models`` (one per seed) for ``epochs``; ``epoch_batches[i](e)`` yields seed
-    i's batches of epoch e (each seed its own order, augmentation and labels).
+    """Train ``models`` (one per seed) for ``epochs``.
 
-    One model trains with ``train_step``; several train as one program
-    (``train_step_seeds``), their arrays stacked on a leading seed axis. Each step gets
-    ``TrainInputs``: the fraction of training done and, if the method declares
-    ``workload_in_training``, the workload ``bounds``. The first step, which compiles, is
-    timed apart as ``compile_seconds``; a program's times are shared equally by its seeds.
+    ``data`` is either ``DeviceEpochs`` (in-memory data: the splits go to the device once and
+    each epoch is one ``train_epoch`` program, its metrics fetched once) or, for streamed
+    data, one callable per seed, ``data[i](e)`` yielding seed i's host batches of epoch e
+    (each a ``train_step`` dispatch, the next batch copied to the device ahead of it).
+
+    One model trains with ``train_step``; several train as one program (vmapped), their
+    arrays stacked on a leading seed axis. Each step gets ``TrainInputs``: the fraction of
+    training done and, if the method declares ``workload_in_training``, the workload
+    ``bounds``. Compilation is timed apart as ``compile_seconds``; a program's times are
+    shared equally by its seeds.
     """
     seeds = len(models)
     for model in models:
@@ -295,34 +390,15 @@ def fit(
     graphdef = splits[0][0]
     states = [TrainState(params, rest, make_optimizer(optim).init(params)) for _, params, rest in splits]
     state = states[0] if seeds == 1 else jax.tree.map(lambda *a: jnp.stack(a), *states)
-    step_fn, batch_axis = (train_step, 0) if seeds == 1 else (train_step_seeds, 1)
-    fixed = train_inputs(method, bounds, 0.0)  # the bounds, put on the device once
-    total_steps = max(optim.total_steps, 1)
-    step, seen, train_seconds, compile_seconds = 0, 0, 0.0, 0.0
+    run = _EpochRunner(method, graphdef, optim, train_inputs(method, bounds, 0.0), seeds)
+    run.state = state  # what fit returns when there is no epoch
+    loop = run.on_device if isinstance(data, DeviceEpochs) else run.from_host
+    epoch_loop = loop(state, data, epochs)
     history: list[list[dict[str, float]]] = [[] for _ in range(seeds)]
-    parallel: DataParallel | None = None
     for epoch in range(epochs):
-        epoch_metrics: list[dict[str, jax.Array]] = []
-        start = time.perf_counter()
-        for parts in zip(*(batches(epoch) for batches in epoch_batches), strict=True):
-            batch = parts[0] if seeds == 1 else Batch(*(np.stack(a) for a in zip(*parts)))
-            if parallel is None:  # decided on the first batch: its size must split evenly
-                parallel = DataParallel.over_local_devices(batch.y.shape[batch_axis], batch_axis)
-                state = parallel.replicate(state)
-            inputs = TrainInputs(np.float32(step / total_steps), fixed.lo, fixed.hi)
-            state, metrics = step_fn(method, graphdef, optim, state, parallel.put(batch), inputs)
-            if step == 0:
-                jax.block_until_ready(state.params)
-                compile_seconds = time.perf_counter() - start
-                start = time.perf_counter()
-            epoch_metrics.append(metrics)
-            step += 1
-            seen += int(batch.y.shape[batch_axis])
-        epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
-        train_seconds += time.perf_counter() - start
+        epoch_metrics = next(epoch_loop)
         for i in range(seeds):
-            means = {k: float(np.mean([np.reshape(m[k], -1)[i] for m in epoch_metrics]))
-                     for k in epoch_metrics[0]}
+            means = {k: float(np.mean(np.reshape(v, (len(v), -1))[:, i])) for k, v in epoch_metrics.items()}
             if not all(np.isfinite(v) for v in means.values()):
                 raise FloatingPointError(
                     f"{method.name}: non-finite training metrics at epoch {epoch}"
@@ -331,7 +407,7 @@ def fit(
             history[i].append(means)
         if progress is not None:
             progress(epoch, history[0][-1])
-    state = jax.device_put(state, jax.devices()[0])  # evaluation runs on one device
+    state = jax.device_put(run.state, jax.devices()[0])  # evaluation runs on one device
     trained = []
     for i in range(seeds):
         own = state if seeds == 1 else jax.tree.map(lambda a: a[i], state)
@@ -339,8 +415,109 @@ def fit(
         model.eval()
         eval_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         trained.append(TrainedModel(
-            method, eval_graphdef, params, rest, train_seconds / seeds, compile_seconds / seeds,
-            seen, history[i], num_devices=parallel.num_devices if parallel is not None else 1,
+            method, eval_graphdef, params, rest, run.train_seconds / seeds,
+            run.compile_seconds / seeds, run.seen, history[i], num_devices=run.num_devices,
             seeds_in_program=seeds,
         ))
     return trained
+
+
+class _EpochRunner:
+    """The two epoch loops of ``fit``; each is a generator that trains one epoch per
+    ``next`` and yields its metrics ({name: (steps,) or (steps, S) numpy array}), keeping
+    the state, the step count and the timings on ``self``."""
+
+    def __init__(self, method: Method, graphdef: Any, optim: OptimConfig, fixed: TrainInputs,
+                 seeds: int):
+        self.method, self.graphdef, self.optim, self.fixed, self.seeds = method, graphdef, optim, fixed, seeds
+        self.state: Any = None
+        self.seen, self.train_seconds, self.compile_seconds, self.num_devices = 0, 0.0, 0.0, 1
+        self.dispatches_per_epoch = 0  # of the on-device loop
+
+    def on_device(self, state: TrainState, data: DeviceEpochs, epochs: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+        seeds, loader = self.seeds, data.loader
+        length = len(data.splits[0])
+        if any(len(split) != length for split in data.splits):
+            raise ValueError(f"seeds trained in one program need equal training splits; got "
+                             f"{[len(split) for split in data.splits]} samples")
+        batch_size = loader.batch_size
+        parallel = DataParallel.over_local_devices(batch_size, batch_axis=0 if seeds == 1 else 1)
+        self.num_devices = parallel.num_devices
+        start = time.perf_counter()
+        split = put_split(_stack_splits(data.splits), parallel.replicated)
+        keys = jnp.stack([jax.random.key(seed) for seed in data.seeds])
+        keys = parallel.replicate(keys[0] if seeds == 1 else keys)
+        step = parallel.replicate(jnp.int32(0))
+        state = parallel.replicate(state)
+        fixed = parallel.replicate(self.fixed)
+        rows = self._rows(data, length, 0, parallel)
+        steps = length // batch_size
+        chunk = steps_per_dispatch(data.steps_per_dispatch, steps)
+        lengths = [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
+        programs = {n: train_chunk.lower(self.method, self.graphdef, self.optim, loader, parallel, n,
+                                         state, step, split, rows, keys, fixed).compile()
+                    for n in sorted(set(lengths))}
+        self.compile_seconds = time.perf_counter() - start
+        self.dispatches_per_epoch = len(lengths)
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            metrics = []
+            with jax.transfer_guard("disallow"):  # within an epoch, only the explicit copies below
+                for n in lengths:
+                    state, step, chunk_metrics = programs[n](state, step, split, rows, keys, fixed)
+                    metrics.append(chunk_metrics)
+                if epoch + 1 < epochs:  # the next epoch's rows cross while this one runs
+                    rows = self._rows(data, length, epoch + 1, parallel)
+                metrics = jax.device_get(metrics)  # waits for the epoch
+            self.state = state
+            self.train_seconds += time.perf_counter() - start
+            self.seen += steps * batch_size
+            yield {k: np.concatenate([m[k] for m in metrics]) for k in metrics[0]}
+
+    @staticmethod
+    def _rows(data: DeviceEpochs, length: int, epoch: int, parallel: "DataParallel") -> jax.Array:
+        rows = [epoch_rows(length, data.loader.batch_size, seed, epoch) for seed in data.seeds]
+        return parallel.replicate(rows[0] if len(rows) == 1 else np.stack(rows))
+
+    def from_host(self, state: TrainState, data: list[Callable[[int], Iterator[Batch]]], epochs: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+        seeds = self.seeds
+        step_fn, batch_axis = (train_step, 0) if seeds == 1 else (train_step_seeds, 1)
+        total_steps = max(self.optim.total_steps, 1)
+        step = 0
+        parallel: DataParallel | None = None
+        for epoch in range(epochs):
+            epoch_metrics: list[dict[str, jax.Array]] = []
+            start = time.perf_counter()
+            batches = zip(*(batches(epoch) for batches in data), strict=True)
+            for parts in batches:
+                batch = parts[0] if seeds == 1 else Batch(*(np.stack(a) for a in zip(*parts)))
+                if parallel is None:  # decided on the first batch: its size must split evenly
+                    parallel = DataParallel.over_local_devices(batch.y.shape[batch_axis], batch_axis)
+                    self.num_devices = parallel.num_devices
+                    state = parallel.replicate(state)
+                inputs = TrainInputs(np.float32(step / total_steps), self.fixed.lo, self.fixed.hi)
+                state, metrics = step_fn(self.method, self.graphdef, self.optim, state,
+                                         parallel.put(batch), inputs)
+                if step == 0:
+                    jax.block_until_ready(state.params)
+                    self.compile_seconds = time.perf_counter() - start
+                    start = time.perf_counter()
+                epoch_metrics.append(metrics)
+                step += 1
+                self.seen += int(batch.y.shape[batch_axis])
+            epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
+            self.state = state
+            self.train_seconds += time.perf_counter() - start
+            yield {k: np.stack([m[k] for m in epoch_metrics]) for k in epoch_metrics[0]}
+
+
+def _stack_splits(splits: tuple[ArraySplit, ...]) -> ArraySplit:
+    """One split, or the seeds' splits stacked on a leading axis (images once when equal)."""
+    if len(splits) == 1:
+        return splits[0]
+    first = splits[0].images
+    shared = all(s.images is first or np.array_equal(s.images, first) for s in splits[1:])
+    images = first if shared else np.stack([s.images for s in splits])
+    return ArraySplit(images, np.stack([s.y for s in splits]), np.stack([s.t for s in splits]))

@@ -192,7 +192,8 @@ class LoaderConfig:
     workers: int = 0  # streamed splits: worker processes (0 = threads of this process only)
 
 
-def _check_crop(size: int, h: int, w: int) -> None:
+def check_crop(size: int, h: int, w: int) -> None:
+    """Raise a ``ValueError`` naming the options when a ``size`` crop does not fit h x w."""
     if size > min(h, w):
         raise ValueError(f"crop {size} is larger than the decoded images ({h}x{w}); "
                          "raise dataset.image or lower dataset.crop.")
@@ -204,7 +205,7 @@ def crop_batch(images: np.ndarray, size: int | None, rng: np.random.Generator | 
     if size is None:
         return images
     b, h, w, _ = images.shape
-    _check_crop(size, h, w)
+    check_crop(size, h, w)
     if rng is None:
         top, left = (h - size) // 2, (w - size) // 2
         return images[:, top:top + size, left:left + size]
@@ -244,7 +245,7 @@ def epoch_batches(
         yield from _stream_epoch(data, config, seed=seed, epoch=epoch, shuffle=shuffle,
                                  corrupt=corrupt)
         return
-    order = epoch_order(len(data), _epoch_seed(seed, epoch)) if shuffle else np.arange(len(data))
+    order = epoch_order(len(data), epoch_seed(seed, epoch)) if shuffle else np.arange(len(data))
     stop = len(order) - len(order) % config.batch_size if config.drop_remainder else len(order)
     rng = np.random.default_rng([seed, epoch, 1])
     mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
@@ -264,7 +265,7 @@ def crop_one(image: np.ndarray, size: int | None, rng: np.random.Generator | Non
     if size is None:
         return image
     h, w, _ = image.shape
-    _check_crop(size, h, w)
+    check_crop(size, h, w)
     if rng is None:
         top, left = (h - size) // 2, (w - size) // 2
     else:
@@ -321,7 +322,7 @@ def _stream_epoch(
     on the worker count."""
     records = grain.MapDataset.source(data)
     if shuffle:
-        records = records.shuffle(seed=_epoch_seed(seed, epoch))
+        records = records.shuffle(seed=epoch_seed(seed, epoch))
     records = records.map(_Preprocess(config, seed, epoch, train=shuffle, corrupt=corrupt))
     batches = records.batch(config.batch_size, drop_remainder=config.drop_remainder)
     stream = batches.to_iter_dataset(
@@ -347,5 +348,6 @@ def _absl_flags_defaults() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The Grain shuffle seed of a run seed's epoch."""
     return int(np.random.default_rng([seed, epoch]).integers(0, 2**31 - 1))
