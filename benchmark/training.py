@@ -11,6 +11,7 @@ config, shape) compiles once per process.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import io
@@ -224,10 +225,11 @@ class DataParallel:
         return jax.lax.with_sharding_constraint(batch, NamedSharding(self.mesh, spec))
 
     def put(self, batch: Batch) -> Batch:
-        """Host arrays of a batch for the step: split along ``batch_axis`` over the mesh;
-        on one device as they are (``jit`` transfers numpy arguments faster than ``device_put``)."""
+        """A host batch copied for the step (asynchronously): split along ``batch_axis`` over
+        the mesh; on one accelerator whole; on one CPU device as it is (``jit`` reads numpy
+        arguments there faster than ``device_put`` copies them)."""
         if self.mesh is None:
-            return batch
+            return batch if jax.default_backend() == "cpu" else jax.device_put(batch)
         spec = P(*([None] * self.batch_axis), "data")
         return jax.device_put(batch, NamedSharding(self.mesh, spec))
 
@@ -487,19 +489,23 @@ class _EpochRunner:
         total_steps = max(self.optim.total_steps, 1)
         step = 0
         parallel: DataParallel | None = None
+
+        def put(batch: Batch) -> Batch:
+            nonlocal parallel, state
+            if parallel is None:  # decided on the first batch: its size must split evenly
+                parallel = DataParallel.over_local_devices(batch.y.shape[batch_axis], batch_axis)
+                self.num_devices = parallel.num_devices
+                state = parallel.replicate(state)
+            return parallel.put(batch)
+
         for epoch in range(epochs):
             epoch_metrics: list[dict[str, jax.Array]] = []
             start = time.perf_counter()
-            batches = zip(*(batches(epoch) for batches in data), strict=True)
-            for parts in batches:
-                batch = parts[0] if seeds == 1 else Batch(*(np.stack(a) for a in zip(*parts)))
-                if parallel is None:  # decided on the first batch: its size must split evenly
-                    parallel = DataParallel.over_local_devices(batch.y.shape[batch_axis], batch_axis)
-                    self.num_devices = parallel.num_devices
-                    state = parallel.replicate(state)
+            parts = zip(*(batches(epoch) for batches in data), strict=True)
+            stacked = (p[0] if seeds == 1 else Batch(*(np.stack(a) for a in zip(*p))) for p in parts)
+            for batch in prefetch(stacked, put):
                 inputs = TrainInputs(np.float32(step / total_steps), self.fixed.lo, self.fixed.hi)
-                state, metrics = step_fn(self.method, self.graphdef, self.optim, state,
-                                         parallel.put(batch), inputs)
+                state, metrics = step_fn(self.method, self.graphdef, self.optim, state, batch, inputs)
                 if step == 0:
                     jax.block_until_ready(state.params)
                     self.compile_seconds = time.perf_counter() - start
@@ -511,6 +517,19 @@ class _EpochRunner:
             self.state = state
             self.train_seconds += time.perf_counter() - start
             yield {k: np.stack([m[k] for m in epoch_metrics]) for k in epoch_metrics[0]}
+
+
+def prefetch(batches: Iterator[Batch], put: Callable[[Batch], Batch], ahead: int = 2) -> Iterator[Batch]:
+    """``batches`` passed through ``put`` (a copy to the device, which returns at once)
+    ``ahead - 1`` batches before they are used: with 2, the next batch crosses while the
+    current step runs (double buffering)."""
+    queue: collections.deque[Batch] = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) >= ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def _stack_splits(splits: tuple[ArraySplit, ...]) -> ArraySplit:

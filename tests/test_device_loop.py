@@ -204,3 +204,16 @@ def test_device_loop_needs_in_memory_data():
 def test_train_options_are_checked(option, value):
     with pytest.raises(ConfigError, match=f"train.{option} must be one of"):
         TrainConfig(**{option: value})
+
+
+def test_streamed_batches_cross_one_step_ahead():
+    log = []
+
+    def put(batch):
+        log.append(("copy", batch))
+        return batch
+
+    for batch in training.prefetch(iter(range(4)), put):
+        log.append(("step", batch))
+    assert log == [("copy", 0), ("copy", 1), ("step", 0), ("copy", 2), ("step", 1),
+                   ("copy", 3), ("step", 2), ("step", 3)]
