@@ -71,12 +71,15 @@ class TrainConfig:
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5.0e-4
-    loop: str = "auto"  # device: an epoch per dispatch (in-memory data); host: a step per batch
+    loop: str = "auto"  # device: batches built on the device (in-memory data); host: host batches
+    steps_per_dispatch: Optional[int] = None  # device loop; null: an epoch (accelerators), 1 (CPU)
     precision: str = "fp32"  # bf16: the backbone computes in bfloat16 (float32 parameters)
 
     def __post_init__(self):
         require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         require(self.loop in TRAIN_LOOPS, "train.loop", f"one of {', '.join(TRAIN_LOOPS)}", self.loop)
+        require(self.steps_per_dispatch is None or self.steps_per_dispatch >= 1,
+                "train.steps_per_dispatch", "null or >= 1", self.steps_per_dispatch)
         require(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
                 self.precision)
         require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)

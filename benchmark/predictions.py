@@ -122,7 +122,8 @@ def _training_data(run: RunConfig, cells: list[tuple[RunConfig, CellData]], load
                          "is streamed from disk; set train.loop=auto (or host), or dataset.cache=true "
                          "with a dataset.memory_limit_mb the decoded images fit in.")
     if in_memory and run.train.loop != "host":
-        return training.DeviceEpochs(tuple(splits), loader, tuple(cell.seed for cell, _ in cells))
+        return training.DeviceEpochs(tuple(splits), loader, tuple(cell.seed for cell, _ in cells),
+                                     run.train.steps_per_dispatch)
     return [functools.partial(_train_batches, data, loader, cell.seed) for cell, data in cells]
 
 
