@@ -59,7 +59,7 @@ def resolve_path(path: str | Path, base: Path) -> Path:
 
 
 TRAIN_LOOPS = ("auto", "device", "host")  # auto: device for in-memory data, host for streamed
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # train.precision -> the backbones' compute dtype
 
 
 @dataclass

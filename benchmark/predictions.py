@@ -78,7 +78,7 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
         run.train, total_steps=max(1, epochs * (train_size // batch_size)))
     models, trained, shared = [], [], []
     for cell_run, data in cells:
-        model = training.init_model(method, cell_run.spec, cell_run.seed)
+        model = training.init_model(method, cell_run.spec, cell_run.seed, cell_run.train.precision)
         method.prepare(model, data.train)
         path = None  # a training problem shared with other methods: train it once
         if method.training_problem is not None:

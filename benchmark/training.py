@@ -28,10 +28,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmark.config import TrainConfig
+from benchmark.config import PRECISIONS, TrainConfig
 from core.files import atomic_write_bytes, read_cache
 from datasets.device import DeviceSplit, device_batch, epoch_rows, put_split
 from datasets.source import ArraySplit, LoaderConfig
+from methods.nets import set_compute_dtype
 from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
 
@@ -284,9 +285,14 @@ def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float)
     return TrainInputs(jnp.float32(progress))
 
 
-def init_model(method: Method, spec: TaskSpec, seed: int):
-    """Build the method's model from ``seed``; returns the NNX model."""
-    return method.init_model(spec, nnx.Rngs(params=seed, default=seed))
+def init_model(method: Method, spec: TaskSpec, seed: int, precision: str = "fp32"):
+    """Build the method's model from ``seed``; returns the NNX model. ``precision="bf16"``:
+    its backbones compute in bfloat16 (mixed precision: parameters, optimiser state, heads
+    and losses stay float32; ``methods.nets.set_compute_dtype``)."""
+    model = method.init_model(spec, nnx.Rngs(params=seed, default=seed))
+    if PRECISIONS[precision] is not None:
+        set_compute_dtype(model, jnp.dtype(PRECISIONS[precision]))
+    return model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@
 #      fp32 and bf16);
 #   3. real CIFAR-10H cells (python -m app) against their isolated step: samples/s and ratio,
 #      the on-device loop (train.loop=auto) and the host-batch loop (train.loop=host);
-#   4. several cells on one GPU: 6 cells in one process, then as 3 joblib processes.
+#   4. several cells on one GPU: 4 cells in one process, then as 2 joblib processes.
 # Usage, from the repository root (on a GPU image that ships JAX: ../shared/tools/gpu-image.md):
 #   bash tests/benchmarks/device_check.sh [WHEELS_DIR] [CIFAR10H_SOURCE]
 # WHEELS_DIR (default .whl): wheels of the packages the image lacks, installed into /tmp/site
@@ -27,15 +27,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 if [ "${L2D_CHECK_QUICK:-0}" = 1 ]; then
   ESTEP_ARGS=(--shapes 128,8,3 --repeats 3)
-  STEP_ARGS=(--methods classifier_only --backbones small_cnn --sizes 16 --precisions fp32)
+  STEP_ARGS=(--methods classifier_only --backbones small_cnn --sizes 16 --precisions fp32 --convs auto
+             --seeds 1)
   DATA=(dataset.root=data/cifar10h_2k dataset.builder_args.limit=2000)
-  EPOCHS=1; RESNET_EPOCHS=1; RESNET_PRECISIONS=fp32; SEEDS=0,1
+  EPOCHS=1; RESNET=small_cnn; RESNET_EPOCHS=1; RESNET_PRECISIONS=fp32,bf16; SEEDS=0,1
 else
   ESTEP_ARGS=()
   STEP_ARGS=(--methods classifier_only,prob_l2d --backbones small_cnn,preact_resnet18 --sizes 32
-             --precisions fp32,bf16)
+             --precisions fp32,bf16 --convs auto --seeds 1)
   DATA=()
-  EPOCHS=10; RESNET_EPOCHS=3; RESNET_PRECISIONS=fp32,bf16; SEEDS=0,1,2,3,4,5
+  EPOCHS=10; RESNET=preact_resnet18; RESNET_EPOCHS=3; RESNET_PRECISIONS=fp32,bf16; SEEDS=0,1,2,3
 fi
 CELL=($PY -m app -m experiment=single dataset=cifar10h "dataset.builder_args.source=$SOURCE" "${DATA[@]}"
       missing_rate=0.3 tracking=none "jax_cache_dir=$WORK/jax" "data_cache_dir=$WORK/data")
@@ -46,30 +47,30 @@ done_in() { echo "(section took ${SECONDS} s)"; }
 nvidia-smi -L 2>/dev/null
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-section "E-step: original port, yardstick, exact, mean-field" 90
-timeout 90 $PY tests/benchmarks/estep_table.py "${ESTEP_ARGS[@]}"; done_in
+section "E-step: original port, yardstick, exact, mean-field" 50
+timeout 50 $PY tests/benchmarks/estep_table.py "${ESTEP_ARGS[@]}"; done_in
 
-section "train step (isolated, random data, batch 128)" 150
-timeout 150 $PY tests/benchmarks/train_step_table.py "${STEP_ARGS[@]}"; done_in
+section "train step (isolated, random data, batch 128)" 80
+timeout 80 $PY tests/benchmarks/train_step_table.py "${STEP_ARGS[@]}"; done_in
 
-section "real cells: small_cnn 32x32, $EPOCHS epochs, on-device loop and host loop" 150
-timeout 150 "${CELL[@]}" method=classifier_only,prob_l2d train.loop=auto,host "train.epochs=$EPOCHS" \
+section "real cells: small_cnn 32x32, $EPOCHS epochs, on-device loop and host loop" 140
+timeout 110 "${CELL[@]}" method=classifier_only,prob_l2d train.loop=auto,host "train.epochs=$EPOCHS" \
   "output_dir=$WORK/cells" experiment_name=cells > "$WORK/cells.log" 2>&1 || tail -20 "$WORK/cells.log"
-timeout 60 $PY tests/benchmarks/cell_throughput.py "$WORK/cells/runs/cells"; done_in
+timeout 30 $PY tests/benchmarks/cell_throughput.py "$WORK/cells/runs/cells"; done_in
 
-section "real cells: preact_resnet18 32x32, $RESNET_EPOCHS epochs, fp32 and bf16" 120
-timeout 120 "${CELL[@]}" method=prob_l2d dataset.backbone=preact_resnet18 "train.precision=$RESNET_PRECISIONS" \
+section "real cells: $RESNET 32x32, $RESNET_EPOCHS epochs, fp32 and bf16" 130
+timeout 100 "${CELL[@]}" method=prob_l2d "dataset.backbone=$RESNET" "train.precision=$RESNET_PRECISIONS" \
   "train.epochs=$RESNET_EPOCHS" "output_dir=$WORK/resnet" experiment_name=resnet \
   > "$WORK/resnet.log" 2>&1 || tail -20 "$WORK/resnet.log"
-timeout 60 $PY tests/benchmarks/cell_throughput.py "$WORK/resnet/runs/resnet"; done_in
+timeout 30 $PY tests/benchmarks/cell_throughput.py "$WORK/resnet/runs/resnet"; done_in
 
-section "several cells on one GPU: seeds $SEEDS of classifier_only, one process vs 3 processes" 100
+section "several cells on one GPU: seeds $SEEDS of classifier_only, one process vs 2 processes" 80
 for launcher in basic joblib; do
   start=$(date +%s%N)
-  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout 50 "${CELL[@]}" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout 40 "${CELL[@]}" \
     method=classifier_only "seed=$SEEDS" "train.epochs=$EPOCHS" "hydra/launcher=$launcher" \
-    $([ $launcher = joblib ] && echo hydra.launcher.n_jobs=3) "output_dir=$WORK/many-$launcher" \
+    $([ $launcher = joblib ] && echo hydra.launcher.n_jobs=2) "output_dir=$WORK/many-$launcher" \
     experiment_name=many > "$WORK/many-$launcher.log" 2>&1 || tail -5 "$WORK/many-$launcher.log"
-  echo "$launcher launcher: $(grep -c '\] .* ok:' "$WORK/many-$launcher.log") cells ok in" \
+  echo "$launcher launcher: $(grep -c '^\[grid\].* ok:' "$WORK/many-$launcher.log") cells ok in" \
        "$(( ($(date +%s%N) - start) / 1000000 )) ms wall"
 done; done_in
