@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         if not speed:
             continue
         variant = record.get("variant") or {}
-        backbone = (variant.get("dataset") or {}).get("dataset.backbone", args.backbone)
+        backbone = (variant.get("dataset") or {}).get("backbone", args.backbone)
         precision = (variant.get("train") or {}).get("train.precision", args.precision)
         step = isolated(record["method_name"], backbone, precision)
         epochs = len(record.get("history") or [])
