@@ -4,6 +4,10 @@ Used in training by the methods whose E-step honours the workload (``prob_l2d``,
 ``l2d_em``). Bounds follow ``core.spec`` (humans first, the classifier last) and must
 be feasible (``benchmark.bounds.check_bounds``). The evaluator's hard version is
 ``benchmark.assignment.capacity_assignment``.
+
+The solver is a fixed-cost program: a ``lax.scan`` of ``num_iters`` identical iterations
+with no data-dependent control flow (no ``while_loop``, no ``cond``), so on an accelerator a
+call is a fixed sequence of kernels with no device-to-host round trip.
 """
 
 from __future__ import annotations
@@ -14,20 +18,38 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
+NUM_ITERS = 12  # fixed iteration count (measurements in constrain_posterior's docstring)
+SNAP_EPS = 1e-3  # a multiplier this close to 0 whose gradient pulls it to 0 is set to 0
+ZERO_EPS = 1e-6  # |v_k| below this after a shift is rounding: set to 0
+MIN_TARGET = 1e-7  # targets of the logit step are clipped to [MIN_TARGET, 1 - MIN_TARGET]
+GRADIENT_FRACTIONS = (1.0 / 16, 1.0 / 64, 1.0 / 256)  # short steps of the fallback direction
+_HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
 
-def _dual_terms(q, v, lo, hi):
-    """Dual objective in the free variable ``v = l - u`` and the per-row normalisers.
 
-    ``D(v) = mean_i log sum_k q_ik exp(v_k) - sum_k (lo_k max(v_k,0) + hi_k min(v_k,0))``,
-    i.e. the (u, l) dual minimised over ``u, l >= 0`` with ``l - u = v``. The row sums are a
-    matrix-vector product with ``exp(v - max v)`` (no exp over the (B, A) array).
-    Returns ``(D, scaled_exp_v, row_sums)`` with ``q'_i = q_i * scaled_exp_v / row_sums_i``.
+def _linear_change(new, old, lo, hi):
+    """``lin(new) - lin(old)`` for ``lin(v) = sum_k lo_k max(v_k, 0) + hi_k min(v_k, 0)``.
+
+    Summed from per-agent differences, so a small step is not lost against large ``|v|``.
+    Broadcasts over leading axes.
     """
-    top = jnp.max(v)
-    scaled_exp_v = jnp.exp(v - top)
-    row_sums = q @ scaled_exp_v
-    linear = jnp.sum(lo * jnp.maximum(v, 0.0) + hi * jnp.minimum(v, 0.0))
-    return jnp.mean(jnp.log(row_sums)) + top - linear, scaled_exp_v, row_sums
+    return jnp.sum(lo * (jnp.maximum(new, 0.0) - jnp.maximum(old, 0.0))
+                   + hi * (jnp.minimum(new, 0.0) - jnp.minimum(old, 0.0)), axis=-1)
+
+
+def _best_shift(v, movable, lo, hi, kink):
+    """``v`` with the ``movable`` agents shifted by the best common ``t``, assuming the smooth
+    part of the dual changes by exactly ``t`` (true when every agent moves: the gauge).
+
+    The remaining term ``t - [lin(v + t 1_movable) - lin(v)]`` is convex and piecewise linear
+    in ``t``, so its minimum is at a breakpoint ``t = -v_k`` of a movable agent with a kink
+    (``lo_k < hi_k``) or at ``t = 0`` (listed first, so ties keep ``v``). Multipliers that
+    the shift's rounding leaves within ``ZERO_EPS`` of 0 are set to 0.
+    """
+    shifts = jnp.concatenate([jnp.zeros((1,), v.dtype), jnp.where(movable & kink, -v, 0.0)])
+    candidates = v[None, :] + jnp.where(movable[None, :], shifts[:, None], 0.0)
+    value = shifts - _linear_change(candidates, v[None, :], lo, hi)
+    shifted = candidates[jnp.argmin(value)]
+    return jnp.where(jnp.abs(shifted) <= ZERO_EPS, 0.0, shifted)  # rounding of the shift
 
 
 def _kkt_residual(shares, v, lo, hi):
@@ -38,139 +60,167 @@ def _kkt_residual(shares, v, lo, hi):
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "max_backtracks"))
-def constrain_posterior(q, lo, hi, num_iters=30, tol=1e-5, min_prob=1e-12, max_step=8.0,
-                        max_backtracks=12):
-    """KL-project agent posteriors onto the workload bounds (jittable).
+def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12, max_step=32.0,
+                        max_backtracks=3):
+    """KL-project agent posteriors onto the workload bounds (jittable, fixed cost).
 
     Solves ``min (1/B) sum_i KL(q'_i || q_i)`` s.t. ``lo_k <= (1/B) sum_i q'_ik <= hi_k``.
     The solution is ``q'_ik ∝ q_ik exp(l_k - u_k)`` with ``u, l >= 0`` minimising
     ``D(u, l) = (1/B) sum_i logsumexp_k(log q_ik - u_k + l_k) + sum_k (u_k hi_k - l_k lo_k)``.
-    Since ``lo <= hi``, at most one of ``u_k, l_k`` is positive at the optimum, so we optimise
-    the single free variable ``v_k = l_k - u_k`` with the piecewise-linear term handled exactly.
+    Since ``lo <= hi``, at most one of ``u_k, l_k`` is positive at the optimum, so we minimise
+    over ``v_k = l_k - u_k`` with the piecewise-linear term handled exactly (its kink at
+    ``v_k = 0`` vanishes when ``lo_k = hi_k``, e.g. an exact coverage target).
 
-    Solver: projected Newton (equivalent to projected Newton on the 2(E+1) bound-constrained
-    multipliers). Each iteration: agents with ``v_k = 0`` and share inside its bounds are
-    held at 0; on the other agents a Newton step on the (E+1)x(E+1) Hessian
-    ``diag(s) - P^T P / B`` (Levenberg damped, step capped at ``max_step``; an agent that
-    would leave ``v_k = 0`` on the wrong side of the kink is held), a ``v_k`` that crosses 0
-    is clipped to 0 (the bound ``u_k >= 0`` or ``l_k >= 0``), then an Armijo test of the full
-    step with backtracking only when it fails. A ``lax.while_loop`` runs at most
-    ``num_iters`` iterations (typically 2 to 7) and stops once the KKT residual (primal
-    violation and complementary slackness, in share units) is ``<= tol``. Structure: the
-    row normalisers are ``q @ exp(v)``, so an iteration costs two (B, A) x (A,) products,
-    one (A, B) x (B, A) product and B logs; no exp over the batch.
+    Solver: a fixed number ``num_iters`` of projected-Newton iterations (``lax.scan``; no
+    ``while_loop``, no ``cond``: every choice is a ``jnp.where``/``argmin`` selection). Each
+    iteration
+
+    1. moves ``v`` along the all-ones direction (which leaves ``q'`` unchanged) to the exact
+       minimiser of ``D`` along it;
+    2. sorts agents: ``v_k > 0`` / ``v_k < 0`` on the lower / upper side, ``v_k = 0`` held
+       if its share is within bounds (else free, on the side its share pushes it to), a
+       ``|v_k| <= 1e-3`` whose gradient pulls it to 0 snapped to 0 and held (epsilon-active
+       set), agents with ``lo_k = hi_k`` always free;
+    3. solves the Newton system on the free agents (Hessian ``diag(s) - P^T P / B``, Cholesky,
+       re-solved once with any held-at-zero agent the step would push to the wrong side held;
+       the minimum-norm step when every agent is free) for two right-hand sides: the share
+       residual ``s - bound`` (Newton) and ``s (1 - s) (logit s - logit bound)`` (Newton on the
+       logit of the shares, which takes the long steps to targets near 0 or 1 that plain Newton
+       needs many iterations for). The first is scaled, the second clipped per agent, to
+       ``max_step``; a third, the diagonally scaled gradient, is a fallback;
+    4. evaluates, in one batched (B, T) pass, the exact decrease of ``D`` (from
+       ``mean_i log1p(...)`` of the current posteriors, accurate for tiny steps) at T trial
+       points: each Newton direction at ``2^0 .. 2^-max_backtracks`` of its step, the
+       fallback at 1/16, 1/64, 1/256, and the free agents shifted together to their best
+       breakpoint; crossings of a kink are projected onto ``v_k = 0``;
+    5. moves to the trial with the largest decrease (a fallback trial only when no Newton or
+       shift trial decreases ``D``), or, if none does, stays (at the snapped point), so ``D``
+       never increases (up to the second-order term of the snaps, at most ~1e-6 * |grad|).
+
+    Cost per iteration: three (A, B) x (B, ·) products (normalisers, ``P P^T``, the trials),
+    one exp of A numbers, T log1p per sample, two A x A Cholesky solves; the program is the
+    same for every input of a shape. Iteration count: on a stress suite of 10,080 problems
+    (B from 1 to 4096, A from 2 to 11; posteriors from softmaxes, exact E-steps, sparse
+    Dirichlets, zero columns and one-hot rows; balanced, capped, random, tight and exact
+    ``lo = hi`` bounds, coverage 0 and 1) the KKT residual reached 1e-4 within 4 iterations
+    for 84% of the problems, within 5 for every E-step posterior with B >= 128, within 12
+    for all but one (one-hot rows with ``lo = hi`` for every agent, B = 4096: 15 iterations;
+    after 12 its violation is 2.3e-3). Hence ``NUM_ITERS = 12``.
+    Check ``info['violation']``: with too few iterations for a degenerate input it is
+    above the tolerance (the posterior is still moved towards the bounds).
 
     Bounds must be feasible (see ``check_bounds``). ``q`` rows should sum to one; entries are
     floored at ``min_prob`` (zeros allowed). If no bound is active, ``q`` is returned unchanged.
 
     Returns ``(q_new, info)``; ``info`` holds ``violation`` (max over agents of
     ``max(0, share - hi, lo - share)``), ``kkt_residual``, ``shares``, ``upper_multiplier``
-    ``u``, ``lower_multiplier`` ``l`` and ``iterations``.
+    ``u``, ``lower_multiplier`` ``l`` and ``iterations``: how many of the ``num_iters``
+    iterations started with a KKT residual above ``tol`` (the work that was needed; all
+    ``num_iters`` always run).
     """
     q = jnp.asarray(q, jnp.float32)
     lo = jnp.asarray(lo, jnp.float32)
     hi = jnp.asarray(hi, jnp.float32)
     q_floor = jnp.maximum(q, min_prob)
+    q_agents = q_floor.T  # (A, B): agent-major, reductions over agents are vectorised over B
     batch, num_agents = q.shape
     eye = jnp.eye(num_agents, dtype=jnp.float32)
+    kink = hi > lo  # lo == hi: no kink at v = 0, the agent's term is the linear lo * v
+    everyone = jnp.ones((num_agents,), jnp.bool_)
+    newton_fractions = 2.0 ** -jnp.arange(max_backtracks + 1, dtype=jnp.float32)
+    fallback_fractions = jnp.asarray(GRADIENT_FRACTIONS, jnp.float32)
+    # trial layout: 2 Newton directions x (max_backtracks + 1) fractions, the fallback's
+    # fractions, the shift of the free agents
+    num_newton, num_fallback = 2 * (max_backtracks + 1), len(GRADIENT_FRACTIONS)
+    is_fallback = jnp.asarray([False] * num_newton + [True] * num_fallback + [False])
 
-    def posterior(scaled_exp_v, row_sums):
-        return q_floor * scaled_exp_v / row_sums[:, None]
+    def newton_steps(held, off_diagonal, hess_diag, damping, rhs):
+        """``-H_FF^{-1} rhs`` on the free agents (0 on held ones), for both right-hand sides."""
+        both_free = ~held[:, None] & ~held[None, :]
+        all_free = ~jnp.any(held)
+        # Every agent free: the all-ones null direction of H is fixed by adding its projector
+        # (the step is then the minimum-norm one; step 1 handles that direction exactly).
+        gauge = jnp.where(all_free, jnp.max(hess_diag) / num_agents, 0.0)
+        matrix = (eye * jnp.where(held, 1.0, hess_diag + damping)
+                  - jnp.where(both_free, off_diagonal, 0.0) + gauge)
+        factor = jax.scipy.linalg.cho_factor(matrix)  # SPD: diagonally dominant + damping
+        steps = -jax.scipy.linalg.cho_solve(factor, jnp.where(held[:, None], 0.0, rhs))
+        return jnp.where(all_free, steps - jnp.mean(steps, axis=0, keepdims=True), steps)
 
-    def newton_direction(v, probs, shares):
-        at_zero = v == 0
-        pushing_up = at_zero & (shares < lo)  # a lower bound becomes active: v goes up
-        pushing_down = at_zero & (shares > hi)  # an upper bound becomes active: v goes down
-        # side of the kink each agent sits on: +1 (l > 0), -1 (u > 0), 0 (held at v = 0)
-        side = jnp.where(at_zero, pushing_up.astype(jnp.float32) - pushing_down, jnp.sign(v))
-        free = side != 0
-        grad = jnp.where(free, shares - jnp.where(side < 0, hi, lo), 0.0)
-        # Hessian of the smooth part: diag(s) - P^T P / B. Its rows sum to zero, so the
-        # diagonal is rebuilt from the off-diagonal terms (no cancellation when s_k -> 1).
-        off_diagonal = (probs.T @ probs) * ((1.0 - eye) / batch)
+    def iteration(carry, _):
+        v, needed = carry
+        v = _best_shift(v, everyone, lo, hi, kink)  # 1. exact along the all-ones direction
+        scaled_exp_v = jnp.exp(v - jnp.max(v))
+        probs = (q_agents * scaled_exp_v[:, None]
+                 / jnp.dot(scaled_exp_v, q_agents, precision=_HIGHEST)[None, :])  # (A, B)
+        shares = jnp.mean(probs, axis=1)
+        needed = needed + (_kkt_residual(shares, v, lo, hi) > tol).astype(jnp.int32)
+
+        # 2. sides (+1 lower bound active, -1 upper bound active, 0 held at v = 0)
+        at_zero = (v == 0) & kink
+        side = jnp.where(at_zero, (at_zero & (shares < lo)).astype(jnp.float32)
+                         - (at_zero & (shares > hi)), jnp.sign(v))
+        target = jnp.where(side < 0, hi, lo)
+        snap = kink & ~at_zero & (jnp.abs(v) <= SNAP_EPS) & ((shares - target) * side > 0)
+        side = jnp.where(snap, 0.0, side)
+        base = jnp.where(snap, 0.0, v)
+        free = (side != 0) | ~kink
+        grad = jnp.where(free, shares - target, 0.0)
+        clipped_share = jnp.clip(shares, 1e-30, 1.0)
+        clipped_target = jnp.clip(target, MIN_TARGET, 1.0 - MIN_TARGET)
+        logit_gap = (jnp.log(clipped_share) - jnp.log(jnp.maximum(1.0 - shares, 1e-30))
+                     - jnp.log(clipped_target) + jnp.log1p(-clipped_target))
+        rhs = jnp.stack([grad, jnp.where(free, shares * (1.0 - shares) * logit_gap, 0.0)], axis=1)
+
+        # 3. Newton steps. Hessian of the smooth part: diag(s) - P^T P / B; its rows sum to
+        # zero, so the diagonal is rebuilt from the off-diagonal terms (no cancellation).
+        off_diagonal = (jnp.dot(probs, probs.T, precision=_HIGHEST)
+                        * ((1.0 - eye) / batch))
         hess_diag = jnp.sum(off_diagonal, axis=1)
         damping = 1e-6 * jnp.max(hess_diag) + 1e-12
-        def solve(held):
-            # Newton system on the free agents; held agents get the identity row (step 0).
-            both_free = ~held[:, None] & ~held[None, :]
-            reduced = (eye * jnp.where(held, 1.0, hess_diag + damping)
-                       - jnp.where(both_free, off_diagonal, 0.0))
-            factor = jax.scipy.linalg.cho_factor(reduced)  # SPD: diagonally dominant + damping
-            return -jax.scipy.linalg.cho_solve(factor, jnp.where(held, 0.0, grad))
+        steps = newton_steps(~free, off_diagonal, hess_diag, damping, rhs)
+        wrong_side = at_zero & (steps[:, 0] * side < 0)  # leaves v = 0 against its push
+        steps = newton_steps(~free | wrong_side, off_diagonal, hess_diag, damping, rhs)
+        steps = jnp.where(jnp.isfinite(steps), steps, 0.0)
+        newton = steps[:, 0] * jnp.minimum(1.0, max_step / (jnp.max(jnp.abs(steps[:, 0])) + 1e-30))
+        logit = jnp.clip(steps[:, 1], -max_step, max_step)
+        fallback = jnp.clip(-grad / (hess_diag + damping), -max_step, max_step)
 
-        direction = solve(~free)
-        # An agent leaving v = 0 on the wrong side of its kink is held at 0 and we re-solve.
-        wrong_side = at_zero & (direction * side < 0)
-        direction = jax.lax.cond(jnp.any(wrong_side), lambda: solve(~free | wrong_side),
-                                 lambda: direction)
-        # Safeguard: float32 rounding near the all-ones null direction of the Hessian can
-        # spoil the Newton step; fall back to a diagonally scaled gradient step then.
-        is_descent = jnp.dot(grad, direction) < 0
-        direction = jnp.where(is_descent, direction, -grad / (hess_diag + damping))
-        scale = jnp.minimum(1.0, max_step / (jnp.max(jnp.abs(direction)) + 1e-30))
-        return direction * scale, grad, side
+        # 4. trial points (T, A), projected onto the side of each agent's kink
+        directions = jnp.stack([newton, logit])
+        trials = jnp.concatenate([
+            (base[None, None, :] + newton_fractions[None, :, None] * directions[:, None, :])
+            .reshape(-1, num_agents),
+            base[None, :] + fallback_fractions[:, None] * fallback[None, :]])
+        trials = jnp.where(kink & (trials * side < 0), 0.0, trials)
+        trials = jnp.concatenate([trials, _best_shift(v, free, lo, hi, kink)[None, :]])
+        delta = trials - v[None, :]
+        # D(v + delta) - D(v) = c + mean_i log1p(sum_k p_ik expm1(delta_k - c)) - lin change,
+        # with c = min_k delta_k so that every expm1 argument is >= 0 (accurate, no overflow
+        # for |delta| <= 2 max_step).
+        low = jnp.min(delta, axis=1)
+        ratio = jnp.dot(jnp.expm1(delta - low[:, None]), probs, precision=_HIGHEST)  # (T, B)
+        change = low + jnp.mean(jnp.log1p(ratio), axis=1) - _linear_change(trials, v[None, :], lo, hi)
 
-    def step_to(v, direction, alpha, side):
-        trial = v + alpha * direction
-        return jnp.where(trial * side < 0, 0.0, trial)  # project onto u >= 0, l >= 0
-
-    def armijo(value, trial_value, grad, v, trial):
-        slack = 1e-6 * jnp.abs(value) + 1e-7  # float32 resolution of D
-        return trial_value <= value + 1e-4 * jnp.dot(grad, trial - v) + slack
-
-    def backtrack(v, value, direction, grad, side, terms):
-        def cond(state):
-            tries, _, _, _, accepted = state
-            return (tries < max_backtracks) & ~accepted
-
-        def body(state):
-            tries, alpha, _, _, _ = state
-            alpha = 0.5 * alpha
-            trial = step_to(v, direction, alpha, side)
-            trial_value, *trial_terms = _dual_terms(q_floor, trial, lo, hi)
-            return (tries + 1, alpha, trial_value, tuple(trial_terms),
-                    armijo(value, trial_value, grad, v, trial))
-
-        _, alpha, trial_value, trial_terms, accepted = jax.lax.while_loop(
-            cond, body, (jnp.int32(0), jnp.float32(1.0), value, terms, jnp.bool_(False)))
-        new_v = jnp.where(accepted, step_to(v, direction, alpha, side), v)
-        new_terms = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old),
-                                           trial_terms, terms)
-        return new_v, jnp.where(accepted, trial_value, value), new_terms, accepted
-
-    def cond(state):
-        it, _, _, _, _, residual, stalled = state
-        return (it < num_iters) & (residual > tol) & ~stalled
-
-    def body(state):
-        it, v, value, terms, probs, _, _ = state
-        shares = jnp.mean(probs, axis=0)
-        direction, grad, side = newton_direction(v, probs, shares)
-        trial = step_to(v, direction, 1.0, side)
-        trial_value, *trial_terms = _dual_terms(q_floor, trial, lo, hi)
-        full_step_ok = armijo(value, trial_value, grad, v, trial)
-        v, value, terms, accepted = jax.lax.cond(
-            full_step_ok,
-            lambda: (trial, trial_value, tuple(trial_terms), jnp.bool_(True)),
-            lambda: backtrack(v, value, direction, grad, side, terms))
-        probs = posterior(*terms)
-        residual = _kkt_residual(jnp.mean(probs, axis=0), v, lo, hi)
-        return it + 1, v, value, terms, probs, residual, ~accepted
+        # 5. the best decrease; the fallback only when nothing else decreases D
+        newton_decreases = jnp.min(jnp.where(is_fallback, jnp.inf, change)) < 0
+        change = jnp.where(is_fallback & newton_decreases, jnp.inf, change)
+        best = jnp.argmin(change)  # staying: at the snapped point (a descent step itself)
+        return (jnp.where(change[best] < 0, trials[best], base), needed), None
 
     v0 = jnp.zeros((num_agents,), jnp.float32)
-    value0, *terms0 = _dual_terms(q_floor, v0, lo, hi)
-    probs0 = posterior(*terms0)
-    init = (jnp.int32(0), v0, value0, tuple(terms0), probs0,
-            _kkt_residual(jnp.mean(probs0, axis=0), v0, lo, hi), jnp.bool_(False))
-    iterations, v, _, _, probs, residual, _ = jax.lax.while_loop(cond, body, init)
+    (v, iterations), _ = jax.lax.scan(iteration, (v0, jnp.int32(0)), None, length=num_iters)
+    v = _best_shift(v, everyone, lo, hi, kink)
 
+    scaled_exp_v = jnp.exp(v - jnp.max(v))
+    probs = q_floor * scaled_exp_v / jnp.dot(q_floor, scaled_exp_v, precision=_HIGHEST)[:, None]
     inactive = jnp.all(v == 0)
     q_new = jnp.where(inactive, q, probs)
     shares = jnp.mean(q_new, axis=0)
     violation = jnp.max(jnp.maximum(0.0, jnp.maximum(shares - hi, lo - shares)))
     info = {
         "violation": violation,
-        "kkt_residual": residual,
+        "kkt_residual": _kkt_residual(shares, v, lo, hi),
         "shares": shares,
         "upper_multiplier": jnp.maximum(-v, 0.0),
         "lower_multiplier": jnp.maximum(v, 0.0),

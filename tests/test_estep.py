@@ -1,4 +1,6 @@
-"""Tests of the Prob-L2D E-steps (methods/estep.py) against independent transcriptions."""
+"""Tests of the Prob-L2D E-steps (methods/estep.py) against independent transcriptions, and of
+the fixed-cost workload projection that follows them (methods/projection.py): its jitted
+program has no data-dependent control flow, and it certifies the tolerance on hard inputs."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.optimize
+from scipy.special import logsumexp
 
 from methods.estep import (ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep,
                            reference_estep)
+from methods.projection import NUM_ITERS, constrain_posterior
 
 NOISE = 1e-3
 
@@ -226,3 +231,165 @@ def test_unknown_kind_lists_valid_kinds():
     log_p_z, log_p_t, y, t = random_inputs(2, 2, 3)
     with pytest.raises(ValueError, match="exact, meanfield, reference"):
         estep("exat", log_p_z, log_p_t, y, t)
+
+
+# ------------------------------------------------------------ the workload projection's program
+
+
+def primitives_of(closed_jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (jit/pjit, scan, while, cond branches,
+    custom_jvp/vjp calls, ...), found through any parameter that holds a jaxpr."""
+    found = []
+
+    def sub_jaxprs(value):
+        if hasattr(value, "eqns"):  # Jaxpr
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):  # ClosedJaxpr
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                yield from sub_jaxprs(item)
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            found.append(eqn)
+            for value in eqn.params.values():
+                for sub in sub_jaxprs(value):
+                    walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+def exact_then_project(log_p_z, log_p_t, y, t, lo, hi):
+    q_z, q_t = exact_estep(log_p_z, log_p_t, y, t, NOISE)
+    q_z, info = constrain_posterior(q_z, lo, hi)
+    return q_z, q_t, info
+
+
+def test_walker_sees_nested_control_flow():
+    """The walker finds a while and a cond nested in jit (so the next test is not vacuous)."""
+    def looping(x):
+        x = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 2.0), (0, x))[1]
+        return jax.lax.cond(x.sum() > 0, lambda: x, lambda: -x)
+    names = {eqn.primitive.name for eqn in primitives_of(jax.make_jaxpr(jax.jit(looping))(jnp.ones(3)))}
+    assert {"while", "cond"} <= names
+
+
+def test_estep_and_projection_have_no_data_dependent_control_flow():
+    """jit(exact E-step + projection) and the projection alone: no while, no cond, only
+    fixed-length scans; the same number of equations for any shape or bounds."""
+    def program(fn, *args):
+        eqns = primitives_of(jax.make_jaxpr(jax.jit(fn))(*args))
+        names = [eqn.primitive.name for eqn in eqns]
+        for eqn in eqns:
+            if eqn.primitive.name == "scan":
+                assert isinstance(eqn.params["length"], int)
+        return names
+
+    counts = {}
+    for batch, experts, classes in [(128, 8, 10), (37, 2, 5)]:
+        log_p_z, log_p_t, y, t = random_inputs(batch, experts, classes, seed=11)
+        q = np.asarray(exact_estep(log_p_z, log_p_t, y, t, NOISE)[0])
+        for name, (lo, hi) in {"caps": ([0.0] * experts + [0.0], [1.0] * experts + [0.2]),
+                               "coverage": ([0.0] * experts + [0.3], [1.0] * experts + [0.3])}.items():
+            lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+            for label, fn, args in [("pipeline", exact_then_project, (log_p_z, log_p_t, y, t, lo, hi)),
+                                    ("projection", constrain_posterior, (q, lo, hi))]:
+                names = program(fn, *args)
+                assert "while" not in names and "cond" not in names, (label, sorted(set(names)))
+                assert names.count("scan") == 1, label  # the fixed iterations, nothing else
+                counts.setdefault(label, set()).add(len(names))
+    assert all(len(sizes) == 1 for sizes in counts.values()), counts
+
+
+# ------------------------------------------------------- the projection on hard inputs
+
+
+def scipy_projection(q, lo, hi):
+    """Independent solution: L-BFGS-B on the (u, l) >= 0 dual in float64."""
+    num_agents = q.shape[1]
+    log_q = np.log(np.maximum(q.astype(np.float64), 1e-12))
+
+    def dual(x):
+        u, l = x[:num_agents], x[num_agents:]
+        z = log_q - u + l
+        p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+        s = p.mean(axis=0)
+        return logsumexp(z, axis=1).mean() + u @ hi - l @ lo, np.concatenate([hi - s, s - lo])
+
+    best = scipy.optimize.minimize(dual, np.zeros(2 * num_agents), jac=True, method="L-BFGS-B",
+                                   bounds=[(0, None)] * (2 * num_agents),
+                                   options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000})
+    z = log_q - best.x[:num_agents] + best.x[num_agents:]
+    return np.exp(z - logsumexp(z, axis=1, keepdims=True))
+
+
+def hard_case(case):
+    """``(q, lo, hi, comparable)``; ``comparable``: a finite optimum scipy finds reliably."""
+    rng = np.random.default_rng(HARD_CASES.index(case))
+    if case in ("estep_caps", "estep_coverage", "estep_exact_all"):
+        log_p_z, log_p_t, y, t = random_inputs(256, 8, 10, seed=12)
+        q = np.asarray(exact_estep(log_p_z, log_p_t, y, t, NOISE)[0])
+        if case == "estep_caps":
+            return q, np.array([0.075] * 8 + [0.0]), np.array([0.125] * 8 + [0.2]), True
+        if case == "estep_coverage":  # exact coverage, as in training with workload.coverage
+            return q, np.array([0.0] * 8 + [0.3]), np.array([1.0] * 8 + [0.3]), True
+        target = rng.dirichlet(np.ones(9))
+        return q, target, target, True
+    if case in ("coverage_0", "coverage_1"):  # no finite optimum: shares reach 0 / 1 in the limit
+        q = np.asarray(jax.nn.softmax(3 * rng.standard_normal((128, 4))))
+        c = 0.0 if case == "coverage_0" else 1.0
+        return q, np.array([0.0, 0.0, 0.0, c]), np.array([1.0, 1.0, 1.0, c]), False
+    if case == "zero_columns":
+        q = np.array(jax.nn.softmax(3 * rng.standard_normal((200, 5))))
+        q[:, [1, 4]] = 0.0
+        q /= q.sum(axis=1, keepdims=True)
+        return q, np.array([0.1, 0.15, 0.1, 0.0, 0.15]), np.array([0.5, 0.3, 0.5, 1.0, 0.2]), False
+    if case == "single_row":  # B = 1: the shares are the row itself
+        q = np.array([[0.7, 0.2, 0.05, 0.05]])
+        return q, np.array([0.1, 0.3, 0.2, 0.0]), np.array([0.4, 0.5, 0.3, 1.0]), True
+    if case == "one_hot_rows":  # near one-hot posteriors (a confident gating network)
+        q = np.asarray(jax.nn.softmax(1e4 * rng.standard_normal((512, 5))))
+        return q, np.array([0.1, 0.2, 0.2, 0.2, 0.0]), np.array([0.2, 0.3, 0.3, 0.3, 0.1]), False
+    if case == "tight_all":  # lo == hi for every agent, far from the unconstrained shares
+        q = np.asarray(jax.nn.softmax(2 * rng.standard_normal((64, 6)) + np.arange(6)))
+        target = np.array([0.3, 0.25, 0.2, 0.1, 0.1, 0.05])
+        return q, target, target, True
+    raise ValueError(case)
+
+
+HARD_CASES = ["estep_caps", "estep_coverage", "estep_exact_all", "coverage_0", "coverage_1",
+              "zero_columns", "single_row", "one_hot_rows", "tight_all"]
+
+
+@pytest.mark.parametrize("case", HARD_CASES)
+def test_projection_certifies_tolerance_on_hard_inputs(case):
+    q, lo, hi, comparable = hard_case(case)
+    q_new, info = constrain_posterior(q, lo, hi)
+    shares = np.asarray(q_new, np.float64).mean(axis=0)
+    violation = max(0.0, np.max(shares - hi), np.max(lo - shares))
+    assert violation <= 1e-4 and float(info["violation"]) <= 1e-4, (case, violation)
+    assert int(info["iterations"]) <= NUM_ITERS
+    np.testing.assert_allclose(np.asarray(q_new).sum(axis=1), 1.0, atol=1e-5)
+    upper, lower = np.asarray(info["upper_multiplier"]), np.asarray(info["lower_multiplier"])
+    assert np.all(upper * lower == 0) and np.all(upper >= 0) and np.all(lower >= 0)
+    if comparable:  # the optimum: complementary slackness and agreement with a generic solver
+        assert float(info["kkt_residual"]) <= 1e-4
+        want = scipy_projection(q, lo, hi)
+        np.testing.assert_allclose(np.asarray(q_new), want, atol=2e-3)
+        kl = lambda p: np.mean(np.sum(p * (np.log(np.maximum(p, 1e-30))  # noqa: E731
+                                           - np.log(np.maximum(q, 1e-12))), axis=1))
+        assert kl(np.asarray(q_new, np.float64)) <= kl(want) + 1e-4
+
+
+def test_projection_iterations_count_the_work_needed():
+    q = np.asarray(jax.nn.softmax(jnp.asarray(np.random.default_rng(3).standard_normal((300, 4)))))
+    shares = q.mean(axis=0)
+    _, inactive = constrain_posterior(q, shares - 0.1, shares + 0.1)
+    assert int(inactive["iterations"]) == 0
+    lo, hi = np.array([0.0, 0.0, 0.0, 0.5]), np.array([1.0, 1.0, 1.0, 0.5])
+    _, few = constrain_posterior(q, lo, hi, num_iters=2)
+    _, full = constrain_posterior(q, lo, hi)
+    assert 1 <= int(full["iterations"]) < NUM_ITERS
+    assert int(few["iterations"]) == 2 and float(few["kkt_residual"]) >= float(full["kkt_residual"])

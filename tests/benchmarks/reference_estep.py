@@ -1,18 +1,21 @@
-"""Yardstick for the E-step benchmarks: a faithful re-implementation of the reference approach.
+"""The earlier E-step yardstick, and the shared benchmark inputs.
 
-The reference Prob-L2D code computes the constrained E-step as
+``yardstick_constrained_estep`` re-implements the reference approach in its own way (it is
+not a port: ``original_estep.py`` is, and the E-step tables time both):
 
-1. the mean-field fixed point of its own variant (design.md section 5, ``estep=reference``)
-   for 10 iterations, forming the sum over the *other* agents ``m != k`` explicitly: the
-   (B, E+1, E+1, K) tensor ``q(t_m) * [m != k]`` is materialised and reduced, O(B E^2 K);
+1. the mean-field fixed point of the reference variant (design.md section 5,
+   ``estep=reference``) for 10 iterations, forming the sum over the *other* agents
+   ``m != k`` explicitly: the (B, E+1, E+1, K) tensor ``q(t_m) * [m != k]`` is materialised and
+   reduced, O(B E^2 K) (the original gathers a (B, E+1, E, K) tensor instead, which XLA runs
+   several times slower on a CPU);
 2. a generic projected-gradient solver of the workload dual over ``u, l >= 0``: FISTA with
    backtracking line search (Beck and Teboulle 2009), up to 500 iterations, stopping when the
-   gradient mapping is below 1e-3 (infinity norm).
+   gradient mapping is below 1e-3 in the infinity norm (stricter than the original's
+   jaxopt test, so it runs more iterations).
 
-Everything is jitted with ``lax`` loops (no Python-level iteration), so it is a fair
-yardstick and not a strawman. It is not used by the library; ``methods.estep`` and
-``methods.projection`` are the production versions. This module also builds the shared
-benchmark inputs (``make_problem``, ``benchmark_bounds``).
+Everything is jitted with ``lax`` loops (no Python-level iteration). It is not used by the
+library; ``methods.estep`` and ``methods.projection`` are the production versions. This
+module also builds the shared benchmark inputs (``make_problem``, ``benchmark_bounds``).
 """
 
 from __future__ import annotations
