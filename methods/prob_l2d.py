@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from core.spec import TaskSpec
-from methods.projection import constrain_posterior
+from methods.projection import NUM_ITERS, constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError
 from methods.estep import ESTEP_KINDS, estep
@@ -85,7 +85,7 @@ class ProbL2D(MethodBase):
     estep_iters: int = 10  # fixed-point iterations of the meanfield / reference E-steps
     label_noise: float = 1e-3
     networks: str = "shared"  # shared backbone + heads (the baselines' compute); separate: the reference's
-    solver_iters: int = 30  # iteration budget of the workload-constraint solver
+    solver_iters: int = NUM_ITERS  # fixed iterations of the workload projection (methods.projection)
     train_with_workload: bool = True  # False: free E-step; the bounds act only at test time
 
     @property

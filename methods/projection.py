@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg
 
 NUM_ITERS = 12  # fixed iteration count (measurements in constrain_posterior's docstring)
 SNAP_EPS = 1e-3  # a multiplier this close to 0 whose gradient pulls it to 0 is set to 0
@@ -50,6 +49,35 @@ def _best_shift(v, movable, lo, hi, kink):
     value = shifts - _linear_change(candidates, v[None, :], lo, hi)
     shifted = candidates[jnp.argmin(value)]
     return jnp.where(jnp.abs(shifted) <= ZERO_EPS, 0.0, shifted)  # rounding of the shift
+
+
+def solve_spd(matrix, rhs):
+    """``matrix^{-1} rhs`` for a small symmetric positive definite (n, n) ``matrix`` and
+    (n, r) ``rhs``: Cholesky factorisation and both triangular solves unrolled over the
+    static n, so the program is elementwise arithmetic on n-vectors that XLA fuses, with no
+    call into a solver library (on a GPU each such call is a few kernel launches of latency,
+    far more than the arithmetic of an n <= ~20 system)."""
+    n = matrix.shape[0]
+    index = jnp.arange(n)
+    columns = []  # the Cholesky factor's columns, zero above the diagonal
+    for j in range(n):
+        column = matrix[:, j]
+        for k in range(j):
+            column = column - columns[k] * columns[k][j]
+        columns.append(jnp.where(index >= j, column / jnp.sqrt(column[j]), 0.0))
+    forward = []  # L y = rhs
+    for i in range(n):
+        row = rhs[i]
+        for k in range(i):
+            row = row - columns[k][i] * forward[k]
+        forward.append(row / columns[i][i])
+    backward = [None] * n  # L^T x = y
+    for i in reversed(range(n)):
+        row = forward[i]
+        for k in range(i + 1, n):
+            row = row - columns[i][k] * backward[k]
+        backward[i] = row / columns[i][i]
+    return jnp.stack(backward)
 
 
 def _kkt_residual(shares, v, lo, hi):
@@ -143,8 +171,7 @@ def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12
         gauge = jnp.where(all_free, jnp.max(hess_diag) / num_agents, 0.0)
         matrix = (eye * jnp.where(held, 1.0, hess_diag + damping)
                   - jnp.where(both_free, off_diagonal, 0.0) + gauge)
-        factor = jax.scipy.linalg.cho_factor(matrix)  # SPD: diagonally dominant + damping
-        steps = -jax.scipy.linalg.cho_solve(factor, jnp.where(held[:, None], 0.0, rhs))
+        steps = -solve_spd(matrix, jnp.where(held[:, None], 0.0, rhs))  # SPD: dominant diagonal + damping
         return jnp.where(all_free, steps - jnp.mean(steps, axis=0, keepdims=True), steps)
 
     def iteration(carry, _):

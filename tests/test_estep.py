@@ -15,7 +15,7 @@ from scipy.special import logsumexp
 
 from methods.estep import (ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep,
                            reference_estep)
-from methods.projection import NUM_ITERS, constrain_posterior
+from methods.projection import NUM_ITERS, constrain_posterior, solve_spd
 
 NOISE = 1e-3
 
@@ -278,7 +278,8 @@ def test_walker_sees_nested_control_flow():
 
 def test_estep_and_projection_have_no_data_dependent_control_flow():
     """jit(exact E-step + projection) and the projection alone: no while, no cond, only
-    fixed-length scans; the same number of equations for any shape or bounds."""
+    fixed-length scans; for a number of agents (the small linear solves are unrolled over
+    it), the same number of equations for any batch size, class count or bounds."""
     def program(fn, *args):
         eqns = primitives_of(jax.make_jaxpr(jax.jit(fn))(*args))
         names = [eqn.primitive.name for eqn in eqns]
@@ -288,7 +289,7 @@ def test_estep_and_projection_have_no_data_dependent_control_flow():
         return names
 
     counts = {}
-    for batch, experts, classes in [(128, 8, 10), (37, 2, 5)]:
+    for batch, experts, classes in [(128, 8, 10), (37, 8, 5), (64, 2, 5), (300, 2, 3)]:
         log_p_z, log_p_t, y, t = random_inputs(batch, experts, classes, seed=11)
         q = np.asarray(exact_estep(log_p_z, log_p_t, y, t, NOISE)[0])
         for name, (lo, hi) in {"caps": ([0.0] * experts + [0.0], [1.0] * experts + [0.2]),
@@ -299,8 +300,8 @@ def test_estep_and_projection_have_no_data_dependent_control_flow():
                 names = program(fn, *args)
                 assert "while" not in names and "cond" not in names, (label, sorted(set(names)))
                 assert names.count("scan") == 1, label  # the fixed iterations, nothing else
-                counts.setdefault(label, set()).add(len(names))
-    assert all(len(sizes) == 1 for sizes in counts.values()), counts
+                counts.setdefault((label, experts), set()).add(len(names))
+    assert len(counts) == 4 and all(len(sizes) == 1 for sizes in counts.values()), counts
 
 
 # ------------------------------------------------------- the projection on hard inputs
@@ -393,3 +394,12 @@ def test_projection_iterations_count_the_work_needed():
     _, full = constrain_posterior(q, lo, hi)
     assert 1 <= int(full["iterations"]) < NUM_ITERS
     assert int(few["iterations"]) == 2 and float(few["kkt_residual"]) >= float(full["kkt_residual"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 9, 12])
+def test_unrolled_spd_solve_matches_numpy(n):
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, n))
+    matrix, rhs = a @ a.T + n * np.eye(n), rng.normal(size=(n, 2))
+    got = solve_spd(jnp.asarray(matrix, jnp.float32), jnp.asarray(rhs, jnp.float32))
+    np.testing.assert_allclose(got, np.linalg.solve(matrix, rhs), rtol=1e-4, atol=1e-5)
