@@ -53,31 +53,19 @@ def _best_shift(v, movable, lo, hi, kink):
 
 def solve_spd(matrix, rhs):
     """``matrix^{-1} rhs`` for a small symmetric positive definite (n, n) ``matrix`` and
-    (n, r) ``rhs``: Cholesky factorisation and both triangular solves unrolled over the
-    static n, so the program is elementwise arithmetic on n-vectors that XLA fuses, with no
-    call into a solver library (on a GPU each such call is a few kernel launches of latency,
-    far more than the arithmetic of an n <= ~20 system)."""
+    (n, r) ``rhs`` by Gauss-Jordan elimination unrolled over the static n (no pivoting: the
+    diagonal of an SPD matrix stays positive). n rank-one updates of the (n, n + r) system,
+    elementwise work that XLA fuses, with no call into a solver library: on a GPU each such
+    call costs kernel launches of latency, far more than the arithmetic of an n <= ~20
+    system."""
     n = matrix.shape[0]
-    index = jnp.arange(n)
-    columns = []  # the Cholesky factor's columns, zero above the diagonal
-    for j in range(n):
-        column = matrix[:, j]
-        for k in range(j):
-            column = column - columns[k] * columns[k][j]
-        columns.append(jnp.where(index >= j, column / jnp.sqrt(column[j]), 0.0))
-    forward = []  # L y = rhs
-    for i in range(n):
-        row = rhs[i]
-        for k in range(i):
-            row = row - columns[k][i] * forward[k]
-        forward.append(row / columns[i][i])
-    backward = [None] * n  # L^T x = y
-    for i in reversed(range(n)):
-        row = forward[i]
-        for k in range(i + 1, n):
-            row = row - columns[i][k] * backward[k]
-        backward[i] = row / columns[i][i]
-    return jnp.stack(backward)
+    system = jnp.concatenate([matrix, rhs], axis=1)
+    is_pivot_row = jnp.arange(n)[:, None]
+    for k in range(n):
+        pivot_row = system[k] / system[k, k]
+        eliminated = system - system[:, k:k + 1] * pivot_row[None, :]
+        system = jnp.where(is_pivot_row == k, pivot_row[None, :], eliminated)
+    return system[:, n:]
 
 
 def _kkt_residual(shares, v, lo, hi):
