@@ -380,8 +380,9 @@ def fit(
 ) -> list[TrainedModel]:
     """Train ``models`` (one per seed) for ``epochs``.
 
-    ``data`` is either ``DeviceEpochs`` (in-memory data: the splits go to the device once and
-    each epoch is one ``train_epoch`` program, its metrics fetched once) or, for streamed
+    ``data`` is either ``DeviceEpochs`` (in-memory data: the splits go to the device once,
+    each epoch runs as ``train_chunk`` programs of ``steps_per_dispatch`` steps, and its
+    metrics are fetched once) or, for streamed
     data, one callable per seed, ``data[i](e)`` yielding seed i's host batches of epoch e
     (each a ``train_step`` dispatch, the next batch copied to the device ahead of it).
 
