@@ -167,6 +167,34 @@ def after_stage(inputs: TrainInputs, fraction: float, loss: jax.Array) -> jax.Ar
     return jnp.where(inputs.progress >= fraction, loss, 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassifierThenStage(MethodBase):
+    """A classifier trained by cross-entropy on ``y`` throughout (``model.classifier``),
+    plus a second-stage model whose loss (``stage_loss``, logged as ``stage_metric``) joins
+    after ``first_stage_fraction`` of training (``two_stage``, ``post_hoc``)."""
+
+    first_stage_fraction: float = 0.5  # share of training before the second stage starts
+    stage_metric: ClassVar[str] = "stage_loss"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_stage_fraction(self.name, "first_stage_fraction", self.first_stage_fraction)
+
+    def stage_loss(self, model, batch: Batch, class_logits: jax.Array) -> jax.Array:
+        """The second stage's loss on ``batch`` (``class_logits``: the classifier's)."""
+        raise NotImplementedError
+
+    def loss(self, model, batch, inputs):
+        class_logits = model.classifier(batch.x)
+        classifier = cross_entropy(class_logits, batch.y)
+        stage = self.stage_loss(model, batch, class_logits)
+        total = classifier + after_stage(inputs, self.first_stage_fraction, stage)
+        return total, {"classifier_ce": classifier, self.stage_metric: stage}
+
+    def classify(self, model, x):
+        return model.classifier(x)
+
+
 def require_experts(name: str, num_experts: int) -> None:
     """Raise ``MethodConfigError`` if a method that routes to humans gets none."""
     if num_experts < 1:

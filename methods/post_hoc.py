@@ -24,8 +24,7 @@ import jax
 from flax import nnx
 
 from methods import METHODS
-from methods.common import (MethodBase, Networks, after_stage, check_stage_fraction,
-                            cross_entropy, require_experts)
+from methods.common import ClassifierThenStage, Networks, require_experts
 from methods.nets import Network
 from methods.surrogates import correctness_loss, deferral_scores_correctness
 
@@ -44,16 +43,12 @@ class CorrectnessEstimators(nnx.Module):
 
 @METHODS.register("post_hoc")
 @dataclasses.dataclass(frozen=True)
-class PostHoc(MethodBase):
+class PostHoc(ClassifierThenStage):
     missing_policies = ("mask", "as_incorrect", "drop")
+    stage_metric = "correctness_bce"
     missing_policy: str = "mask"
     num_experts: int = 0
     num_classes: int = 0
-    first_stage_fraction: float = 0.5  # share of training before the estimators start
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_stage_fraction(self.name, "first_stage_fraction", self.first_stage_fraction)
 
     def init_model(self, spec, rngs):
         require_experts(self.name, spec.num_experts)
@@ -66,16 +61,9 @@ class PostHoc(MethodBase):
     def _estimates(self, model, x, class_logits):
         return model.estimators(x, jax.nn.softmax(class_logits, axis=-1))
 
-    def loss(self, model, batch, inputs):
-        class_logits = model.classifier(batch.x)
-        classifier = cross_entropy(class_logits, batch.y)
-        estimators = correctness_loss(self._estimates(model, batch.x, class_logits), batch.y,
-                                      batch.t, self.missing_policy)
-        total = classifier + after_stage(inputs, self.first_stage_fraction, estimators)
-        return total, {"classifier_ce": classifier, "correctness_bce": estimators}
-
-    def classify(self, model, x):
-        return model.classifier(x)
+    def stage_loss(self, model, batch, class_logits):
+        return correctness_loss(self._estimates(model, batch.x, class_logits), batch.y, batch.t,
+                                self.missing_policy)
 
     def agent_scores(self, model, x):
         class_logits = model.classifier(x)

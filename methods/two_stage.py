@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from methods import METHODS
-from methods.common import (MethodBase, Networks, after_stage, check_stage_fraction,
-                            cross_entropy, require_experts)
+from methods.common import ClassifierThenStage, Networks, require_experts
 from methods.missing_policy import resolve_annotations, weighted_row_mean
 from methods.nets import Network
 
@@ -50,15 +49,11 @@ def two_stage_surrogate(rejector_logits, class_logits, y, t, policy: str):
 
 @METHODS.register("two_stage")
 @dataclasses.dataclass(frozen=True)
-class TwoStage(MethodBase):
+class TwoStage(ClassifierThenStage):
     missing_policies = ("mask", "as_incorrect", "drop")
+    stage_metric = "rejector_surrogate"
     missing_policy: str = "mask"
     num_experts: int = 0
-    first_stage_fraction: float = 0.5  # share of training before the rejector starts
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_stage_fraction(self.name, "first_stage_fraction", self.first_stage_fraction)
 
     def init_model(self, spec, rngs):
         require_experts(self.name, spec.num_experts)
@@ -66,16 +61,9 @@ class TwoStage(MethodBase):
         return Networks(classifier=Network(spec.backbone, channels, spec.num_classes, rngs=rngs),
                         rejector=Network(spec.backbone, channels, spec.num_agents, rngs=rngs))
 
-    def loss(self, model, batch, inputs):
-        class_logits = model.classifier(batch.x)
-        classifier = cross_entropy(class_logits, batch.y)
-        rejector = two_stage_surrogate(model.rejector(batch.x), class_logits, batch.y, batch.t,
-                                       self.missing_policy)
-        total = classifier + after_stage(inputs, self.first_stage_fraction, rejector)
-        return total, {"classifier_ce": classifier, "rejector_surrogate": rejector}
-
-    def classify(self, model, x):
-        return model.classifier(x)
+    def stage_loss(self, model, batch, class_logits):
+        return two_stage_surrogate(model.rejector(batch.x), class_logits, batch.y, batch.t,
+                                   self.missing_policy)
 
     def agent_scores(self, model, x):
         return jax.nn.softmax(model.rejector(x), axis=-1)
