@@ -36,9 +36,10 @@ CASES = {
 BOUNDS = WorkloadBounds((0.0,) * 4, (1.0, 1.0, 1.0, 0.5))
 
 
-def prepared_fit(case: str, loop: str):
-    """A warmed-up ``fit`` of ``case`` with the ``loop`` ("device" or "host"); returns
-    ``run()``, which trains a fresh model and returns it."""
+def prepared_fit(case: str, loop: str, steps_per_dispatch: int | None = None):
+    """A warmed-up ``fit`` of ``case`` with the ``loop`` ("device" or "host"; the device
+    loop with ``steps_per_dispatch``, None: the backend's default); returns ``run()``, which
+    trains a fresh model and returns it."""
     samples, side, channels, augment = CASES[case]
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, samples).astype(np.int32)
@@ -49,7 +50,7 @@ def prepared_fit(case: str, loop: str):
     method = build_method("prob_l2d", {}, spec)
     optim = training.OptimConfig(total_steps=EPOCHS * (samples // BATCH))
     if loop == "device":
-        data = training.DeviceEpochs((split,), loader, (0,))
+        data = training.DeviceEpochs((split,), loader, (0,), steps_per_dispatch)
     else:
         data = [lambda epoch: epoch_batches(split, loader, seed=0, epoch=epoch)]
 
@@ -62,9 +63,10 @@ def prepared_fit(case: str, loop: str):
     return run
 
 
-def loop_seconds(case: str, loop: str, repeats: int = REPEATS) -> float:
+def loop_seconds(case: str, loop: str, repeats: int = REPEATS,
+                 steps_per_dispatch: int | None = None) -> float:
     """Median wall seconds of ``EPOCHS`` epochs (compile excluded)."""
-    run = prepared_fit(case, loop)
+    run = prepared_fit(case, loop, steps_per_dispatch)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -97,3 +99,21 @@ def test_device_loop_is_no_slower_than_host_loop(benchmark, case):
                                  "speedup": host / device, "backend": jax.default_backend()})
     benchmark(lambda: None)
     assert device <= TOLERANCE * host, (case, host, device)
+
+
+def test_default_steps_per_dispatch_is_the_faster_choice(benchmark):
+    """The device loop's default (``training.steps_per_dispatch``: one step a dispatch on a
+    CPU, a whole epoch elsewhere) is no slower than the other choice on this backend."""
+    if benchmark.disabled:
+        pytest.skip("timing ratios only when benchmarks are enabled")
+    samples = CASES["digits-8x8"][0]
+    whole_epoch = samples // BATCH
+    default = training.steps_per_dispatch(None, whole_epoch)
+    other = 1 if default == whole_epoch else whole_epoch
+    chosen = loop_seconds("digits-8x8", "device", steps_per_dispatch=default)
+    alternative = loop_seconds("digits-8x8", "device", steps_per_dispatch=other)
+    benchmark.extra_info.update({"default_steps": default, "default_seconds": chosen,
+                                 "other_steps": other, "other_seconds": alternative,
+                                 "speedup": alternative / chosen, "backend": jax.default_backend()})
+    benchmark(lambda: None)
+    assert chosen <= TOLERANCE * alternative, (default, chosen, other, alternative)
