@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C takes one path from here on, imports included
+    from app import interrupt
+
+    interrupt.install()
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from app.callbacks import OUTCOMES, PROGRESS, outcome_of
+from app.callbacks import OUTCOMES, outcome_of
 from app.console import print_cell
 from app.launchers import register_ray_launcher_config
 from app.tuning import objective_value
@@ -21,7 +24,6 @@ from core.spec import NOT_APPLICABLE
 
 register_configs()  # the typed schema and method=<name> for every registered method
 register_ray_launcher_config()  # hydra/launcher=ray: local on 127.0.0.1, or RAY_ADDRESS
-INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -45,23 +47,5 @@ def main(cfg: DictConfig) -> dict:
     return outcome
 
 
-def interrupted_message() -> str:
-    """One line: how far a sweep got and how to resume it."""
-    done, total = PROGRESS["done"], PROGRESS["total"]
-    where = f" after {done} of {total if total is not None else '?'} cells" if total or done else ""
-    return f"interrupted{where}; re-run the same command to resume (finished cells are kept)."
-
-
-def stop_on_interrupt(signum: int, frame) -> None:
-    """The one path of Ctrl-C (SIGINT): say how far the sweep got and leave at once with the
-    shell's status 130. No exception unwinds through JAX, XLA or a garbage-collection callback
-    (where it could be swallowed, or the interpreter crash at teardown): records, caches and
-    reports are written atomically and locks die with the process, so nothing is half-made."""
-    print(f"\n{interrupted_message()}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(INTERRUPTED)
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_on_interrupt)
     main()

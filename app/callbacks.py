@@ -12,7 +12,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from app.console import error_paragraph
+from app.interrupt import PROGRESS
 from app.launchers import keep_local_ray_on_loopback
+from app.preflight import check_before_writing, stop_if_unwritable
 from app.tuning import write_tuned_preset
 from benchmark.config import resolve_path
 from benchmark.provenance import REPO_ROOT
@@ -59,7 +61,6 @@ def sweep_size(config: DictConfig) -> int | None:
     return total
 
 
-PROGRESS = {"done": 0, "total": None}  # read by the entry point when interrupted
 OUTCOME_KEYS = ("status", "error", "cell", "tracking_error")  # what a job reports of its record
 
 
@@ -125,9 +126,13 @@ class SweepCallback(Callback):
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.pid = os.getpid()  # the sweep's process; jobs may run in others with a copy of this
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_before_writing(config, ("hydra.run.dir", config.hydra.run.dir))
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
+        check_before_writing(config, ("hydra.sweep.dir", config.hydra.sweep.dir))
 
         keep_local_ray_on_loopback(config.hydra.launcher)
         tracker = Tracker(config.get("tracking") or {})
@@ -142,7 +147,8 @@ class SweepCallback(Callback):
         else:  # a server: find out before any job whether it answers (3 s at most)
             self._prepare_tracking(tracker)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        PROGRESS.update(done=0, total=sweep_size(config))
+        PROGRESS.update(done=0, total=sweep_size(config), started=self.started,
+                        results_dir=resolve_path(config.results_dir, REPO_ROOT))
         # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead
         self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr,
                         disable=None)
@@ -184,6 +190,9 @@ class SweepCallback(Callback):
             print(f"[grid] {len(self.outcomes)}/{PROGRESS['total'] or '?'} {outcome['status']}: "
                   f"{cell_text(outcome)} "
                   f"({failed} failed, {skipped} skipped so far)", file=sys.stderr, flush=True)
+        if PROGRESS["total"] is None or PROGRESS["done"] < PROGRESS["total"]:
+            # Hydra writes the next job's folder before any callback: stop here if it cannot
+            stop_if_unwritable(config, PROGRESS["done"], PROGRESS["total"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.bar is not None:

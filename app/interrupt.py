@@ -1,0 +1,78 @@
+"""The one path of Ctrl-C (SIGINT), installed before any heavy import.
+
+It says how far the sweep got, stops every process the run started (Grain's and joblib's
+workers), and leaves at once with the shell's status 130. No exception unwinds through JAX,
+XLA or a garbage-collection callback (where it could be swallowed, or the interpreter crash
+at teardown): records, caches and reports are written atomically and locks die with their
+process, so nothing is half-made. This module imports only the standard library at import
+time: Ctrl-C during the seconds of imports takes the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+INTERRUPTED = 130  # the shell's exit status for Ctrl-C
+# set by the sweep callback: cells counted in this process, the sweep's size, and where
+# (and since when) jobs running in other processes write their records
+PROGRESS: dict[str, Any] = {"done": 0, "total": None, "results_dir": None, "started": None}
+# multiprocessing's resource tracker outlives the workers stopped on Ctrl-C and frees their
+# semaphores and shared memory; its "leaked objects" warning is then expected noise
+TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def finished_on_disk() -> int:
+    """Records finished since the sweep started (jobs in other processes count only there)."""
+    results_dir, started = PROGRESS["results_dir"], PROGRESS["started"]
+    if results_dir is None or started is None:
+        return 0
+    try:
+        from core.records import load_records
+
+        records = load_records(results_dir)
+    except Exception:  # noqa: BLE001 (no records yet, or an unreadable folder: count none)
+        return 0
+    return sum(str(record.get("finished_at", "")) >= started for record in records)
+
+
+def interrupted_message() -> str:
+    """One line: how far a sweep got and how to resume it."""
+    done, total = max(PROGRESS["done"], finished_on_disk()), PROGRESS["total"]
+    where = f" after {done} of {total if total is not None else '?'} cells" if total or done else ""
+    return f"interrupted{where}; re-run the same command to resume (finished cells are kept)."
+
+
+def stop_child_processes() -> None:
+    """Kill every process this one started (data workers, joblib's loky workers), children
+    first; resource trackers are left to free what the workers held and exit by themselves."""
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+    except Exception:  # noqa: BLE001 (psutil missing or /proc unreadable: nothing to stop)
+        return
+    for child in reversed(children):
+        try:
+            if "resource_tracker import main" not in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:  # already gone
+            pass
+
+
+def stop_on_interrupt(signum: int, frame: Any) -> None:
+    """The SIGINT handler: message, stop the workers, exit 130."""
+    print(f"\n{interrupted_message()}", file=sys.stderr, flush=True)
+    stop_child_processes()
+    sys.stdout.flush()
+    os._exit(INTERRUPTED)
+
+
+def install() -> None:
+    """Make Ctrl-C take ``stop_on_interrupt`` in this (the main) process."""
+    if TRACKER_WARNING not in sys.warnoptions:  # passed on to the resource tracker it starts
+        sys.warnoptions.append(TRACKER_WARNING)
+    signal.signal(signal.SIGINT, stop_on_interrupt)
+
