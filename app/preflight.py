@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from app.console import error_paragraph
-from benchmark.config import ConfigError, resolve_path
+from benchmark.config import ConfigError, check_known_options, resolve_path
 from benchmark.identity import check_name
 from benchmark.provenance import REPO_ROOT
 
@@ -51,6 +51,7 @@ def problems(config: DictConfig, hydra_dir: tuple[str, str]) -> list[str]:
     """Everything that would make the run fail or write outside its folders."""
     found = []
     try:
+        check_known_options(config)
         check_name(config.experiment_name, "experiment_name")
     except ConfigError as err:
         found.append(str(err))

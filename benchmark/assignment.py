@@ -55,6 +55,44 @@ def integer_capacities(num_samples: int, lo, hi, agent_names: Sequence[str] | No
     return cap_lo, cap_hi
 
 
+def chunk_is_faithful(num_samples: int, chunk: int, lo, hi) -> bool:
+    """Whether solving the assignment per ``chunk`` samples honours the bounds as the whole
+    split would: every chunk has an integer assignment, and each agent's capacities summed
+    over the chunks lie within one sample of its capacities over the split (targets,
+    ``lo == hi``, add up exactly by construction)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    offsets = np.arange(0, num_samples, chunk)
+    sizes = np.minimum(chunk, num_samples - offsets)[:, None]
+
+    def capacities(n, offset):
+        cap_lo = np.maximum(np.ceil(lo * n - BOUND_TOL * np.maximum(n, 1)), 0)
+        cap_hi = np.minimum(np.floor(hi * n + BOUND_TOL * np.maximum(n, 1)), n)
+        whole = np.floor(lo * (offset + n) + 0.5 + 1e-9 * np.maximum(offset + n, 1))
+        before = np.floor(lo * offset + 0.5 + 1e-9 * np.maximum(offset, 1))
+        target = lo == hi
+        return np.where(target, whole - before, cap_lo), np.where(target, whole - before, cap_hi)
+
+    chunk_lo, chunk_hi = capacities(sizes, offsets[:, None])
+    if np.any(chunk_lo > chunk_hi) or np.any(chunk_lo.sum(1) > sizes[:, 0]) or np.any(
+            chunk_hi.sum(1) < sizes[:, 0]):
+        return False
+    split_lo, split_hi = capacities(np.array([[num_samples]]), np.zeros((1, 1)))
+    return bool(np.all(chunk_lo.sum(0) <= split_lo[0] + 1) and np.all(chunk_hi.sum(0) >= split_hi[0] - 1))
+
+
+def check_assignment_batch(chunk: int | None, num_samples: int, lo, hi) -> None:
+    """Raise ``InfeasibleBoundsError`` naming ``eval.assignment_batch`` and the smallest chunk
+    size that can, unless solving per ``chunk`` samples honours the bounds (``chunk_is_faithful``)."""
+    if chunk is None or chunk >= num_samples or chunk_is_faithful(num_samples, chunk, lo, hi):
+        return
+    smallest = next(size for size in range(1, num_samples + 1)
+                    if chunk_is_faithful(num_samples, size, lo, hi))
+    raise InfeasibleBoundsError(
+        f"eval.assignment_batch={chunk}: chunks of {chunk} of the {num_samples} test samples cannot "
+        "honour the workload bounds within one sample of the whole split (each chunk's share is "
+        f"rounded to whole samples); the smallest chunk that can is {smallest} (or null: the whole split).")
+
+
 def capacity_assignment(scores, lo, hi, agent_names: Sequence[str] | None = None,
                         offset: int = 0) -> np.ndarray:
     """Exact hard assignment of N samples to A agents maximising the total score (host side).

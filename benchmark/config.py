@@ -55,6 +55,12 @@ def resolve_path(path: str | Path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def inside_folder(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, symbolic links resolved."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -223,6 +229,11 @@ class DatasetConfig:
         channels = self.image.channels
         require(len(self.mean) == channels and len(self.std) == channels, "dataset.mean/std",
                 f"{channels} values each (one per image channel)", (list(self.mean), list(self.std)))
+        require(len(self.train.experts) >= 1, "dataset.train.experts",
+                "at least one expert manifest (a system that defers needs an expert to defer to)",
+                list(self.train.experts))
+        require(all(finite(v) and v > 0 for v in self.std), "dataset.std",
+                "finite and > 0 (images are divided by it)", list(self.std))
         unknown = sorted(set(self.augment) - {f.name for f in dataclasses.fields(Augment)})
         require(not unknown, "dataset.augment", "a subset of crop_padding, hflip, noise_std",
                 dict(self.augment))
@@ -337,10 +348,39 @@ def to_cell(cfg: DictConfig) -> CellConfig:
         cfg = cfg.copy()
         with open_dict(cfg):
             del cfg["hydra"]
+    check_known_options(cfg)
     cell = OmegaConf.to_object(cfg)
     if not isinstance(cell, CellConfig):
         raise ConfigError("the configuration does not start from cell_schema (conf/config.yaml)")
     return cell
+
+
+def check_known_options(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` naming every key of a composed config that no schema declares."""
+    unknown = [key for key in unknown_options(cfg) if key != "hydra"]
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)}: no such setting (a key added with + must "
+            "still be one the schema declares; `./run.sh --cfg job` lists every option).")
+
+
+def unknown_options(node: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``node`` that its schema dataclass does not declare (added with ``+``,
+    which Hydra allows on typed nodes; they would be dropped without a word). Free-form
+    mappings (``dataset.builder_args``, ``dataset.augment``) are not walked."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    declared = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in node.keys():
+        if key not in declared:
+            found.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found += unknown_options(child, f"{prefix}{key}.")
+    return found
 
 
 def method_params(cell: CellConfig) -> dict[str, Any]:
@@ -405,13 +445,18 @@ class RunConfig:
         if dataset.missing_seed is None:  # by default the run seed also draws the missing pattern
             dataset, source = dataclasses.replace(dataset, missing_seed=cell.seed), "run seed"
         spec = dataset.task_spec()
+        data_cache_dir = resolve_path(cell.data_cache_dir, base)
+        cache_dir = resolve_path(cell.cache_dir, base)
+        for option, folder in (("data_cache_dir", data_cache_dir), ("cache_dir", cache_dir)):
+            require(not inside_folder(folder, Path(dataset.root)), option,
+                    f"outside the dataset root {dataset.root} (nothing is written into a dataset)",
+                    str(folder))
         return cls(
             cell=cell, dataset=dataset, missing_seed_source=source, spec=spec,
             method=build_method(str(cell.method.name), method_params(cell), spec),
             bounds=cell.workload.bounds(spec.num_experts),
             results_dir=resolve_path(cell.results_dir, base),
-            cache_dir=resolve_path(cell.cache_dir, base),
-            data_cache_dir=resolve_path(cell.data_cache_dir, base),
+            cache_dir=cache_dir, data_cache_dir=data_cache_dir,
         )
 
     def with_seed(self, seed: int, base: Path) -> "RunConfig":

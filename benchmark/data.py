@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ def published_missing(dataset: DatasetConfig, rate: float) -> tuple[str, ...] | 
         return None
     names = tuple(locate(dataset, dataset.published_missing.format(stem=Path(name).stem, rate=f"{rate:g}"))
                   for name in dataset.train.experts)
+    _check_inside(dataset, names, "dataset.published_missing")
     return names if all((dataset.root / name).is_file() for name in names) else None
 
 
@@ -253,6 +255,11 @@ def _decode(files: DatasetFiles, image: tuple[int, int, int], cache_dir: Path | 
             f"dataset.num_classes={files.num_classes}, but the ground truth of {files.root} uses "
             f"classes 0..{used - 1} only; set dataset.num_classes={used} (a class that never "
             "occurs cannot be learned or scored).")
+    absent = sorted(set(range(files.num_classes)) - set(np.unique(train.y).tolist()))
+    if absent:
+        print(f"[l2d-bench] warning: dataset {files.name!r}: class(es) {', '.join(map(str, absent))} "
+              f"never occur in the training split ({files.root / files.train_ground_truth}); the "
+              "classifier cannot learn them.", file=sys.stderr, flush=True)
     complete_t = None
     if files.complete_experts:
         complete_t = load_split(files.root, files.train_ground_truth, files.complete_experts,

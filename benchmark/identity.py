@@ -106,7 +106,7 @@ def cell_identity(cell: CellConfig, choices: Mapping[str, str] | None = None
     ``choices`` are Hydra's chosen presets per group (``hydra.runtime.choices``).
     """
     for option, value in (("dataset.name", cell.dataset.name), ("workload.name", cell.workload.name),
-                          ("method.label", cell.method.label)):
+                          ("method.label", cell.method.label), ("experiment_name", cell.experiment_name)):
         check_name(value, option)
     base = baseline_cell(preset_choices(cell, choices))
     method_name = str(cell.method.name)

@@ -116,12 +116,14 @@ def _read_manifest(path: Path, num_classes: int, size: int, mtime_ns: int) -> Ma
         if not isinstance(file, str) or not file:
             raise ManifestError(f"{where}: 'file' must be a non-empty string, got {file!r}.")
         _check_relative(file, where)
+        file = PurePosixPath(file).as_posix()  # one name per image: ./a/b.png and a//b.png are a/b.png
         label = _parse_label(record["label"], num_classes, where)
         if file in labels_by_file:
             previous = labels_by_file[file]
             if not np.array_equal(np.asarray(previous), np.asarray(label)):
+                same = "" if file == record["file"] else f" (the image {file!r})"
                 raise ManifestError(
-                    f"{where}: duplicate file {file!r} with conflicting labels "
+                    f"{where}: duplicate file {record['file']!r}{same} with conflicting labels "
                     f"{previous!r} and {label!r}."
                 )
             continue
