@@ -5,9 +5,18 @@ Used in training by the methods whose E-step honours the workload (``prob_l2d``,
 be feasible (``benchmark.bounds.check_bounds``). The evaluator's hard version is
 ``benchmark.assignment.capacity_assignment``.
 
-The solver is a fixed-cost program: a ``lax.scan`` of ``num_iters`` identical iterations
-with no data-dependent control flow (no ``while_loop``, no ``cond``), so on an accelerator a
-call is a fixed sequence of kernels with no device-to-host round trip.
+The solver runs the same projected-Newton iteration in one of two loops (``loop``):
+
+* ``fixed``: a fixed-cost program, a ``lax.scan`` of ``num_iters`` identical iterations with
+  no data-dependent control flow (no ``while_loop``, no ``cond``), so on an accelerator a call
+  is a fixed sequence of kernels with no device-to-host round trip;
+* ``early_exit``: a ``lax.while_loop`` that stops at the first iterate whose KKT residual is
+  within ``tol`` (most problems: 2 to 7 iterations), at most ``num_iters``; on a CPU, where a
+  loop's test costs nothing, it skips the iterations that are not needed.
+
+``loop="auto"`` (the default) picks ``early_exit`` on the CPU backend and ``fixed`` elsewhere
+(``default_loop``); ``tests/benchmarks/test_estep_benchmark.py`` checks that the pick is the
+faster one on the backend it runs on. Both are certified by the same tolerance tests.
 """
 
 from __future__ import annotations
@@ -23,6 +32,25 @@ ZERO_EPS = 1e-6  # |v_k| below this after a shift is rounding: set to 0
 MIN_TARGET = 1e-7  # targets of the logit step are clipped to [MIN_TARGET, 1 - MIN_TARGET]
 GRADIENT_FRACTIONS = (1.0 / 16, 1.0 / 64, 1.0 / 256)  # short steps of the fallback direction
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
+PROJECTION_LOOPS = ("fixed", "early_exit")  # constrain_posterior's loop, besides "auto"
+
+
+def default_loop(backend: str | None = None) -> str:
+    """The projection loop ``loop="auto"`` runs on ``backend`` (default: JAX's default
+    backend): ``early_exit`` on the CPU, ``fixed`` (no data-dependent control flow) on
+    accelerators."""
+    return "early_exit" if (backend or jax.default_backend()) == "cpu" else "fixed"
+
+
+def check_loop(loop: str) -> str:
+    """``loop`` resolved to one of ``PROJECTION_LOOPS`` ("auto": ``default_loop()``); an
+    unknown name raises ``ValueError`` listing the valid ones."""
+    if loop == "auto":
+        return default_loop()
+    if loop not in PROJECTION_LOOPS:
+        raise ValueError(f"Unknown projection loop {loop!r}; valid loops are: auto, "
+                         f"{', '.join(PROJECTION_LOOPS)}.")
+    return loop
 
 
 def _linear_change(new, old, lo, hi):
@@ -75,10 +103,11 @@ def _kkt_residual(shares, v, lo, hi):
     return jnp.max(per_agent)
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters", "max_backtracks"))
+@functools.partial(jax.jit, static_argnames=("num_iters", "max_backtracks", "loop"))
 def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12, max_step=32.0,
-                        max_backtracks=3):
-    """KL-project agent posteriors onto the workload bounds (jittable, fixed cost).
+                        max_backtracks=3, loop="auto"):
+    """KL-project agent posteriors onto the workload bounds (jittable; fixed cost with
+    ``loop="fixed"``).
 
     Solves ``min (1/B) sum_i KL(q'_i || q_i)`` s.t. ``lo_k <= (1/B) sum_i q'_ik <= hi_k``.
     The solution is ``q'_ik ∝ q_ik exp(l_k - u_k)`` with ``u, l >= 0`` minimising
@@ -87,9 +116,11 @@ def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12
     over ``v_k = l_k - u_k`` with the piecewise-linear term handled exactly (its kink at
     ``v_k = 0`` vanishes when ``lo_k = hi_k``, e.g. an exact coverage target).
 
-    Solver: a fixed number ``num_iters`` of projected-Newton iterations (``lax.scan``; no
-    ``while_loop``, no ``cond``: every choice is a ``jnp.where``/``argmin`` selection). Each
-    iteration
+    Solver: projected-Newton iterations, every choice inside one a ``jnp.where``/``argmin``
+    selection (no ``cond``); ``loop`` (see the module docstring) runs either exactly
+    ``num_iters`` of them (``fixed``: a ``lax.scan``, no ``while_loop``) or stops at the first
+    iterate whose KKT residual is ``<= tol`` (``early_exit``: a ``lax.while_loop``, at most
+    ``num_iters``; "auto", the default: ``default_loop()``). Each iteration
 
     1. moves ``v`` along the all-ones direction (which leaves ``q'`` unchanged) to the exact
        minimiser of ``D`` along it;
@@ -131,9 +162,10 @@ def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12
     Returns ``(q_new, info)``; ``info`` holds ``violation`` (max over agents of
     ``max(0, share - hi, lo - share)``), ``kkt_residual``, ``shares``, ``upper_multiplier``
     ``u``, ``lower_multiplier`` ``l`` and ``iterations``: how many of the ``num_iters``
-    iterations started with a KKT residual above ``tol`` (the work that was needed; all
-    ``num_iters`` always run).
+    iterations started with a KKT residual above ``tol`` (the work that was needed; with
+    ``loop="fixed"`` all ``num_iters`` always run, with ``early_exit`` only these).
     """
+    early_exit = check_loop(loop) == "early_exit"
     q = jnp.asarray(q, jnp.float32)
     lo = jnp.asarray(lo, jnp.float32)
     hi = jnp.asarray(hi, jnp.float32)
@@ -162,15 +194,18 @@ def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12
         steps = -solve_spd(matrix, jnp.where(held[:, None], 0.0, rhs))  # SPD: dominant diagonal + damping
         return jnp.where(all_free, steps - jnp.mean(steps, axis=0, keepdims=True), steps)
 
-    def iteration(carry, _):
-        v, needed = carry
-        v = _best_shift(v, everyone, lo, hi, kink)  # 1. exact along the all-ones direction
+    def current(v):
+        """``v`` shifted along the all-ones direction (step 1), its posteriors (A, B), shares
+        and KKT residual: where an iteration starts and where the early exit looks."""
+        v = _best_shift(v, everyone, lo, hi, kink)
         scaled_exp_v = jnp.exp(v - jnp.max(v))
         probs = (q_agents * scaled_exp_v[:, None]
                  / jnp.dot(scaled_exp_v, q_agents, precision=_HIGHEST)[None, :])  # (A, B)
         shares = jnp.mean(probs, axis=1)
-        needed = needed + (_kkt_residual(shares, v, lo, hi) > tol).astype(jnp.int32)
+        return v, probs, shares, _kkt_residual(shares, v, lo, hi)
 
+    def step(v, probs, shares):
+        """Steps 2-5 from the shifted ``v``: the next (unshifted) multipliers."""
         # 2. sides (+1 lower bound active, -1 upper bound active, 0 held at v = 0)
         at_zero = (v == 0) & kink
         side = jnp.where(at_zero, (at_zero & (shares < lo)).astype(jnp.float32)
@@ -221,17 +256,30 @@ def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12
         newton_decreases = jnp.min(jnp.where(is_fallback, jnp.inf, change)) < 0
         change = jnp.where(is_fallback & newton_decreases, jnp.inf, change)
         best = jnp.argmin(change)  # staying: at the snapped point (a descent step itself)
-        return (jnp.where(change[best] < 0, trials[best], base), needed), None
+        return jnp.where(change[best] < 0, trials[best], base)
 
     v0 = jnp.zeros((num_agents,), jnp.float32)
-    (v, iterations), _ = jax.lax.scan(iteration, (v0, jnp.int32(0)), None, length=num_iters)
-    v = _best_shift(v, everyone, lo, hi, kink)
+    if early_exit:  # a while_loop: stop at the first iterate within tol (host round trips on GPUs)
+        def unconverged(state):
+            return (state[3] > tol) & (state[4] < num_iters)
 
-    scaled_exp_v = jnp.exp(v - jnp.max(v))
-    probs = q_floor * scaled_exp_v / jnp.dot(q_floor, scaled_exp_v, precision=_HIGHEST)[:, None]
+        def iterate(state):
+            return (*current(step(*state[:3])), state[4] + 1)
+
+        state = jax.lax.while_loop(unconverged, iterate, (*current(v0), jnp.int32(0)))
+        (v, probs, shares, _), iterations = state[:4], state[4]
+    else:  # a scan of num_iters iterations, each counted when it starts above tol
+        def iteration(carry, _):
+            v, needed = carry
+            v, probs, shares, residual = current(v)
+            return (step(v, probs, shares), needed + (residual > tol).astype(jnp.int32)), None
+
+        (v, iterations), _ = jax.lax.scan(iteration, (v0, jnp.int32(0)), None, length=num_iters)
+        v, probs, shares, _ = current(v)
+
     inactive = jnp.all(v == 0)
-    q_new = jnp.where(inactive, q, probs)
-    shares = jnp.mean(q_new, axis=0)
+    q_new = jnp.where(inactive, q, probs.T)
+    shares = jnp.where(inactive, jnp.mean(q, axis=0), shares)
     violation = jnp.max(jnp.maximum(0.0, jnp.maximum(shares - hi, lo - shares)))
     info = {
         "violation": violation,

@@ -1,6 +1,7 @@
 """Tests of the Prob-L2D E-steps (methods/estep.py) against independent transcriptions, and of
-the fixed-cost workload projection that follows them (methods/projection.py): its jitted
-program has no data-dependent control flow, and it certifies the tolerance on hard inputs."""
+the workload projection that follows them (methods/projection.py): its fixed-cost loop has no
+data-dependent control flow, its early-exit loop one while_loop, and both certify the
+tolerance on hard inputs against scipy."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from scipy.special import logsumexp
 
 from methods.estep import (ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep,
                            reference_estep)
-from methods.projection import NUM_ITERS, constrain_posterior, solve_spd
+from methods.projection import (NUM_ITERS, PROJECTION_LOOPS, check_loop, constrain_posterior,
+                                default_loop, solve_spd)
 
 NOISE = 1e-3
 
@@ -261,9 +263,9 @@ def primitives_of(closed_jaxpr):
     return found
 
 
-def exact_then_project(log_p_z, log_p_t, y, t, lo, hi):
+def exact_then_project(log_p_z, log_p_t, y, t, lo, hi, loop="fixed"):
     q_z, q_t = exact_estep(log_p_z, log_p_t, y, t, NOISE)
-    q_z, info = constrain_posterior(q_z, lo, hi)
+    q_z, info = constrain_posterior(q_z, lo, hi, loop=loop)
     return q_z, q_t, info
 
 
@@ -277,8 +279,8 @@ def test_walker_sees_nested_control_flow():
 
 
 def test_estep_and_projection_have_no_data_dependent_control_flow():
-    """jit(exact E-step + projection) and the projection alone: no while, no cond, only
-    fixed-length scans; for a number of agents (the small linear solves are unrolled over
+    """jit(exact E-step + projection) and the projection alone with ``loop="fixed"``: no
+    while, no cond, only fixed-length scans; for a number of agents (the small linear solves are unrolled over
     it), the same number of equations for any batch size, class count or bounds."""
     def program(fn, *args):
         eqns = primitives_of(jax.make_jaxpr(jax.jit(fn))(*args))
@@ -295,13 +297,31 @@ def test_estep_and_projection_have_no_data_dependent_control_flow():
         for name, (lo, hi) in {"caps": ([0.0] * experts + [0.0], [1.0] * experts + [0.2]),
                                "coverage": ([0.0] * experts + [0.3], [1.0] * experts + [0.3])}.items():
             lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+            fixed = lambda q, lo, hi: constrain_posterior(q, lo, hi, loop="fixed")  # noqa: E731
             for label, fn, args in [("pipeline", exact_then_project, (log_p_z, log_p_t, y, t, lo, hi)),
-                                    ("projection", constrain_posterior, (q, lo, hi))]:
+                                    ("projection", fixed, (q, lo, hi))]:
                 names = program(fn, *args)
                 assert "while" not in names and "cond" not in names, (label, sorted(set(names)))
                 assert names.count("scan") == 1, label  # the fixed iterations, nothing else
                 counts.setdefault((label, experts), set()).add(len(names))
     assert len(counts) == 4 and all(len(sizes) == 1 for sizes in counts.values()), counts
+
+
+def test_early_exit_loop_is_one_while_and_the_default_only_on_cpu():
+    """``loop="early_exit"``: one while_loop (no scan, no cond); ``"auto"`` resolves per
+    backend (early exit on the CPU, the fixed loop on accelerators); unknown names are listed."""
+    log_p_z, log_p_t, y, t = random_inputs(64, 2, 5, seed=11)
+    lo, hi = jnp.asarray([0.0, 0.0, 0.3]), jnp.asarray([1.0, 1.0, 0.3])
+    eqns = primitives_of(jax.make_jaxpr(
+        lambda *a: exact_then_project(*a, loop="early_exit"))(log_p_z, log_p_t, y, t, lo, hi))
+    names = [eqn.primitive.name for eqn in eqns]
+    assert names.count("while") == 1 and "scan" not in names and "cond" not in names
+    assert default_loop("cpu") == "early_exit"
+    assert default_loop("gpu") == default_loop("tpu") == "fixed"
+    assert check_loop("auto") == default_loop(jax.default_backend())
+    assert set(PROJECTION_LOOPS) == {"fixed", "early_exit"}
+    with pytest.raises(ValueError, match="auto, fixed, early_exit"):
+        check_loop("adaptive")
 
 
 # ------------------------------------------------------- the projection on hard inputs
@@ -364,10 +384,11 @@ HARD_CASES = ["estep_caps", "estep_coverage", "estep_exact_all", "coverage_0", "
               "zero_columns", "single_row", "one_hot_rows", "tight_all"]
 
 
+@pytest.mark.parametrize("loop", PROJECTION_LOOPS)
 @pytest.mark.parametrize("case", HARD_CASES)
-def test_projection_certifies_tolerance_on_hard_inputs(case):
+def test_projection_certifies_tolerance_on_hard_inputs(case, loop):
     q, lo, hi, comparable = hard_case(case)
-    q_new, info = constrain_posterior(q, lo, hi)
+    q_new, info = constrain_posterior(q, lo, hi, loop=loop)
     shares = np.asarray(q_new, np.float64).mean(axis=0)
     violation = max(0.0, np.max(shares - hi), np.max(lo - shares))
     assert violation <= 1e-4 and float(info["violation"]) <= 1e-4, (case, violation)
@@ -384,16 +405,33 @@ def test_projection_certifies_tolerance_on_hard_inputs(case):
         assert kl(np.asarray(q_new, np.float64)) <= kl(want) + 1e-4
 
 
-def test_projection_iterations_count_the_work_needed():
+@pytest.mark.parametrize("loop", PROJECTION_LOOPS)
+def test_projection_iterations_count_the_work_needed(loop):
     q = np.asarray(jax.nn.softmax(jnp.asarray(np.random.default_rng(3).standard_normal((300, 4)))))
     shares = q.mean(axis=0)
-    _, inactive = constrain_posterior(q, shares - 0.1, shares + 0.1)
+    unchanged, inactive = constrain_posterior(q, shares - 0.1, shares + 0.1, loop=loop)
     assert int(inactive["iterations"]) == 0
+    np.testing.assert_array_equal(unchanged, q.astype(np.float32))
     lo, hi = np.array([0.0, 0.0, 0.0, 0.5]), np.array([1.0, 1.0, 1.0, 0.5])
-    _, few = constrain_posterior(q, lo, hi, num_iters=2)
-    _, full = constrain_posterior(q, lo, hi)
+    _, few = constrain_posterior(q, lo, hi, num_iters=2, loop=loop)
+    _, full = constrain_posterior(q, lo, hi, loop=loop)
     assert 1 <= int(full["iterations"]) < NUM_ITERS
     assert int(few["iterations"]) == 2 and float(few["kkt_residual"]) >= float(full["kkt_residual"])
+    if loop == "early_exit":  # stopped at the first iterate within tol
+        assert float(full["kkt_residual"]) <= 1e-5
+
+
+def test_both_loops_reach_the_same_projection():
+    """The early exit stops where the fixed loop's iterates are within tol: same posteriors."""
+    log_p_z, log_p_t, y, t = random_inputs(512, 8, 10, seed=13)
+    q = np.asarray(exact_estep(log_p_z, log_p_t, y, t, NOISE)[0])
+    lo, hi = np.array([0.1] * 8 + [0.0]), np.array([0.12] * 8 + [0.05])
+    assert np.any(q.mean(axis=0) > hi) or np.any(q.mean(axis=0) < lo)  # active bounds
+    fixed, fixed_info = constrain_posterior(q, lo, hi, loop="fixed")
+    early, early_info = constrain_posterior(q, lo, hi, loop="early_exit")
+    assert 1 <= int(early_info["iterations"]) <= int(fixed_info["iterations"])
+    np.testing.assert_allclose(early, fixed, atol=1e-4)
+    assert float(early_info["violation"]) <= 1e-5 and float(fixed_info["violation"]) <= 1e-5
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 9, 12])
