@@ -18,7 +18,7 @@ from app.preflight import check_before_writing, stop_if_unwritable
 from app.tuning import write_tuned_preset
 from benchmark.config import resolve_path
 from benchmark.provenance import REPO_ROOT
-from benchmark.tracking import Tracker, import_mlflow, local_store
+from benchmark.tracking import StoreNeedsRepair, Tracker, import_mlflow, local_store
 from core.records import NoRecordsError, load_records
 from core.spec import RECORD_NAME
 from reports import build_report
@@ -61,7 +61,7 @@ def sweep_size(config: DictConfig) -> int | None:
     return total
 
 
-OUTCOME_KEYS = ("status", "error", "cell", "tracking_error")  # what a job reports of its record
+OUTCOME_KEYS = ("status", "error", "cell", "tracking_error", "tracked_again")  # what a job reports
 
 
 def outcome_of(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,6 +91,10 @@ def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) 
     elif tracked:
         lines.append(f"MLflow: {len(tracked)} cells were not tracked (their records are complete):")
         lines += [f"- {cell_text(o)}: {error_paragraph(o['tracking_error'])}" for o in tracked[:5]]
+    again = sum(bool(o.get("tracked_again")) for o in outcomes)
+    if again:
+        lines.append(f"MLflow: {again} finished cells were tracked again (their runs were not in "
+                     "the store).")
     return lines
 
 
@@ -139,6 +143,11 @@ class SweepCallback(Callback):
         if tracker.enabled:
             import_mlflow()  # once, here: never imported by two threads at the same time
         if local_store(tracker.uri) is not None:
+            try:  # a store MLflow cannot open that may hold runs: stop before any cell runs
+                tracker.check_store()
+            except StoreNeedsRepair as err:
+                print(f"[l2d-bench] {err}", file=sys.stderr)
+                sys.exit(1)
             # create and migrate a local store (seconds) while the first cell trains: every
             # job's tracking takes the same store lock, so none can use it half-made
             self.preparing = threading.Thread(target=self._prepare_tracking, args=(tracker,),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
 from benchmark.identity import dataset_identity
 from benchmark.provenance import code_hash, file_sha256
-from core.files import atomic_write_bytes, exclusive_lock, read_cache
+from core.files import exclusive_lock, read_cache, write_cache
 from core.labels import stable_hash
 from core.spec import Batch
 from datasets.source import ArraySplit, Augment, LoaderConfig, epoch_batches
@@ -189,10 +188,8 @@ def _load_predictions(path: Path) -> dict | None:
 def _save_predictions(path: Path, out: dict) -> None:
     arrays = {f"{split}/{name}": out[split][name]
               for split in SPLITS if out[split] is not None for name in OUTPUTS}
-    buffer = io.BytesIO()
-    np.savez(buffer, run_metrics=json.dumps(out["run_metrics"]),
-             history=json.dumps(out.get("history") or []), **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_cache(path, run_metrics=json.dumps(out["run_metrics"]),
+                history=json.dumps(out.get("history") or []), **arrays)
 
 
 def cached_predictions(run: RunConfig, data: CellData,

@@ -18,12 +18,13 @@ import numpy as np
 
 from benchmark.config import (CellConfig, ConfigError, RunConfig, dataset_of, resolve_path,
                               with_method_option)
+from benchmark.assignment import check_assignment_batch
 from benchmark.data import load_data, source_image_digests, source_manifest_hashes
 from benchmark.evaluator import decision_scores, evaluate
 from benchmark.identity import cell_identity, record_path, settings_fingerprint
 from benchmark.predictions import cached_predictions
 from benchmark.provenance import REPO_ROOT, provenance
-from benchmark.tracking import Tracker
+from benchmark.tracking import StoreNeedsRepair, Tracker
 from benchmark.training import use_compilation_cache
 from core.files import exclusive_lock
 from core.records import read_record, write_record
@@ -77,6 +78,7 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
         return other, cell_data(other)
 
     data = cell_data(run)
+    check_assignment_batch(run.assignment_batch, len(data.test.y), run.bounds.lo, run.bounds.hi)
     record["fingerprint"] = fingerprint_now(cell, base)  # the data exist now (built on first use)
     out = cached_predictions(run, data, seed_cell)
 
@@ -106,7 +108,8 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
 
 
 def track(cell: CellConfig, record: ResultRecord, path: Path) -> ResultRecord:
-    """Log the written record to MLflow and store the run id (or the tracking error) in it."""
+    """Log the written record to MLflow and store the run id (or the tracking error) in it
+    (call under the cell's lock: one run per cell, whatever runs at the same time)."""
     try:
         run_id = Tracker(cell.tracking).log(record, cell)
         if run_id:
@@ -118,6 +121,17 @@ def track(cell: CellConfig, record: ResultRecord, path: Path) -> ResultRecord:
         record["mlflow_run_id"] = run_id
         write_record(path, record)
     return record
+
+
+def untracked(cell: CellConfig, record: ResultRecord) -> bool:
+    """Whether tracking is on and the store lacks the finished ``record``'s run: never
+    tracked (tracking was off, failed, or the process was killed first), or its run was lost
+    with a store moved aside or replaced. False when the store cannot tell."""
+    tracker = Tracker(cell.tracking)
+    if not tracker.enabled or tracker.unavailable():
+        return False
+    run_id = record.get("mlflow_run_id")
+    return not run_id or tracker.holds_run(run_id) is False
 
 
 def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
@@ -144,34 +158,38 @@ def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
         path = record_path(resolve_path(cell.results_dir, base), key)
         fingerprint = fingerprint_now(cell, base)  # the settings and the sources' content now
         # no lock needed to read a whole record: a read-only folder of finished cells reports
-        done = finished(cell, read_record(path), fingerprint, path)
-        if done is not None:
+        done = finished(cell, read_record(path), fingerprint)
+        if done is not None and not untracked(cell, done):
             return done
+        Tracker(cell.tracking).check_store()  # a damaged store that may hold runs: stop here
         with cell_lock(path):
             return _run_locked(cell, key, variant, path, fingerprint, base)
     except ConfigError as err:  # no identity: nothing can be recorded
         return {"status": "failed", "error": f"ConfigError: {err}", "cell": key}
+    except StoreNeedsRepair as err:  # nothing run, nothing written: the store is left as it is
+        return {"status": "failed", "error": f"StoreNeedsRepair: {err}", "cell": key}
     except OSError as err:  # the record (or its lock) cannot be written: say so, go on
         return {"status": "failed", "error": f"cannot write the result record: {err}", "cell": key}
 
 
-def finished(cell: CellConfig, existing: ResultRecord | None, fingerprint: str,
-             path: Path) -> ResultRecord | None:
+def finished(cell: CellConfig, existing: ResultRecord | None,
+             fingerprint: str) -> ResultRecord | None:
     """The cell's "skipped" outcome when its ``existing`` ok record has ``fingerprint`` (the
     same settings and source content) and ``force`` is off; None when the cell must run."""
     if (existing is None or existing["status"] != "ok" or cell.force
             or existing.get("fingerprint") != fingerprint):
         return None
-    if cell.tracking.enabled and not existing.get("mlflow_run_id"):
-        existing = track(cell, existing, path)  # killed before it was tracked: repair
     return {**existing, "status": SKIPPED}
 
 
 def _run_locked(cell: CellConfig, key, variant, path: Path, fingerprint: str,
                 base: Path) -> ResultRecord:
-    existing = read_record(path)  # another process may have finished the cell meanwhile
-    done = finished(cell, existing, fingerprint, path)
+    existing = read_record(path)  # another process may have finished (and tracked) it meanwhile
+    done = finished(cell, existing, fingerprint)
     if done is not None:
+        if untracked(cell, done):  # killed before it was tracked, or its run lost: track it
+            record = track(cell, existing, path)
+            done = {**record, "status": SKIPPED, "tracked_again": bool(record.get("mlflow_run_id"))}
         return done
     if cell.method.label and existing and existing.get("variant") not in (None, variant):
         return {"status": "failed", "cell": key, "error": (  # the existing record is kept

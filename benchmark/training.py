@@ -14,8 +14,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmark.config import PRECISIONS, TrainConfig
-from core.files import atomic_write_bytes, read_cache
+from core.files import read_cache, write_cache
 from datasets.device import DeviceSplit, device_batch, epoch_rows, put_split
 from datasets.source import ArraySplit, LoaderConfig
 from methods.nets import set_compute_dtype
@@ -39,10 +39,38 @@ from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 def use_compilation_cache(path: Path | None) -> None:
     """Keep compiled programs under ``path`` (JAX's persistent cache), so that other
     processes (later runs, parallel launchers' jobs, tests) load them instead of compiling
-    again; None leaves the setting as it is."""
+    again; None leaves the setting as it is. Entries cut short earlier are removed first."""
     if path is not None and jax.config.jax_compilation_cache_dir != str(path):
+        removed = remove_truncated_entries(Path(path))
+        if removed:
+            print(f"[l2d-bench] removed {len(removed)} truncated entries of the JAX compilation "
+                  f"cache {path} (cut short by a full disk or a kill); they compile again.",
+                  file=sys.stderr, flush=True)
         jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def remove_truncated_entries(path: Path, settled_seconds: float = 60.0) -> list[Path]:
+    """Delete the compilation-cache entries under ``path`` that JAX cannot decompress. JAX
+    writes an entry in place and never rewrites an existing one, so an entry cut short by a
+    full disk or a kill would warn on every later run. Entries modified in the last
+    ``settled_seconds`` may still be being written by another process and are left alone."""
+    from jax._src.compilation_cache import decompress_executable  # how JAX reads an entry
+
+    removed, now = [], time.time()
+    for entry in sorted(path.glob("*-cache")):  # jax._src.lru_cache's name of an entry
+        try:
+            if now - entry.stat().st_mtime < settled_seconds:
+                continue
+            data = entry.read_bytes()
+        except OSError:  # removed meanwhile
+            continue
+        try:
+            decompress_executable(data)
+        except Exception:  # noqa: BLE001 (zlib.error, ZstdError...: what JAX would warn about)
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,9 +274,7 @@ def save_trained(trained: "TrainedModel", path: Path) -> None:
     meta = {"train_seconds": trained.train_seconds, "compile_seconds": trained.compile_seconds,
             "samples_seen": trained.samples_seen, "num_devices": trained.num_devices,
             "seeds_in_program": trained.seeds_in_program, "history": trained.history}
-    buffer = io.BytesIO()
-    np.savez(buffer, meta=json.dumps(meta), **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
-    atomic_write_bytes(path, buffer.getvalue())
+    write_cache(path, meta=json.dumps(meta), **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
 
 
 def restore_trained(method: Method, model: Any, path: Path) -> "TrainedModel | None":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import sys
 import tempfile
@@ -61,18 +62,44 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+CACHE_KEY = "cache_key"  # the array of every cache file that holds the key it was written under
+
+
+def write_cache(path: str | Path, **arrays) -> None:
+    """Write ``arrays`` as the .npz cache file ``path`` (atomically), with the key it is
+    written under: its name without the extension, which the caller derives from the key."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{CACHE_KEY: np.array(path.stem)}, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def read_cache(path: str | Path, read: Callable[[np.lib.npyio.NpzFile], T], what: str) -> T | None:
     """``read(np.load(path))``; None when there is no such file. A cache file that cannot be
-    read (truncated, overwritten, from another version) is named on stderr, deleted and
-    reported as absent, so the caller recomputes it."""
+    read (truncated, overwritten, from another version) or that holds another key's entry (a
+    file copied or renamed into place: ``write_cache`` stores the key) is named on stderr,
+    deleted and reported as absent, so the caller recomputes it."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as saved:
-            return read(saved)
+            problem = foreign_entry(saved, path.stem)
+            if problem is None:
+                return read(saved)
     except CORRUPT_NPZ as err:
-        print(f"[l2d-bench] corrupt {what} cache file {path} ({type(err).__name__}: {err}); "
-              "deleted, recomputing it.", file=sys.stderr, flush=True)
-        path.unlink(missing_ok=True)
-        return None
+        problem = f"{type(err).__name__}: {err}"
+    print(f"[l2d-bench] corrupt {what} cache file {path} ({problem}); deleted, recomputing it.",
+          file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def foreign_entry(saved: np.lib.npyio.NpzFile, key: str) -> str | None:
+    """Why the cache file ``saved`` is not the entry of ``key`` (None when it is)."""
+    if CACHE_KEY not in saved.files:
+        return "it carries no cache key: written by an older version or another program"
+    found = str(saved[CACHE_KEY])
+    if found != key:
+        return f"it holds the entry of key {found!r}, not {key!r}: a file copied or renamed into place"
+    return None

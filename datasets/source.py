@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.spec import Batch
 from datasets.layout import SplitData
-from core.files import atomic_write_bytes, read_cache
+from core.files import read_cache, write_cache
 from datasets.manifest import ManifestError
 
 
@@ -139,9 +138,7 @@ def decode_all(
         indices = tqdm(indices, desc=f"decoding {split.root.name}", unit="img", leave=False)
     images = np.stack([decode_image(split.root / split.files[i], fmt) for i in indices])
     if cache_path is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, images=images)
-        atomic_write_bytes(cache_path, buffer.getvalue())
+        write_cache(cache_path, images=images)
     return ArraySplit(images=images, y=split.y, t=split.t)
 
 
