@@ -78,12 +78,21 @@ def test_the_readme_shows_commands():
     assert len(README_COMMANDS) > 20
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors a Markdown renderer gives the headings of ``text`` (GitHub's rule)."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_the_readme_links_to_every_doc_and_every_link_resolves():
     linked = set(re.findall(r"\]\((docs/[^)#]+)", README))
     assert linked >= {f"docs/{page.name}" for page in DOCS}
-    for page, text in [(REPO_ROOT / "README.md", README)] + [(p, p.read_text()) for p in DOCS]:
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
-            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+    for page in [REPO_ROOT / "README.md", *DOCS]:
+        for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", page.read_text()):
+            path = page.parent / target if target else page
+            assert path.exists(), f"{page.name} links to missing {target}"
+            if anchor:
+                assert anchor in heading_anchors(path.read_text()), f"{page.name}: {target}#{anchor}"
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("./run.sh test ")])
