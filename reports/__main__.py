@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reports import NoRecordsError, load_records, write_report
+from reports import NoRecordsError, ReportError, load_records, write_report
 from reports.frames import RECORD_NAME
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as error:  # unknown metric: the message is the first argument
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 2
-    except (NoRecordsError, ValueError) as error:
+    except (NoRecordsError, ValueError, ReportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. a read-only results folder

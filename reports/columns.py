@@ -8,6 +8,7 @@ import pandas as pd
 
 from core.files import atomic_write_text
 from core.spec import metric_spec
+from reports.frames import is_decision_free
 
 DECISIONS = {
     "constrained": "capacity-constrained decisions (the workload bounds honoured exactly)",
@@ -28,14 +29,29 @@ FIXED = {
                       "(paired bootstrap over seeds and test samples, 95%); false: worse; empty "
                       "for reference rows and where no paired test is possible",
     "n": "number of seeds averaged",
-    "vs_best": "the primary metric minus the best learned method's in the group",
+    "vs_best": "the primary metric minus the best learned method's in the group (in "
+               "coverage_auc.csv: the area minus the best learned method's area)",
     "target": "coverage target c: exactly round(c N) of the N test samples go to the classifier",
     "coverage_error": "largest |realised coverage - target| over the seeds (at most 1/(2N))",
     "auc": "equal-coverage AUC: trapezoid of constrained accuracy over the group's common grid "
-           "of coverage targets (mean over seeds); empty when a target is missing",
+           "of coverage targets (mean over seeds); empty when a target is missing or the grid "
+           "has one target",
+    "nac_auc": "nAC-AUC: the equal-coverage AUC normalised between random deferral at equal "
+               "coverage (0) and the oracle (1), (auc - auc of random) / (auc of oracle - auc "
+               "of random) in the same group; below 0: worse than random; its interval comes "
+               "from the same bootstrap draws as the areas; empty without random and oracle "
+               "rows in the group",
     "targets": "coverage targets this method has results for",
     "grid_targets": "coverage targets in the group's common grid",
     "grid": "the group's common grid of coverage targets",
+}
+
+
+# how the report reads a metric, where that differs from the record's own definition
+READ_AS = {
+    "workload_violation": "largest distance of an agent's share outside its bounds, beyond the "
+                          "rounding of a target share to whole samples (a target c allows "
+                          "exactly round(c N) of the N test samples, so honoured targets give 0)",
 }
 
 
@@ -43,7 +59,12 @@ def column_meaning(name: str) -> str:
     """One sentence saying what column ``name`` of a report CSV holds."""
     for suffix, end in (("_lo", "lower"), ("_hi", "upper")):
         if name.endswith(suffix) and name != suffix:
-            return (f"{end} end of the 95% bootstrap interval of {name[: -len(suffix)]} (clipped "
+            base = name[: -len(suffix)]
+            if base in ("auc", "nac_auc", "accuracy") or base.endswith("/accuracy"):
+                return (f"{end} end of the 95% bootstrap interval of {base} over seeds and test "
+                        "samples (records without per-sample outcomes: over seeds); the same "
+                        "draws wherever the same number appears in the report")
+            return (f"{end} end of the 95% bootstrap interval of {base} (clipped "
                     "to the metric's range; empty with one seed for metrics other than accuracy)")
     if name in FIXED:
         return FIXED[name]
@@ -54,7 +75,9 @@ def column_meaning(name: str) -> str:
         return "(not described)"
     better = f"; {spec.direction} is better" if spec.direction else ""
     where = f" under {DECISIONS[decision]}" if decision else ""
-    return f"mean over seeds of {metric}: {spec.meaning}{where}{better}"
+    meaning = READ_AS.get(metric, spec.meaning)
+    same = "; the same under every decision rule" if is_decision_free(metric) else ""
+    return f"mean over seeds of {metric}: {meaning}{where}{same}{better}"
 
 
 def write_columns(tables: dict[str, pd.DataFrame], path: str | Path) -> Path:

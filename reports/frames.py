@@ -5,6 +5,7 @@ pandas frames. Everything here is a pure function of the loaded records or of a 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterable
 
@@ -14,6 +15,7 @@ import pandas as pd
 from core.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
 from core.spec import CELL_KEYS as SPEC_CELL_KEYS
 from core.spec import RECORD_NAME  # noqa: F401 (re-exported)
+from core.spec import target_count
 from reports.uncertainty import accuracy_intervals, seed_interval
 
 CELL_KEYS = list(SPEC_CELL_KEYS)
@@ -21,6 +23,39 @@ RUN_DECISION = "run"  # the "decision" of metrics that belong to the run, not a 
 TIDY_COLUMNS = [*CELL_KEYS, "decision", "metric", "value"]
 GROUP_KEYS = ["dataset", "method", "missing_rate", "workload", "decision", "metric"]
 AGGREGATE_COLUMNS = [*GROUP_KEYS, "mean", "std", "lo", "hi", "n"]
+# metrics of the trained model, the same under every decision rule: one column each, filed
+# under the run's metrics (the record repeats them per decision rule)
+DECISION_FREE = ("classifier_accuracy", "expert_accuracy/", "classifier_ece", "deferral_auc")
+
+
+def is_decision_free(metric: str) -> bool:
+    """Whether ``metric`` describes the trained model, not one set of decisions."""
+    return any(metric == name or (name.endswith("/") and metric.startswith(name))
+               for name in DECISION_FREE)
+
+
+# ---------------------------------------------------------------------------- order
+
+
+def natural_key(value: object) -> tuple:
+    """Sort key that reads the numbers inside a label as numbers: ``none[coverage=0]`` <
+    ``none[coverage=0.25]`` < ``none[coverage=1]``, ``seed=2`` < ``seed=10``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ((0, float(value), ""),)
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+    return tuple((0, float(part), "") if index % 2 else (1, 0.0, part)
+                 for index, part in enumerate(parts) if part)
+
+
+def natural_sorted(values: Iterable) -> list:
+    """The distinct ``values`` in natural order (see ``natural_key``)."""
+    return sorted(set(values), key=natural_key)
+
+
+def natural_order(column: pd.Series) -> pd.Series:
+    """A ``sort_values(key=...)`` key: each value's position in natural order."""
+    position = {value: index for index, value in enumerate(natural_sorted(column.dropna()))}
+    return column.map(position)
 
 
 # ---------------------------------------------------------------------------- records
@@ -67,19 +102,67 @@ def tidy(records: Iterable[dict]) -> pd.DataFrame:
 
     Columns: dataset, method, missing_rate, workload, seed, decision, metric, value.
     ``decision`` is the decision rule ("argmax", "constrained") or ``"run"`` for the run
-    metrics (train_seconds, samples_per_second, imputation_accuracy). Failed cells and
-    absent (null / NaN) values are left out.
+    metrics (train_seconds, samples_per_second, imputation_accuracy) and for the metrics of
+    the trained model that no decision rule changes (``DECISION_FREE``: one value each).
+    ``workload_violation`` is the violation beyond the rounding of target shares to whole
+    samples (``violation_beyond_rounding``). Failed cells and absent (null / NaN) values
+    are left out.
     """
     rows = []
     for record in ok_records(records):
         cell = list(cell_of(record).values())
-        per_decision = dict(record.get("metrics") or {})
-        per_decision[RUN_DECISION] = record.get("run_metrics") or {}
+        per_decision = {decision: dict(metrics or {})
+                        for decision, metrics in (record.get("metrics") or {}).items()}
+        run = dict(record.get("run_metrics") or {})
+        for decision, metrics in per_decision.items():
+            for metric in [name for name in metrics if is_decision_free(name)]:
+                value = metrics.pop(metric)
+                run.setdefault(metric, value)
+            if "workload_violation" in metrics:
+                metrics["workload_violation"] = violation_beyond_rounding(record, decision)
+        per_decision[RUN_DECISION] = run
         for decision, metrics in per_decision.items():
             for metric, value in metrics.items():
                 if _is_present(value):
                     rows.append([*cell, decision, metric, float(value)])
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+def num_test_samples(record: dict) -> int | None:
+    """Number of test samples of a record (from its per-sample outcomes), None if unknown."""
+    for flags in (record.get("correct") or {}).values():
+        if flags:
+            return len(flags)
+    return None
+
+
+def violation_beyond_rounding(record: dict, decision: str) -> float | None:
+    """``workload_violation`` of a record's ``decision`` without the rounding of a target.
+
+    A target share c (an agent with lo = hi, e.g. a coverage target) is met by exactly
+    ``round(c N)`` samples, which is c only up to 1/(2N); measured against that whole
+    number, decisions that honour the target have violation 0. Range bounds (lo < hi) are
+    measured as recorded (whole numbers inside them always exist). Returns the recorded value
+    when the record has no target, or lacks the agents' shares, the bounds or the number of
+    test samples.
+    """
+    metrics = (record.get("metrics") or {}).get(decision) or {}
+    recorded = metrics.get("workload_violation")
+    agents, bounds, size = record.get("agents"), record.get("workload_bounds"), num_test_samples(record)
+    if not agents or not bounds or not size or not any(
+            lo == hi for lo, hi in zip(bounds.get("lo") or [], bounds.get("hi") or [])):
+        return recorded
+    shares = [metrics.get(f"workload/{agent}") for agent in agents]
+    if any(not _is_present(share) for share in shares) or len(bounds.get("lo") or []) != len(agents):
+        return recorded
+    worst = 0.0
+    for share, lo, hi in zip(shares, bounds["lo"], bounds["hi"]):
+        if lo == hi:  # a target: compare whole numbers of samples
+            allowed = target_count(lo, size)
+            worst = max(worst, abs(round(share * size) - allowed) / size)
+        else:
+            worst = max(worst, share - hi, lo - share)
+    return float(worst)
 
 
 def failures(records: Iterable[dict]) -> pd.DataFrame:
@@ -141,6 +224,29 @@ def bounds_frame(records: Iterable[dict]) -> pd.DataFrame:
             rows.append([cell["dataset"], cell["workload"], agent, float(lo), float(hi)])
     frame = pd.DataFrame(rows, columns=["dataset", "workload", "agent", "lo", "hi"])
     return frame.drop_duplicates(["dataset", "workload", "agent"]).reset_index(drop=True)
+
+
+def record_test_set(record: dict) -> str | None:
+    """A fingerprint of a record's test set: the hashes of its test ground-truth manifest
+    and of its test images (``provenance``), None when the record has neither."""
+    provenance = record.get("provenance") or {}
+    manifest = (provenance.get("manifests") or {}).get("test/ground_truth")
+    images = (provenance.get("images") or {}).get("test")
+    if manifest is None and images is None:
+        return None
+    return f"manifest {manifest}, images {images}"
+
+
+def dataset_test_sets(records: Iterable[dict]) -> dict[str, str]:
+    """Dataset label -> fingerprint of its test set (``record_test_set``) for the labels whose
+    records name one. Labels with one fingerprint share a test set: e.g. the missing-seed
+    variants of a dataset, which differ in training annotations only."""
+    found: dict[str, set[str]] = {}
+    for record in ok_records(records):
+        fingerprint = record_test_set(record)
+        if fingerprint is not None:
+            found.setdefault(cell_of(record)["dataset"], set()).add(fingerprint)
+    return {label: " | ".join(sorted(prints)) for label, prints in found.items()}
 
 
 def provenance_frame(records: Iterable[dict]) -> pd.DataFrame:

@@ -11,8 +11,11 @@ from html import escape
 
 import pandas as pd
 
-from reports.leaderboard import (INTERVAL_NOTE, MARKS_NOTE, ReportSection, failure_summary,
-                                 format_leaderboard, group_blocks, primary_caption)
+from collections.abc import Iterable
+
+from reports.frames import natural_sorted
+from reports.leaderboard import (COLLAPSED_NOTE, TIES_NOTE, ReportSection, failure_summary,
+                                 format_leaderboard, group_blocks, leaderboard_note)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -37,6 +40,9 @@ figure { margin: 1.2em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
 .note { color: #555; }
+.ties { color: #555; font-size: 0.85em; margin: 0.2em 0 0.8em; }
+details { margin: 0.6em 0; }
+summary { cursor: pointer; font-weight: 600; }
 """
 
 
@@ -51,7 +57,7 @@ def _table_html(frame: pd.DataFrame) -> str:
 
 
 def _distinct(values: pd.Series, format_value=str) -> str:
-    return ", ".join(format_value(value) for value in sorted(values.unique()))
+    return ", ".join(format_value(value) for value in natural_sorted(values))
 
 
 def _summary_html(provenance: pd.DataFrame) -> str:
@@ -68,37 +74,55 @@ def _summary_html(provenance: pd.DataFrame) -> str:
     return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
-def _leaderboard_html(table: pd.DataFrame) -> str:
-    caption = (f"{primary_caption(table)} per (missing rate, workload), learned methods only. "
-               f"Cells are {INTERVAL_NOTE}; vs best = difference from the best learned method. "
-               f"{MARKS_NOTE}. Reference rows are listed apart, unranked.")
-    parts = [f'<p class="note">{escape(caption)}</p>']
+TIES_HTML = f'<p class="ties">{escape(TIES_NOTE)}</p>'
+
+
+def _group_html(learned: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    drop = ["dataset", "missing_rate", "workload"]
+    parts = []
+    if not learned.empty:
+        parts += [_table_html(learned.drop(columns=drop)), TIES_HTML]
+    if not reference.empty:
+        parts.append('<div class="reference"><p>Reference rows (not ranked)</p>'
+                     + _table_html(reference.drop(columns=[*drop, "rank"])) + "</div>")
+    return parts
+
+
+def _leaderboard_html(table: pd.DataFrame, collapsed: Iterable[str] = ()) -> str:
+    """Per dataset and group the leaderboard; groups whose workload is in ``collapsed`` (a
+    coverage sweep's per-target cells) folded into one ``<details>`` per dataset."""
+    parts = [f'<p class="note">{escape(leaderboard_note(table))}</p>']
     if table.empty:
         return parts[0] + "<p>No successful cells.</p>"
+    collapsed = set(collapsed)
     shown = format_leaderboard(table)
+    folded: dict[str, list[str]] = {}
     previous = None
-    drop = ["dataset", "missing_rate", "workload"]
     for dataset, rate, workload, learned, reference in group_blocks(shown, table):
+        heading = f"<h4>missing rate {escape(rate)}, workload {escape(workload)}</h4>"
+        if workload in collapsed:
+            folded.setdefault(dataset, []).extend([heading, *_group_html(learned, reference)])
+            continue
         if dataset != previous:
             parts.append(f"<h3>{escape(dataset)}</h3>")
             previous = dataset
-        parts.append(f"<h4>missing rate {escape(rate)}, workload {escape(workload)}</h4>")
-        if not learned.empty:
-            parts.append(_table_html(learned.drop(columns=drop)))
-        if not reference.empty:
-            parts.append('<div class="reference"><p>Reference rows (not ranked)</p>'
-                         + _table_html(reference.drop(columns=[*drop, "rank"])) + "</div>")
+        parts += [heading, *_group_html(learned, reference)]
+    for dataset, inner in folded.items():
+        parts.append(f"<details><summary>{escape(dataset)}: {escape(COLLAPSED_NOTE)} "
+                     f"({sum(part.startswith('<h4>') for part in inner)} groups)</summary>"
+                     + "\n".join(inner) + "</details>")
     return "\n".join(parts)
+
+
+def _figure_html(name: str, png: bytes, caption: str) -> str:
+    return (f'<figure><img alt="{escape(name)}" src="{png_data_uri(png)}">'
+            f"<figcaption><b>{escape(name)}</b>: {escape(caption)}</figcaption></figure>")
 
 
 def _figures_html(images: dict[str, tuple[bytes, str]]) -> str:
     if not images:
-        return "<p>No figures (no successful cells).</p>"
-    return "\n".join(
-        f'<figure><img alt="{escape(name)}" src="{png_data_uri(png)}">'
-        f"<figcaption><b>{escape(name)}</b>: {escape(caption)}</figcaption></figure>"
-        for name, (png, caption) in images.items()
-    )
+        return "<p>No other figures.</p>"
+    return "\n".join(_figure_html(name, *image) for name, image in images.items())
 
 
 def _failures_html(failures: pd.DataFrame) -> str:
@@ -125,30 +149,37 @@ def _provenance_html(provenance: pd.DataFrame) -> str:
     return note + _table_html(summary)
 
 
-def _section_html(section: ReportSection) -> str:
+def _section_html(section: ReportSection, images: dict[str, tuple[bytes, str]]) -> str:
+    """A section's note, its tables (each with the tie note when marked) and its figures."""
     parts = [f'<p class="note">{escape(section.note)}</p>']
     for subtitle, frame in section.blocks:
         parts += [f"<h4>{escape(subtitle)}</h4>", _table_html(frame)]
+        if section.ties:
+            parts.append(TIES_HTML)
+    parts += [_figure_html(name, *images[name]) for name in section.figures if name in images]
     return "\n".join(parts)
 
 
 def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.DataFrame,
                 images: dict[str, tuple[bytes, str]],
                 extra: list[ReportSection] | None = None,
-                title: str = "l2d-bench report") -> str:
-    """The whole report page as a string.
+                title: str = "l2d-bench report", collapsed: Iterable[str] = ()) -> str:
+    """The whole report page as a string, headline first.
 
     ``table`` is a leaderboard table (``leaderboard_table``), ``failures`` and
     ``provenance`` come from ``reports.frames``, ``images`` maps figure names to (PNG
-    bytes, caption); ``extra`` sections (accuracy at equal coverage, statistics notes) come
-    before the per-cell leaderboard.
+    bytes, caption). The ``extra`` sections (accuracy at equal coverage, the
+    critical-difference diagram) come first, each with its own figures; then the
+    per-cell leaderboard (groups whose workload is in ``collapsed`` folded away), the other
+    figures, the summary of cells, failures and provenance.
     """
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    placed = {name for section in extra or () for name in section.figures}
     sections = [
+        *((section.title, _section_html(section, images)) for section in extra or ()),
+        ("Leaderboard", _leaderboard_html(table, collapsed)),
+        ("Figures", _figures_html({k: v for k, v in images.items() if k not in placed})),
         ("Summary", _summary_html(provenance)),
-        *((section.title, _section_html(section)) for section in extra or ()),
-        ("Leaderboard", _leaderboard_html(table)),
-        ("Figures", _figures_html(images)),
         ("Failures", _failures_html(failures)),
         ("Provenance", _provenance_html(provenance)),
     ]

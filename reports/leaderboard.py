@@ -17,22 +17,25 @@ by their bare name (``train_seconds``).
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 
 from core.files import atomic_write_text
-from reports.frames import RUN_DECISION
+from reports.frames import RUN_DECISION, natural_order
 from reports.metrics import LOWER, METRIC_DIRECTIONS, direction
 from reports.uncertainty import ties_with_best
 
 ROW_KEYS = ["dataset", "method", "missing_rate", "workload"]
 GROUP_KEYS = ["dataset", "missing_rate", "workload"]
 # metrics shown per primary decision rule, beside argmax and constrained accuracy
-DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv", "deferral_auc",
-                    "classifier_ece"]
-RUN_METRICS = ["imputation_accuracy", "train_seconds", "estep_ms"]
+DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv"]
+# metrics of the trained model or the run: one column each (no decision rule changes them)
+RUN_METRICS = ["deferral_auc", "classifier_ece", "imputation_accuracy", "train_seconds",
+               "estep_ms"]
+CONSOLE_WIDTH = 100
 MISSING_TEXT = "–"
 LEARNED, REFERENCE = "method", "reference"  # the roles of a row
 RANK_DECIMALS = 12
@@ -91,7 +94,16 @@ def rank_methods(agg: pd.DataFrame, metric: str = "accuracy", decision: str = "c
         .rank(method="min", ascending=(better == LOWER))
         .astype("Int64")
     )
-    return rows.sort_values([*GROUP_KEYS, "rank", "method"], na_position="last").reset_index(drop=True)
+    return _sorted(rows, [*GROUP_KEYS, "rank", "method"])
+
+
+def _sorted(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame`` sorted by ``columns``, labels in natural order (``none[coverage=0]`` before
+    ``none[coverage=0.25]``), missing values last."""
+    def key(column: pd.Series) -> pd.Series:
+        return natural_order(column) if pd.api.types.is_string_dtype(column) else column
+
+    return frame.sort_values(columns, na_position="last", key=key).reset_index(drop=True)
 
 
 def tied_with_best(agg: pd.DataFrame, tidy_frame: pd.DataFrame, metric: str = "accuracy",
@@ -207,9 +219,8 @@ def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str
     fixed = [*ROW_KEYS, "role", "rank", "tied_with_best", "n"]
     metric_columns = [c for c in table.columns if c not in fixed]
     table = table[[*GROUP_KEYS, "role", "rank", "method", "tied_with_best", *metric_columns, "n"]]
-    table = table.assign(_reference=table["role"] == REFERENCE).sort_values(
-        [*GROUP_KEYS, "_reference", "rank", "method"], na_position="last")
-    table = table.drop(columns="_reference").reset_index(drop=True)
+    table = _sorted(table.assign(_reference=table["role"] == REFERENCE),
+                    [*GROUP_KEYS, "_reference", "rank", "method"]).drop(columns="_reference")
     table.attrs.update(primary_metric=metric, primary_decision=decision,
                        primary_column=column_name(decision, metric))
     return table
@@ -300,15 +311,23 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 INTERVAL_NOTE = ("mean [95% bootstrap interval] (accuracy: over seeds and test samples; other "
                  "metrics: over seeds, none with one seed); n = seeds")
+TIES_NOTE = ("Ties (=) come from a paired test, the bootstrap of each method's difference from "
+             "the best on the same seeds and test samples, not from the means: a method can be "
+             "tied with the best while one with a higher mean is not, when its differences from "
+             "the best vary more from sample to sample.")
 
 
 class ReportSection(NamedTuple):
     """A part of the report beside the leaderboard: a title, a note (what it shows, or why
-    it is absent) and (subtitle, display table) blocks."""
+    it is absent), (subtitle, display table) blocks, whether its tables carry tie marks
+    (then ``TIES_NOTE`` follows each) and the names of the figures that belong to it
+    (the HTML page shows them right after its tables)."""
 
     title: str
     note: str
     blocks: tuple[tuple[str, pd.DataFrame], ...] = ()
+    ties: bool = False
+    figures: tuple[str, ...] = ()
 
 
 def _markdown_sections(sections) -> list[str]:
@@ -317,6 +336,8 @@ def _markdown_sections(sections) -> list[str]:
         lines += ["", f"## {section.title}", "", section.note]
         for subtitle, frame in section.blocks:
             lines += ["", f"### {subtitle}", "", _markdown_table(frame)]
+            if section.ties:
+                lines += ["", TIES_NOTE]
     return lines
 
 
@@ -329,35 +350,49 @@ def group_blocks(shown: pd.DataFrame, table: pd.DataFrame):
         yield dataset, rate, workload, rows[~is_reference], rows[is_reference]
 
 
+def leaderboard_note(table: pd.DataFrame) -> str:
+    """What the leaderboard's cells, marks and reference rows mean (one paragraph)."""
+    return (f"{primary_caption(table)} per (missing rate, workload), learned methods only. Cells "
+            f"are {INTERVAL_NOTE}; vs best = difference from the best learned method of the "
+            f"group. {MARKS_NOTE}. Reference rows are listed apart and not ranked.")
+
+
+COLLAPSED_NOTE = ("The coverage sweep's cells, one leaderboard per coverage target (their "
+                  "numbers are those of the equal-coverage table above)")
+
+
 def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None,
-                         sections: list[ReportSection] | None = None) -> str:
+                         sections: list[ReportSection] | None = None,
+                         collapsed: Iterable[str] = ()) -> str:
     """The leaderboard as Markdown: ``sections`` first (e.g. accuracy at equal coverage),
     then per dataset and (missing rate, workload) group, a table of the ranked learned
-    methods (best in bold, tied with the best in italics), then the reference rows in their
-    own table. ``failed`` adds a section listing the failed cells."""
-    lines = [
-        "# Leaderboard",
-        "",
-        f"{primary_caption(table)} per (missing rate, workload), learned methods only. Cells are "
-        f"{INTERVAL_NOTE}; vs best = difference from the best learned method of the group. "
-        f"{MARKS_NOTE}. Reference rows are listed apart and not ranked.",
-    ]
+    methods (best and ties marked, ``TIES_NOTE`` below), then the reference rows in their
+    own table. Groups whose workload is in ``collapsed`` (a coverage sweep's cells) sit in
+    ``<details>`` blocks. ``failed`` adds a section listing the failed cells."""
+    collapsed = set(collapsed)
+    lines = ["# l2d-bench report"]
     lines += _markdown_sections(sections)
+    lines += ["", "## Leaderboard", "", leaderboard_note(table)]
     if table.empty:
         lines += ["", "No successful cells."]
     shown = format_leaderboard(table)
     previous = None
     for dataset, rate, workload, learned, reference in group_blocks(shown, table):
         if dataset != previous:
-            lines += ["", f"## {dataset}"]
+            lines += ["", f"### {dataset}"]
             previous = dataset
-        lines += ["", f"### missing rate {rate}, workload {workload}", ""]
+        title = f"missing rate {rate}, workload {workload}"
+        fold = workload in collapsed
+        lines += (["", f"<details><summary>{title}</summary>", ""] if fold
+                  else ["", f"#### {title}", ""])
         drop = ["dataset", "missing_rate", "workload"]
         if not learned.empty:
-            lines.append(_markdown_table(learned.drop(columns=drop)))
+            lines += [_markdown_table(learned.drop(columns=drop)), "", TIES_NOTE]
         if not reference.empty:
             lines += ["", "Reference rows (not ranked):", "",
                       _markdown_table(reference.drop(columns=[*drop, "rank"]))]
+        if fold:
+            lines += ["", "</details>"]
     if failed is not None and not failed.empty:
         shown_failed = failed.drop(columns="path").assign(
             missing_rate=failed["missing_rate"].map(lambda rate: f"{rate:g}"),
@@ -369,10 +404,11 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
 
 
 def write_markdown(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None,
-                   sections: list[ReportSection] | None = None) -> Path:
-    """Write ``markdown_leaderboard(table, failed, sections)`` to ``path``."""
+                   sections: list[ReportSection] | None = None,
+                   collapsed: Iterable[str] = ()) -> Path:
+    """Write ``markdown_leaderboard(table, failed, sections, collapsed)`` to ``path``."""
     path = Path(path)
-    atomic_write_text(path, markdown_leaderboard(table, failed, sections))
+    atomic_write_text(path, markdown_leaderboard(table, failed, sections, collapsed))
     return path
 
 
@@ -387,6 +423,15 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def _shortened(text: str, limit: int) -> str:
+    """``text`` cut in the middle to ``limit`` characters (``prob_l2d[tra…e=false]``)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
 def _text_table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
 
@@ -394,6 +439,37 @@ def _text_table(rows: list[list[str]], header: list[str]) -> list[str]:
         return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)).rstrip()
 
     return [line(header), line(["-" * width for width in widths]), *map(line, rows)]
+
+
+KEY_LIMIT = 36  # longest label kept whole in a console table that must be split
+
+
+def fitted_text_table(rows: list[list[str]], header: list[str], keys: int = 2,
+                      width: int = CONSOLE_WIDTH) -> list[str]:
+    """A text table at most ``width`` characters wide: when the columns do not fit, the
+    first ``keys`` columns (rank, method) repeat in each part and the other columns are
+    spread over as many parts as needed (long labels cut in the middle)."""
+    table = _text_table(rows, header)
+    if max(map(len, table)) <= width:
+        return table
+    rows = [[_shortened(cell, KEY_LIMIT) if i < keys else cell for i, cell in enumerate(row)]
+            for row in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    base = sum(widths[:keys]) + 2 * keys
+    parts, current, used = [], [], base
+    for column in range(keys, len(header)):
+        if current and used + widths[column] > width:
+            parts.append(current)
+            current, used = [], base
+        current.append(column)
+        used += widths[column] + 2
+    parts.append(current)
+    lines = []
+    for part in parts:
+        chosen = [*range(keys), *part]
+        lines += ([""] if lines else []) + _text_table(
+            [[row[i] for i in chosen] for row in rows], [header[i] for i in chosen])
+    return lines
 
 
 def failure_summary(failed: pd.DataFrame) -> str:
@@ -404,45 +480,64 @@ def failure_summary(failed: pd.DataFrame) -> str:
     return f"{len(failed)} failed {noun} ({per_method}), left out of the leaderboard"
 
 
-def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
-                   sections: list[ReportSection] | None = None) -> str:
-    """Compact text leaderboard for the end of a run: per group the ranked learned methods
-    (``*`` best, ``=`` tied with the best), then the reference rows, unranked; then the
-    ``sections`` (the last thing a terminal shows).
+def _wrapped(text: str) -> str:
+    return textwrap.fill(text, width=CONSOLE_WIDTH)
 
-    ``failed`` (``reports.frames.failures``) adds a line counting failed cells per method.
+
+CONSOLE_LABELS = {"argmax/accuracy": "argmax acc", "workload_violation": "violation"}
+
+
+def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
+                   sections: list[ReportSection] | None = None, note: str = "") -> str:
+    """Compact text report for the end of a run, at most 100 characters wide: the
+    ``sections`` first (the headline, e.g. accuracy at equal coverage: its tables, then
+    what they mean), then per (dataset,
+    missing rate, workload) group the ranked learned methods (``*`` best, ``=`` tied with
+    the best) and the reference rows, unranked, with the tie note once below.
+
+    ``note`` adds a line under the leaderboard's title (e.g. which cells are left to the
+    files); ``failed`` (``reports.frames.failures``) a line counting failed cells per method.
     """
+    lines: list[str] = []
+    for section in sections or ():  # the tables first, what they mean below them
+        lines.append(f"== {section.title} ==")
+        for subtitle, frame in section.blocks:
+            lines += [f"[{subtitle}]", *fitted_text_table(
+                frame.values.tolist(), list(frame.columns)), ""]
+        lines.append(_wrapped(section.note))
+        if section.ties and section.blocks:
+            lines.append(_wrapped(TIES_NOTE))
+        lines.append("")
     decision = _shown_decision(table.attrs.get("primary_decision", "constrained"))
-    title = textwrap.fill(
-        f"Leaderboard. {primary_caption(table)}, learned methods only; {INTERVAL_NOTE}; "
-        f"{MARKS_NOTE}; vs best = difference from the best; columns are {decision} decisions "
-        "unless named", width=100)
+    lines += ["== Leaderboard ==", _wrapped(
+        f"{primary_caption(table)}, learned methods only; {INTERVAL_NOTE}; {MARKS_NOTE}; vs "
+        f"best = difference from the best; columns are {decision} decisions unless named")]
+    if note:
+        lines.append(_wrapped(note))
     if failed is not None and not failed.empty:
-        title += "\n" + failure_summary(failed)
+        lines.append(_wrapped(failure_summary(failed)))
     if table.empty:
-        return f"{title}\n(no successful cells)"
+        if not note:
+            lines.append("(no cells to show)")
+        return "\n".join(lines)
     primary = table.attrs.get("primary_column", "constrained/accuracy")
     wanted = [primary, "constrained/accuracy", "argmax/accuracy",
               f"{decision}/workload_violation", f"{decision}/coverage"]
     metric_names = [name for name in dict.fromkeys(wanted) if name in table.columns]
     shown = format_leaderboard(table)
+    if "argmax/accuracy" in metric_names and primary != "argmax/accuracy":  # the mean suffices
+        shown["argmax/accuracy"] = table["argmax/accuracy"].map(
+            lambda value: MISSING_TEXT if pd.isna(value) else f"{value:.3f}")
     if "vs best" in shown.columns:
         metric_names.insert(1, "vs best")
     shown["method"] = [name if name[:1] in "*=" else f" {name}" for name in shown["method"]]
-    labels = [name.removeprefix(f"{decision}/").replace("/", " ") for name in metric_names]
-    header = ["missing", "workload", "rank", "method", *labels, "n"]
-    lines, bodies = [title], {}
-    for dataset, _, _, learned, reference in group_blocks(shown, table):
-        body = bodies.setdefault(dataset, [])
-        if body:
-            body.append([""] * len(header))
-        for rows in (learned, reference):
-            body += [[row[name] for name in ["missing_rate", "workload", "rank", "method",
-                                             *metric_names, "n"]] for _, row in rows.iterrows()]
-    for dataset, body in bodies.items():
-        lines += ["", f"[{dataset}]", *_text_table(body, header)]
-    for section in sections or ():
-        lines += ["", f"== {section.title} ==", textwrap.fill(section.note, width=100)]
-        for subtitle, frame in section.blocks:
-            lines += ["", f"[{subtitle}]", *_text_table(frame.values.tolist(), list(frame.columns))]
+    labels = [CONSOLE_LABELS.get(name, CONSOLE_LABELS.get(name.removeprefix(f"{decision}/"),
+              name.removeprefix(f"{decision}/").replace("/", " "))) for name in metric_names]
+    header = ["rank", "method", *labels, "n"]
+    for dataset, rate, workload, learned, reference in group_blocks(shown, table):
+        body = [[row[name] for name in ["rank", "method", *metric_names, "n"]]
+                for rows in (learned, reference) for _, row in rows.iterrows()]
+        lines += ["", f"[{dataset} · missing rate {rate} · workload {workload}]",
+                  *fitted_text_table(body, header)]
+    lines += ["", _wrapped(TIES_NOTE)]
     return "\n".join(lines)

@@ -222,11 +222,17 @@ def test_report_shows_the_equal_coverage_tables_and_names_both_areas(equal_cover
     assert "equal-coverage AUC: area under constrained accuracy" in markdown
     assert "deferral_auc: area under one trained model's own" in markdown
     assert "incomplete (4 of 5 targets)" in markdown
-    assert markdown.index("## Accuracy at equal coverage") < markdown.index("### missing rate")
+    # the headline first; the per-target leaderboards that repeat its numbers folded away
+    assert markdown.index("## Accuracy at equal coverage") < markdown.index("## Leaderboard")
+    assert "<details><summary>missing rate 0.5, workload none[coverage=0]</summary>" in markdown
+    assert "nAC-AUC" in markdown and "Ties (=) come from a paired test" in markdown
     text = paths["leaderboard.txt"].read_text()
-    assert "*0." in text and "== Accuracy at equal coverage ==" in text
+    assert text.startswith("== Accuracy at equal coverage ==") and "*0." in text
+    assert max(len(line) for line in text.splitlines()) <= 100
     html = paths["report.html"].read_text()
-    assert html.index("Accuracy at equal coverage") < html.index("<h2>Leaderboard</h2>")
+    headline = html.index("<h2>Accuracy at equal coverage</h2>")
+    assert headline < html.index('alt="accuracy_at_coverage_toy_none"') < html.index("<h2>Leaderboard</h2>")
+    assert html.index("<h2>Leaderboard</h2>") < html.index("<details>")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -261,7 +267,8 @@ def test_cd_diagram_needs_independent_units(equal_coverage_records, tmp_path):
 
     paths = write_report(equal_coverage_records, tmp_path / "report")  # one dataset
     assert "figures/critical_difference.png" not in paths
-    assert "at least 2 independent units (datasets)" in paths["leaderboard.md"].read_text()
+    assert ("at least 2 independent units (datasets with different test sets)"
+            in paths["leaderboard.md"].read_text())
 
 
 def test_cd_diagram_is_drawn_with_its_length_when_friedman_rejects(tmp_path):
@@ -273,7 +280,8 @@ def test_cd_diagram_is_drawn_with_its_length_when_friedman_rejects(tmp_path):
     page = paths["report.html"].read_text()
     cd = nemenyi_critical_difference(3, 6)
     assert cd == pytest.approx(2.3437 * np.sqrt(3 * 4 / 36), rel=1e-3)  # q_0.05 for k=3 (Demšar)
-    assert f"CD = {cd:.2f}" in page and "over 6 datasets" in page
+    assert f"CD = {cd:.2f}" in page and "over 6 independent test sets" in page
+    assert "Drawn: figures/critical_difference.png" in paths["leaderboard.txt"].read_text()
 
 
 # ----------------------------------------------------------------------------- end to end
