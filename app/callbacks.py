@@ -21,7 +21,7 @@ from benchmark.provenance import REPO_ROOT
 from benchmark.tracking import StoreNeedsRepair, Tracker, import_mlflow, local_store
 from core.records import NoRecordsError, load_records
 from core.spec import RECORD_NAME
-from reports import build_report
+from reports import ReportError, build_report
 
 
 def _count(key: str, value: str) -> int | None:
@@ -252,7 +252,7 @@ class SweepCallback(Callback):
                 print(f"Report: {written['report.html']}")
         except NoRecordsError:
             print("\nNo cell finished, so there is no report.", file=sys.stderr)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, ReportError) as err:  # one message; the sweep exits 1
             print(f"\nThe report could not be written: {type(err).__name__}: {err}", file=sys.stderr)
             return False
         return True
