@@ -16,6 +16,7 @@ from scipy.special import logsumexp
 
 from methods.estep import (ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep,
                            reference_estep)
+from methods.fused_estep import fused_exact_constrained
 from methods.projection import (NUM_ITERS, PROJECTION_LOOPS, check_loop, constrain_posterior,
                                 default_loop, solve_spd)
 
@@ -441,3 +442,67 @@ def test_unrolled_spd_solve_matches_numpy(n):
     matrix, rhs = a @ a.T + n * np.eye(n), rng.normal(size=(n, 2))
     got = solve_spd(jnp.asarray(matrix, jnp.float32), jnp.asarray(rhs, jnp.float32))
     np.testing.assert_allclose(got, np.linalg.solve(matrix, rhs), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------ the fused kernel (Pallas, interpret mode here)
+
+
+def fused_cases():
+    """``(name, inputs, lo, hi, chunk_rows)``: one chunk and several (a partial last one);
+    caps, an exact coverage, every agent's share fixed, inactive bounds and B = 1."""
+    small = random_inputs(64, 3, 5, seed=21)
+    wide = random_inputs(300, 8, 10, seed=22)
+    single = random_inputs(1, 2, 3, seed=23)
+    tight = np.array([0.3, 0.25, 0.25, 0.2])
+    return [
+        ("caps", small, [0.2, 0.2, 0.2, 0.0], [0.3, 0.3, 0.3, 0.15], 512),
+        ("coverage", small, [0.0, 0.0, 0.0, 0.4], [1.0, 1.0, 1.0, 0.4], 512),
+        ("tight_all", small, tight, tight, 512),
+        ("inactive", small, [0.0] * 4, [1.0] * 4, 512),
+        ("chunks", wide, [0.075] * 8 + [0.0], [0.125] * 8 + [0.2], 64),
+        ("single_row", single, [0.1, 0.3, 0.0], [0.5, 0.6, 1.0], 512),
+    ]
+
+
+@pytest.mark.parametrize("loop", PROJECTION_LOOPS)
+def test_fused_kernel_matches_the_xla_path(loop):
+    """Interpret mode: same posteriors (1e-5), same violation and iterations as exact_estep +
+    constrain_posterior with the same loop."""
+    for name, (log_p_z, log_p_t, y, t), lo, hi, chunk_rows in fused_cases():
+        lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+        q_z, q_t, info = fused_exact_constrained(log_p_z, log_p_t, y, t, lo, hi, label_noise=NOISE,
+                                                 loop=loop, interpret=True, chunk_rows=chunk_rows)
+        want_z, want_t, want = exact_then_project(log_p_z, log_p_t, y, t, lo, hi, loop=loop)
+        np.testing.assert_allclose(q_z, want_z, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(q_t, want_t, atol=1e-6, err_msg=name)
+        assert abs(float(info["violation"]) - float(want["violation"])) <= 1e-6, name
+        assert int(info["iterations"]) == int(want["iterations"]), name
+        for key in ("shares", "upper_multiplier", "lower_multiplier"):
+            np.testing.assert_allclose(info[key], want[key], atol=1e-5, err_msg=f"{name} {key}")
+        if name == "inactive":
+            assert int(info["iterations"]) == 0
+            np.testing.assert_array_equal(q_z, exact_estep(log_p_z, log_p_t, y, t, NOISE)[0])
+        else:
+            assert float(info["violation"]) <= 1e-4, name
+
+
+def test_fused_kernel_lowers_to_one_triton_kernel():
+    """Lowered for a CUDA GPU from this CPU: the whole computation is one Triton custom call
+    (the Pallas Triton lowering accepts every operation), around it only constants and
+    reshapes."""
+    log_p_z, log_p_t, y, t = random_inputs(300, 8, 10, seed=24)
+    lo, hi = jnp.asarray([0.075] * 8 + [0.0]), jnp.asarray([0.125] * 8 + [0.2])
+    for loop in PROJECTION_LOOPS:
+        fn = jax.jit(lambda *a: fused_exact_constrained(*a, loop=loop, interpret=False, chunk_rows=64))
+        text = fn.trace(log_p_z, log_p_t, y, t, lo, hi).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("stablehlo.custom_call") == 1 and "__gpu$xla.gpu.triton" in text, loop
+        ops = {line.split("=")[1].split()[0] for line in text.splitlines()
+               if "= stablehlo." in line and "custom_call" not in line}
+        assert ops <= {"stablehlo.constant", "stablehlo.broadcast_in_dim", "stablehlo.concatenate",
+                       "stablehlo.reshape"}, ops
+
+
+def test_fused_kernel_rejects_bad_chunk_rows():
+    log_p_z, log_p_t, y, t = random_inputs(8, 2, 3)
+    with pytest.raises(ValueError, match="chunk_rows=48 must be a power of two >= 16"):
+        fused_exact_constrained(log_p_z, log_p_t, y, t, jnp.zeros(3), jnp.ones(3), chunk_rows=48)
