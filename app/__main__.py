@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 if __name__ == "__main__":  # Ctrl-C takes one path from here on, imports included
@@ -11,11 +12,13 @@ if __name__ == "__main__":  # Ctrl-C takes one path from here on, imports includ
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app.callbacks import OUTCOMES, outcome_of
-from app.console import print_cell
+from app.console import error_paragraph, print_cell
+from app.interrupt import PROGRESS
 from app.launchers import register_ray_launcher_config
 from app.tuning import objective_value
 from benchmark.config import ConfigError, register_configs, to_cell
@@ -47,5 +50,28 @@ def main(cfg: DictConfig) -> dict:
     return outcome
 
 
+def run_reporting_faults() -> None:
+    """``main()``, with a fault in Hydra's own writes (a job folder on a disk that filled up)
+    ending in one paragraph instead of Hydra's traceback; Hydra's usage errors are printed
+    as Hydra prints them. ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's behaviour."""
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a traceback
+    try:
+        main()
+    except CompactHydraException as err:  # a usage error (override syntax, unknown preset...)
+        print(f"{err}" + (f"\n{err.__cause__}" if err.__cause__ else ""), file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        done, total = PROGRESS["done"], PROGRESS["total"]
+        what = f"the sweep stopped after {done} of {total} cells" if total else "the run stopped"
+        print("l2d-bench: " + error_paragraph(
+            f"{what}: {err.filename or 'a file under ' + str(PROGRESS['output_dir'])} cannot be written "
+            f"({err.strerror or err}). The finished cells' records are intact; free some space "
+            "(or fix the folder) and re-run the same command to resume."), file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run_reporting_faults()

@@ -132,6 +132,7 @@ class SweepCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_before_writing(config, ("hydra.run.dir", config.hydra.run.dir))
+        PROGRESS.update(output_dir=resolve_path(config.output_dir, REPO_ROOT))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
@@ -157,7 +158,8 @@ class SweepCallback(Callback):
             self._prepare_tracking(tracker)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         PROGRESS.update(done=0, total=sweep_size(config), started=self.started,
-                        results_dir=resolve_path(config.results_dir, REPO_ROOT))
+                        results_dir=resolve_path(config.results_dir, REPO_ROOT),
+                        output_dir=resolve_path(config.output_dir, REPO_ROOT))
         # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead
         self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr,
                         disable=None)

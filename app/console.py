@@ -10,7 +10,8 @@ from core.spec import NOT_APPLICABLE, SKIPPED, ResultRecord
 
 def error_paragraph(error: str) -> str:
     """An error message wrapped as one readable paragraph."""
-    return textwrap.fill(error, width=100, subsequent_indent="  ")
+    return textwrap.fill(error, width=100, subsequent_indent="  ", break_on_hyphens=False,
+                         break_long_words=False)  # paths stay whole, to copy
 
 
 def print_cell(record: ResultRecord, file=sys.stdout) -> None:

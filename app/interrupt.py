@@ -10,18 +10,22 @@ time: Ctrl-C during the seconds of imports takes the same path.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
-# set by the sweep callback: cells counted in this process, the sweep's size, and where
-# (and since when) jobs running in other processes write their records
-PROGRESS: dict[str, Any] = {"done": 0, "total": None, "results_dir": None, "started": None}
+# set by the sweep callback: cells counted in this process, the sweep's size, where (and
+# since when) jobs running in other processes write their records, and the output folder
+PROGRESS: dict[str, Any] = {"done": 0, "total": None, "results_dir": None, "started": None,
+                            "output_dir": None}
 # multiprocessing's resource tracker outlives the workers stopped on Ctrl-C and frees their
 # semaphores and shared memory; its "leaked objects" warning is then expected noise
 TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+WORKER_PYTHON = Path(__file__).with_name("worker_python")  # this Python, ignoring SIGINT
 
 
 def finished_on_disk() -> int:
@@ -71,8 +75,12 @@ def stop_on_interrupt(signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Make Ctrl-C take ``stop_on_interrupt`` in this (the main) process."""
+    """Make Ctrl-C take ``stop_on_interrupt`` in this (the main) process, and start worker
+    processes (Grain's) deaf to it: the terminal sends it to the whole process group, and a
+    worker interrupted while it starts would print a traceback of its own."""
     if TRACKER_WARNING not in sys.warnoptions:  # passed on to the resource tracker it starts
         sys.warnoptions.append(TRACKER_WARNING)
+    os.environ["L2D_WORKER_PYTHON"] = sys.executable
+    multiprocessing.set_executable(str(WORKER_PYTHON))
     signal.signal(signal.SIGINT, stop_on_interrupt)
 
