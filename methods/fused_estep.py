@@ -365,6 +365,52 @@ def _kernel(params_ref, lpz_ref, lpt_ref, y_ref, t_ref, lo_ref, hi_ref, _counter
                  early_exit=early_exit)
 
 
+def _one_problem_per_launch(launch):
+    """``launch`` under ``vmap`` (several seeds in one program): one launch per problem in a
+    ``lax.map`` (the kernel's grid and arrival counter describe one problem)."""
+    launch = jax.custom_batching.custom_vmap(launch)
+
+    @launch.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        batched = [arg for arg, is_batched in zip(args, in_batched) if is_batched]
+
+        def one(values):
+            values = iter(values)
+            return launch(*(next(values) if is_batched else arg for arg, is_batched in zip(args, in_batched)))
+
+        out = jax.lax.map(one, batched)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return launch
+
+
+def _launch(params, log_p_z, log_p_t, y, t, lo, hi, *, num_iters, early_exit, interpret, chunk_rows,
+            num_warps):
+    """The kernel's ``pallas_call`` for one problem: ``(q_z, q_t, *INFO_OUTPUTS values)``."""
+    batch, num_agents, num_classes = log_p_t.shape
+    padded = (max(16, _next_power_of_2(num_agents)), _next_power_of_2(num_classes))
+    rows = max(1, min(_next_power_of_2(batch), TILE_ELEMENTS // (padded[0] * padded[1])))
+    chunk = min(chunk_rows, max(16, _next_power_of_2(batch)))
+    kernel = functools.partial(_kernel, shape=(batch, num_agents, num_classes), rows=rows,
+                               padded=padded, chunk_rows=chunk, num_iters=num_iters,
+                               early_exit=early_exit, interpret=interpret)
+    vector, scalar = jax.ShapeDtypeStruct((num_agents,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)
+    out_shape = (
+        jax.ShapeDtypeStruct((batch, num_agents), jnp.float32),  # q_z
+        jax.ShapeDtypeStruct((batch, num_agents, num_classes), jnp.float32),  # q_t
+        vector, vector, vector, scalar, scalar,  # INFO_OUTPUTS
+        jax.ShapeDtypeStruct((1,), jnp.int32),  # iterations
+        jax.ShapeDtypeStruct((1,), jnp.int32),  # arrival counter
+    )
+    *outputs, _ = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(pl.cdiv(batch, rows),),
+        input_output_aliases={7: len(out_shape) - 1}, interpret=interpret,
+        name="fused_exact_constrained",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+    )(params, log_p_z, log_p_t, y, t, lo, hi, jnp.zeros((1,), jnp.int32))
+    return tuple(outputs)
+
+
 @functools.partial(jax.jit, static_argnames=("num_iters", "loop", "interpret", "chunk_rows",
                                              "num_warps"))
 def fused_exact_constrained(log_p_z, log_p_t, y, t, lo, hi, label_noise=1e-3, tol=1e-5,
@@ -386,31 +432,13 @@ def fused_exact_constrained(log_p_z, log_p_t, y, t, lo, hi, label_noise=1e-3, to
                          "two >= 16 (the Gram products are Triton dot products).")
     early_exit = loop == "auto" or check_loop(loop) == "early_exit"
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    log_p_z = jnp.asarray(log_p_z, jnp.float32)
-    log_p_t = jnp.asarray(log_p_t, jnp.float32)
-    batch, num_agents, num_classes = log_p_t.shape
-    padded = (max(16, _next_power_of_2(num_agents)), _next_power_of_2(num_classes))
-    rows = max(1, min(_next_power_of_2(batch), TILE_ELEMENTS // (padded[0] * padded[1])))
-    chunk = min(chunk_rows, max(16, _next_power_of_2(batch)))
     params = jnp.stack([jnp.asarray(label_noise, jnp.float32), jnp.asarray(tol, jnp.float32)])
-    kernel = functools.partial(_kernel, shape=(batch, num_agents, num_classes), rows=rows,
-                               padded=padded, chunk_rows=chunk, num_iters=num_iters,
-                               early_exit=early_exit, interpret=interpret)
-    vector, scalar = jax.ShapeDtypeStruct((num_agents,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)
-    out_shape = (
-        jax.ShapeDtypeStruct((batch, num_agents), jnp.float32),  # q_z
-        jax.ShapeDtypeStruct((batch, num_agents, num_classes), jnp.float32),  # q_t
-        vector, vector, vector, scalar, scalar,  # INFO_OUTPUTS
-        jax.ShapeDtypeStruct((1,), jnp.int32),  # iterations
-        jax.ShapeDtypeStruct((1,), jnp.int32),  # arrival counter
-    )
-    q_z, q_t, *info, _ = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(pl.cdiv(batch, rows),),
-        input_output_aliases={7: len(out_shape) - 1}, interpret=interpret,
-        name="fused_exact_constrained",
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
-    )(params, log_p_z, log_p_t, jnp.asarray(y, jnp.int32), jnp.asarray(t, jnp.int32),
-      jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32), jnp.zeros((1,), jnp.int32))
+    launch = _one_problem_per_launch(functools.partial(
+        _launch, num_iters=num_iters, early_exit=early_exit, interpret=interpret,
+        chunk_rows=chunk_rows, num_warps=num_warps))
+    q_z, q_t, *info = launch(params, jnp.asarray(log_p_z, jnp.float32), jnp.asarray(log_p_t, jnp.float32),
+                             jnp.asarray(y, jnp.int32), jnp.asarray(t, jnp.int32),
+                             jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32))
     info = {name: value.reshape(()) if value.shape == (1,) else value
             for name, value in zip(INFO_OUTPUTS, info)}
     return q_z, q_t, info

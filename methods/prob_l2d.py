@@ -32,13 +32,15 @@ import optax
 from flax import nnx
 
 from core.spec import TaskSpec
-from methods.projection import NUM_ITERS, constrain_posterior
+from methods.fused_estep import fused_exact_constrained
+from methods.projection import NUM_ITERS, PROJECTION_LOOPS, constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError
 from methods.estep import ESTEP_KINDS, estep
 from methods.nets import BACKBONES, Network, NetworkStack
 
 NETWORKS = ("separate", "shared")
+PROJECTIONS = ("auto", *PROJECTION_LOOPS, "fused")
 DIAGNOSTIC_REPEATS = 20
 
 
@@ -85,7 +87,11 @@ class ProbL2D(MethodBase):
     estep_iters: int = 10  # fixed-point iterations of the meanfield / reference E-steps
     label_noise: float = 1e-3
     networks: str = "shared"  # shared backbone + heads (the baselines' compute); separate: the reference's
-    solver_iters: int = NUM_ITERS  # fixed iterations of the workload projection (methods.projection)
+    solver_iters: int = NUM_ITERS  # most iterations of the workload projection (methods.projection)
+    # auto: the backend's loop (early exit on CPU, fixed elsewhere); fixed / early_exit; fused:
+    # exact E-step + projection as one Pallas kernel (methods.fused_estep; opt-in, not yet
+    # measured on a GPU; interpret mode, slow, off GPUs)
+    projection: str = "auto"
     train_with_workload: bool = True  # False: free E-step; the bounds act only at test time
 
     @property
@@ -98,6 +104,12 @@ class ProbL2D(MethodBase):
             raise MethodConfigError(f"prob_l2d: estep={self.estep!r} is not one of {', '.join(ESTEP_KINDS)}.")
         if self.networks not in NETWORKS:
             raise MethodConfigError(f"prob_l2d: networks={self.networks!r} is not one of {', '.join(NETWORKS)}.")
+        if self.projection not in PROJECTIONS:
+            raise MethodConfigError(f"prob_l2d: projection={self.projection!r} is not one of "
+                                    f"{', '.join(PROJECTIONS)}.")
+        if self.projection == "fused" and self.estep != "exact":
+            raise MethodConfigError(f"prob_l2d: projection=fused fuses the exact E-step; with "
+                                    f"estep={self.estep!r} use projection=auto, fixed or early_exit.")
 
     def init_model(self, spec: TaskSpec, rngs):
         return (SeparateNets if self.networks == "separate" else SharedNets)(spec, rngs)
@@ -106,11 +118,17 @@ class ProbL2D(MethodBase):
         """E-step + workload constraint: ``(q'(z), q(t), solver info)``, no gradient."""
         log_p_z = jax.nn.log_softmax(jax.lax.stop_gradient(gating_logits))
         log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(agent_logits))
+        if self.projection == "fused" and self.train_with_workload:
+            q_z, q_t, info = fused_exact_constrained(log_p_z, log_p_t, batch.y, batch.t, *inputs.bounds,
+                                                     label_noise=self.label_noise,
+                                                     num_iters=self.solver_iters)
+            return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), info
         q_z, q_t = estep(self.estep, log_p_z, log_p_t, batch.y, batch.t,
                          label_noise=self.label_noise, num_iters=self.estep_iters)
         if not self.train_with_workload:
             return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), {"violation": jnp.float32(0.0)}
-        q_z, info = constrain_posterior(q_z, *inputs.bounds, num_iters=self.solver_iters)
+        q_z, info = constrain_posterior(q_z, *inputs.bounds, num_iters=self.solver_iters,
+                                        loop=self.projection)
         return jax.lax.stop_gradient(q_z), jax.lax.stop_gradient(q_t), info
 
     def loss(self, model, batch, inputs):

@@ -12,7 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+from flax import nnx
 from scipy.special import logsumexp
+
+from benchmark import training
+from benchmark.config import ConfigError, build_method
+from core.spec import Batch, TaskSpec, WorkloadBounds
 
 from methods.estep import (ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep,
                            reference_estep)
@@ -506,3 +511,36 @@ def test_fused_kernel_rejects_bad_chunk_rows():
     log_p_z, log_p_t, y, t = random_inputs(8, 2, 3)
     with pytest.raises(ValueError, match="chunk_rows=48 must be a power of two >= 16"):
         fused_exact_constrained(log_p_z, log_p_t, y, t, jnp.zeros(3), jnp.ones(3), chunk_rows=48)
+
+
+def test_prob_l2d_fused_projection_trains_like_the_xla_path():
+    """``prob_l2d`` with ``projection=fused``: two seeds in one vmapped train step (the kernel
+    once per seed, under the gradient's trace) give the losses, violations and parameters of
+    ``projection=early_exit``; a fused projection needs the exact E-step."""
+    spec = TaskSpec(num_classes=4, num_experts=2, input_shape=(8, 8, 1), backbone="small_cnn")
+    optim = training.OptimConfig(learning_rate=0.05, total_steps=4)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, (2, 32))
+    t = np.where(rng.random((2, 32, 2)) < 0.4, -1, rng.integers(0, 4, (2, 32, 2)))
+    batch = Batch(jnp.asarray(rng.normal(size=(2, 32, 8, 8, 1)), jnp.float32), jnp.asarray(y, jnp.int32),
+                  jnp.asarray(t, jnp.int32))
+    results = {}
+    for projection in ("fused", "early_exit"):
+        method = build_method("prob_l2d", {"projection": projection}, spec)
+        inputs = training.train_inputs(method, WorkloadBounds((0.0,) * 3, (1.0, 1.0, 0.2)), 0.5)
+        models = [training.init_model(method, spec, seed) for seed in (0, 1)]
+        graphdef, params, rest = nnx.split(models[0], nnx.Param, ...)
+        states = [nnx.split(model, nnx.Param, ...)[1:] for model in models]
+        params, rest = (jax.tree.map(lambda *leaves: jnp.stack(leaves), *parts) for parts in zip(*states))
+        opt_state = jax.vmap(training.make_optimizer(optim).init)(params)
+        state = training.TrainState(params, rest, opt_state)
+        results[projection] = training.train_step_seeds(method, graphdef, optim, state, batch, inputs)
+    (fused_state, fused), (xla_state, xla) = results["fused"], results["early_exit"]
+    np.testing.assert_allclose(fused["loss"], xla["loss"], rtol=1e-5)
+    np.testing.assert_allclose(fused["workload_violation"], xla["workload_violation"], atol=1e-6)
+    for got, want in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(xla_state.params)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ConfigError, match="projection=fused fuses the exact E-step"):
+        build_method("prob_l2d", {"projection": "fused", "estep": "meanfield"}, spec)
+    with pytest.raises(ConfigError, match="projection='adaptive' is not one of auto, fixed"):
+        build_method("prob_l2d", {"projection": "adaptive"}, spec)
