@@ -4,8 +4,10 @@ write the record -> track (the MLflow run id then added to the record).
 ``run_cell`` takes the typed ``CellConfig`` (``benchmark.config.to_cell``, once per cell) and
 derives the cell's ``RunConfig`` once. The record goes to ``benchmark.identity.record_path``
 (one path per variant). A cell whose record says "ok" for the same settings and source
-manifests is skipped unless ``force``. A lock file beside the record serialises processes
-that run the same cell at the same time (the second one then finds the record and skips).
+manifests is skipped unless ``force``; if tracking is on and the store lacks its run (never
+tracked, or lost with a store moved aside), it is tracked again. A lock file beside the record
+serialises processes that run or track the same cell at the same time (the second one then
+finds the record, and its run, and skips): one MLflow run per cell.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -124,6 +125,51 @@ def test_a_corrupt_cache_file_is_named_and_recomputed(tiny_root, tmp_path, capfd
             assert saved.files
 
 
+def test_another_cells_predictions_copied_in_place_are_not_served(tiny_root, tmp_path, capfd):
+    """A predictions file of another method copied over a cell's: its key (stored in the
+    file) is not the cell's, so it is named, deleted and the cell's own outputs recomputed."""
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    first = run_cell(cfg, choices)
+    other, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path) + ["method=best_expert"])
+    assert first["status"] == "ok" and run_cell(other, choices)["status"] == "ok"
+    (own,) = (tmp_path / "cache/predictions").glob("classifier_only-*.npz")
+    (foreign,) = (tmp_path / "cache/predictions").glob("best_expert-*.npz")
+    own.write_bytes(foreign.read_bytes())
+    for path in (tmp_path / "runs").rglob("result.json"):
+        path.unlink()
+    capfd.readouterr()
+    again = run_cell(cfg, choices)
+    err = flat(capfd.readouterr().err)
+    assert again["status"] == "ok", again.get("error")
+    assert (f"corrupt predictions cache file {own} (it holds the entry of key '{foreign.stem}', "
+            f"not '{own.stem}'") in err and "recomputing it" in err
+    assert again["metrics"] == first["metrics"]
+    with np.load(own) as saved:
+        assert str(saved["cache_key"]) == own.stem
+
+
+def test_swapped_train_and_test_image_caches_are_named_and_decoded_again(tiny_root, tmp_path, capfd):
+    import benchmark.data
+
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
+    first = run_cell(cfg, choices)
+    first_file, second_file = sorted((tmp_path / "cache/data/images").glob("images-*.npz"))
+    a, b = first_file.read_bytes(), second_file.read_bytes()
+    first_file.write_bytes(b)
+    second_file.write_bytes(a)
+    benchmark.data._decode.cache_clear()  # a new process: nothing memoised
+    for path in [*(tmp_path / "runs").rglob("result.json"), *(tmp_path / "cache/predictions").glob("*")]:
+        path.unlink()
+    capfd.readouterr()
+    again = run_cell(cfg, choices)
+    err = flat(capfd.readouterr().err)
+    assert again["status"] == "ok", again.get("error")  # was: IndexError, no file named
+    for path in (first_file, second_file):
+        assert f"corrupt decoded images cache file {path} (it holds the entry of key" in err
+    assert again["metrics"] == first["metrics"]
+    assert first_file.read_bytes() == a and second_file.read_bytes() == b  # rewritten as before
+
+
 def test_a_corrupted_image_after_a_cached_run_is_reported(tiny_root, tmp_path):
     cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path))
     assert run_cell(cfg, choices)["status"] == "ok"
@@ -232,7 +278,7 @@ def test_concurrent_sweeps_on_a_new_store_keep_one_run_per_cell(tiny_root, tmp_p
     runs = mlflow.search_runs(experiment_names=["l2d-bench-smoke"], output_format="list")
     cells = [run.data.tags["cell_id"] for run in runs if "cell_id" in run.data.tags]
     assert len(cells) == 2 and len(set(cells)) == 2  # exactly one active run per cell
-    assert sum("sweep" in run.data.tags for run in runs) == 2  # and a parent run per sweep
+    assert sum("sweep" in run.data.tags for run in runs) == 1  # and one parent run for both
     assert all(run.info.status == "FINISHED" for run in runs)
 
 
@@ -333,6 +379,7 @@ def test_a_half_made_store_is_moved_aside_and_made_again(tiny_root, tmp_path):
                      "method=classifier_only", "workload=none")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"the MLflow store {store} was left half-made" in flat(result.stdout + result.stderr)
+    assert "Traceback" not in result.stderr and "SQLAlchemy" not in result.stderr  # one paragraph
     assert list(tmp_path.glob("mlflow.db.half-made-*"))
     (record,) = load_records(tmp_path / "runs/smoke")
     assert record["mlflow_run_id"] and "tracking_error" not in record
@@ -341,27 +388,94 @@ def test_a_half_made_store_is_moved_aside_and_made_again(tiny_root, tmp_path):
 
 
 def test_a_cell_run_has_epochs_bounds_record_and_config_and_the_sweep_has_the_report(tiny_root, tmp_path):
+    """What a run shows in MLflow: the training view, params named as overrides, metrics per
+    epoch with validation after the last one; a re-run of the finished sweep adds nothing."""
     import mlflow
 
-    result = run_cli("experiment=smoke", *tracked_overrides(tiny_root, tmp_path), "train.epochs=2",
-                     "method=prob_l2d", "workload=paper")
+    command = ("experiment=smoke", *tracked_overrides(tiny_root, tmp_path), "train.epochs=2",
+               "method=prob_l2d", "workload=paper")
+    result = run_cli(*command)
     assert result.returncode == 0, result.stderr[-2000:]
     (record,) = load_records(tmp_path / "runs/smoke")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()
     run = client.get_run(record["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not GenAI
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [0, 1]  # one value per epoch
     assert [m.value for m in losses] == pytest.approx([h["loss"] for h in record["history"]])
+    (validation,) = client.get_metric_history(run.info.run_id, "validation/constrained/accuracy")
+    assert validation.step == 1  # measured after the last epoch
+    assert validation.value == pytest.approx(record["validation"]["constrained"]["accuracy"])
     assert run.data.params["bounds.hi/classifier"] == "0.2"
     assert run.data.params["bounds.lo/expert_0"] == "0.0"
-    assert "validation/constrained/accuracy" in run.data.metrics
+    assert run.data.params["method.params.estep"] == "exact"  # as the override is written
+    assert not [name for name in run.data.params if name.startswith("method.") and "params." not in name]
+    assert run.data.params["variant.tuned_preset"] == record["variant"]["tuned_preset"] == "digits_prob_l2d"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"result.json", "config.json", "curves.json", "provenance.json"} <= artifacts
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["sweep"] == "smoke"
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in report and "report/leaderboard.md" in report
+
+    before = {r.info.run_id: r.data.tags for r in client.search_runs([run.info.experiment_id])}
+    again = run_cli(*command)  # the finished sweep again: no new parent run, nothing moved
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = {r.info.run_id: r.data.tags for r in client.search_runs([run.info.experiment_id])}
+    assert after == before
+
+
+def test_a_truncated_store_with_31_runs_is_never_replaced_and_a_moved_one_is_tracked_again(
+        tiny_root, tmp_path):
+    """A store holding 31 runs, truncated (sqlite can no longer read it): the sweep stops
+    before any cell with one paragraph naming the file and the command, and the store,
+    the records and the folder are left as they were. After the store is moved aside as
+    advised, the same sweep tracks every finished cell again into a new store."""
+    import mlflow
+
+    store = tmp_path / "mlflow.db"
+    sweep = ["experiment=smoke", *tracked_overrides(tiny_root, tmp_path), "train.epochs=2",
+             "method=classifier_only,random", "workload=none,paper"]
+    first = run_cli(*sweep[:-2], "method=classifier_only", "workload=none,paper")
+    assert first.returncode == 0, first.stderr[-2000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("l2d-bench-smoke").experiment_id
+    for _ in range(28):  # earlier sweeps' runs, beside the 2 cells' and their sweep's
+        client.set_terminated(client.create_run(experiment).info.run_id)
+    assert len(client.search_runs([experiment], max_results=100)) == 31
+    with open(store, "r+b") as handle:
+        handle.truncate(store.stat().st_size * 2 // 3)
+    records = tmp_path / "runs/smoke"
+    folder, results = tree_snapshot(tmp_path), tree_snapshot(records)
+
+    stopped = run_cli(*sweep)
+    assert stopped.returncode == 1
+    err = flat(stopped.stderr)
+    assert (f"[l2d-bench] the MLflow store {store} is damaged (sqlite cannot read it: database "
+            "disk image is malformed), so it may hold runs. It is left as it is") in err
+    assert f"move it away: mv {store} {store}.damaged; then re-run the same command" in err
+    assert "Traceback" not in stopped.stderr and "[grid]" not in stopped.stderr  # no cell ran
+    assert tree_snapshot(records) == results  # nothing run, nothing rewritten
+    left = {k: v for k, v in tree_snapshot(tmp_path).items() if not k.startswith("hydra/")}
+    assert left == {k: v for k, v in folder.items() if not k.startswith("hydra/")}  # nor replaced
+
+    os.replace(store, f"{store}.damaged")  # as the message says
+    resumed = run_cli(*sweep)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "MLflow: 2 finished cells were tracked again (their runs were not in the store)." \
+        in flat(resumed.stderr)
+    assert hashlib.sha256((tmp_path / "mlflow.db.damaged").read_bytes()).hexdigest() \
+        == folder["mlflow.db"]
+    tracked = load_records(records)
+    assert len(tracked) == 4 and all(r["status"] == "ok" for r in tracked)
+    with sqlite3.connect(store) as connection:  # the new store (this process's engine is on the old)
+        runs = dict(connection.execute("SELECT run_uuid, status FROM runs WHERE lifecycle_stage = 'active'"))
+        cells = connection.execute("SELECT COUNT(DISTINCT value), COUNT(*) FROM tags WHERE key = 'cell_id'"
+                                   ).fetchone()
+    assert all(runs.get(r["mlflow_run_id"]) == "FINISHED" for r in tracked)  # every cell tracked
+    assert cells == (4, 4) and len(runs) == 5  # one run per cell, and the sweep's parent
 
 
 def test_written_files_follow_the_umask(tmp_path):
