@@ -16,22 +16,23 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from app.callbacks import OUTCOMES, outcome_of
 from app.console import error_paragraph, print_cell
 from app.interrupt import PROGRESS
 from app.launchers import register_ray_launcher_config
 from app.tuning import objective_value
 from benchmark.config import ConfigError, register_configs, to_cell
 from benchmark.runner import run_cell
-from core.spec import NOT_APPLICABLE
+from core.records import write_outcome
+from core.spec import Outcome, Status
 
 register_configs()  # the typed schema and method=<name> for every registered method
 register_ray_launcher_config()  # hydra/launcher=ray: local on 127.0.0.1, or RAY_ADDRESS
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
-    """Run one grid cell; in a single run, print its metrics or a clean error."""
+def main(cfg: DictConfig) -> float | None:
+    """Run one grid cell; in a single run, print its metrics or a clean error; in a sweep,
+    write the job's outcome into its folder (and return a tuning trial's objective)."""
     hydra_cfg = HydraConfig.get()
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     try:
@@ -41,13 +42,13 @@ def main(cfg: DictConfig) -> dict:
                   "cell": {"job": " ".join(hydra_cfg.overrides.task) or "(no overrides)"}}
     if hydra_cfg.mode == RunMode.RUN:
         print_cell(record)
-        if record["status"] in ("failed", NOT_APPLICABLE):
+        if record["status"] in (Status.FAILED, Status.NOT_APPLICABLE):
             sys.exit(1)
-    outcome = outcome_of(record)
+        return None
+    write_outcome(hydra_cfg.runtime.output_dir, Outcome.of(record))  # what the sweep reads back
     if cfg.get("objective"):  # experiment=tune: the sweeper wants a number
-        OUTCOMES.append(outcome)
         return objective_value(record, cfg.objective)
-    return outcome
+    return None
 
 
 def run_reporting_faults() -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
-import time
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -19,8 +18,8 @@ from app.tuning import write_tuned_preset
 from benchmark.config import resolve_path
 from benchmark.provenance import REPO_ROOT
 from benchmark.tracking import StoreNeedsRepair, Tracker, import_mlflow, local_store
-from core.records import NoRecordsError, load_records
-from core.spec import RECORD_NAME
+from core.records import NoRecordsError, load_records, read_outcome, read_outcomes, write_outcome
+from core.spec import RECORD_NAME, Outcome, Status
 from reports import ReportError, build_report
 
 
@@ -61,37 +60,23 @@ def sweep_size(config: DictConfig) -> int | None:
     return total
 
 
-OUTCOME_KEYS = ("status", "error", "cell", "tracking_error", "tracked_again")  # what a job reports
-
-
-def outcome_of(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a cell's record that the sweep's progress and summary show."""
-    return {key: record.get(key) for key in OUTCOME_KEYS}
-
-
-def cell_text(outcome: Mapping[str, Any]) -> str:
-    """``key=value, ...`` of an outcome's cell."""
-    return ", ".join(f"{k}={v}" for k, v in (outcome.get("cell") or {}).items())
-OUTCOMES: list[dict[str, Any]] = []  # cells' outcomes when jobs return a number (experiment=tune)
-
-
-def summary_lines(outcomes: list[dict[str, Any]], tracking_problem: str | None) -> list[str]:
+def summary_lines(outcomes: list[Outcome], tracking_problem: str | None) -> list[str]:
     """The end-of-sweep summary: failed cells and tracking errors (empty when all is well)."""
 
     lines = []
-    failed = [o for o in outcomes if o["status"] == "failed"]
+    failed = [o for o in outcomes if o.status == Status.FAILED]
     if failed:
         lines.append(f"{len(failed)} of {len(outcomes)} cells failed:")
-        lines += [f"- {cell_text(o)}: {error_paragraph(o['error'])}" for o in failed[:10]]
+        lines += [f"- {o.cell_text()}: {error_paragraph(o.error or '?')}" for o in failed[:10]]
         if len(failed) > 10:
             lines.append(f"- ... and {len(failed) - 10} more (see the report's failures)")
-    tracked = [o for o in outcomes if o.get("tracking_error")]
+    tracked = [o for o in outcomes if o.tracking_error]
     if tracking_problem:
         lines.append(f"MLflow: {tracking_problem}; the records are complete.")
     elif tracked:
         lines.append(f"MLflow: {len(tracked)} cells were not tracked (their records are complete):")
-        lines += [f"- {cell_text(o)}: {error_paragraph(o['tracking_error'])}" for o in tracked[:5]]
-    again = sum(bool(o.get("tracked_again")) for o in outcomes)
+        lines += [f"- {o.cell_text()}: {error_paragraph(o.tracking_error or '?')}" for o in tracked[:5]]
+    again = sum(o.tracked_again for o in outcomes)
     if again:
         lines.append(f"MLflow: {again} finished cells were tracked again (their runs were not in "
                      "the store).")
@@ -108,27 +93,15 @@ def report_is_current(results_dir, report_dir) -> bool:
     return min(page.stat().st_mtime, text.stat().st_mtime) >= newest
 
 
-def outcomes_since(results_dir, started: str) -> list[dict[str, Any]]:
-    """Outcomes of the records finished at or after ``started`` (same clock and format)."""
-
-    try:
-        records = load_records(results_dir)
-    except (NoRecordsError, ValueError):
-        return []
-    return [outcome_of(record) for record in records if str(record.get("finished_at", "")) >= started]
-
-
 class SweepCallback(Callback):
     """Prepares tracking once, counts cells as they finish, and at the end prints the
     leaderboard, the failed cells and the tracking errors."""
 
     def __init__(self) -> None:
-        self.bar = None
-        self.outcomes: list[dict[str, Any]] = []
+        self.bar = None  # only in the sweep's own process (jobs may run in others, with a copy)
+        self.counts = {status: 0 for status in Status}  # the jobs ended, counted by the bar
         self.tracking_problem: str | None = None
         self.preparing: threading.Thread | None = None  # creating a local tracking store
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.pid = os.getpid()  # the sweep's process; jobs may run in others with a copy of this
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_before_writing(config, ("hydra.run.dir", config.hydra.run.dir))
@@ -156,9 +129,7 @@ class SweepCallback(Callback):
             self.preparing.start()
         else:  # a server: find out before any job whether it answers (3 s at most)
             self._prepare_tracking(tracker)
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        PROGRESS.update(done=0, total=sweep_size(config), started=self.started,
-                        results_dir=resolve_path(config.results_dir, REPO_ROOT),
+        PROGRESS.update(done=0, total=sweep_size(config), sweep_dir=Path(config.hydra.sweep.dir),
                         output_dir=resolve_path(config.output_dir, REPO_ROOT))
         # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead
         self.bar = tqdm(total=PROGRESS["total"], desc="grid", unit="cell", file=sys.stderr,
@@ -178,32 +149,34 @@ class SweepCallback(Callback):
             print(f"[l2d-bench] {self.tracking_problem}", file=sys.stderr)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        try:
-            outcome = job_return.return_value
-        except Exception as err:  # the task itself crashed
-            outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "cell": {}}
-        if not isinstance(outcome, dict):  # a tuning trial returned its objective
-            outcome = OUTCOMES.pop() if OUTCOMES else {"status": "ok", "cell": {}}
-        if not outcome.get("cell"):  # the task crashed: name the job by its overrides
-            outcome = {**outcome, "cell": {"job": " ".join(getattr(job_return, "overrides", None) or [])
-                                           or "?"}}
-        if os.getpid() != self.pid:  # a job's own process (joblib, submitit, Ray): no counts
-            print(f"[grid] {outcome['status']}: {cell_text(outcome)}", file=sys.stderr, flush=True)
+        """Count the job by the outcome it wrote (written here if the task itself crashed)."""
+        job_dir = Path(config.hydra.runtime.output_dir)
+        outcome = read_outcome(job_dir)
+        if outcome is None:  # the task raised before writing its outcome
+            try:
+                job_return.return_value
+                error = "the job ended without an outcome"
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+            overrides = " ".join(getattr(job_return, "overrides", None) or []) or "?"
+            outcome = Outcome(Status.FAILED, {"job": overrides}, error=error)
+            write_outcome(job_dir, outcome)
+        if self.bar is None:  # a job's own process (joblib, submitit, Ray): one line, no counts
+            print(f"[grid] {outcome.status}: {outcome.cell_text()}", file=sys.stderr, flush=True)
             return
-        self.outcomes.append(outcome)
-        PROGRESS["done"] = len(self.outcomes)
-        failed = sum(o["status"] == "failed" for o in self.outcomes)
-        skipped = sum(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
-        if self.bar is not None and not self.bar.disable:
+        self.counts[outcome.status] += 1
+        PROGRESS["done"] = done = sum(self.counts.values())
+        failed = self.counts[Status.FAILED]
+        skipped = self.counts[Status.SKIPPED] + self.counts[Status.NOT_APPLICABLE]
+        if not self.bar.disable:
             self.bar.set_postfix(failed=failed, skipped=skipped)
             self.bar.update()
         else:
-            print(f"[grid] {len(self.outcomes)}/{PROGRESS['total'] or '?'} {outcome['status']}: "
-                  f"{cell_text(outcome)} "
+            print(f"[grid] {done}/{PROGRESS['total'] or '?'} {outcome.status}: {outcome.cell_text()} "
                   f"({failed} failed, {skipped} skipped so far)", file=sys.stderr, flush=True)
-        if PROGRESS["total"] is None or PROGRESS["done"] < PROGRESS["total"]:
+        if PROGRESS["total"] is None or done < PROGRESS["total"]:
             # Hydra writes the next job's folder before any callback: stop here if it cannot
-            stop_if_unwritable(config, PROGRESS["done"], PROGRESS["total"])
+            stop_if_unwritable(config, done, PROGRESS["total"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.bar is not None:
@@ -211,9 +184,8 @@ class SweepCallback(Callback):
         if self.preparing is not None:
             self.preparing.join()
         results_dir = resolve_path(config.results_dir, REPO_ROOT)
-        if not self.outcomes:  # jobs ran in other processes (submitit, joblib...): read their records
-            self.outcomes = outcomes_since(results_dir, self.started)
-        failed = any(o["status"] == "failed" for o in self.outcomes)
+        outcomes = read_outcomes(config.hydra.sweep.dir)  # whatever process ran each job
+        failed = any(o.status == Status.FAILED for o in outcomes)
         if config.get("objective"):  # tuning: no test-set report of the trials, only the choice
             preset = write_tuned_preset(config, resolve_path(config.tuned_dir, REPO_ROOT))
             if preset is not None:
@@ -221,9 +193,9 @@ class SweepCallback(Callback):
                       + preset.read_text())
         else:
             report_dir = resolve_path(config.report_dir, REPO_ROOT)
-            failed = not self._show_report(results_dir, report_dir) or failed
+            failed = not self._show_report(results_dir, report_dir, outcomes) or failed
             self._track_sweep(config, results_dir, report_dir)
-        lines = summary_lines(self.outcomes, self.tracking_problem)
+        lines = summary_lines(outcomes, self.tracking_problem)
         if lines:
             print("\n" + "\n".join(lines), file=sys.stderr)
         if failed and not config.get("objective"):
@@ -240,10 +212,10 @@ class SweepCallback(Callback):
         except Exception as err:  # the records and the report never depend on tracking
             self.tracking_problem = f"the sweep's parent run was not logged ({type(err).__name__}: {err})"
 
-    def _show_report(self, results_dir, report_dir) -> bool:
+    def _show_report(self, results_dir, report_dir, outcomes: list[Outcome]) -> bool:
         """Print the leaderboard, rebuilding the report unless every cell was already done;
         False when the report could not be written."""
-        unchanged = all(o["status"] in ("skipped", "not_applicable") for o in self.outcomes)
+        unchanged = all(o.status in (Status.SKIPPED, Status.NOT_APPLICABLE) for o in outcomes)
         try:
             if unchanged and report_is_current(results_dir, report_dir):
                 print("\n" + (report_dir / "leaderboard.txt").read_text())

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
-# set by the sweep callback: cells counted in this process, the sweep's size, where (and
-# since when) jobs running in other processes write their records, and the output folder
-PROGRESS: dict[str, Any] = {"done": 0, "total": None, "results_dir": None, "started": None,
-                            "output_dir": None}
+# set by the sweep callback: jobs counted in this process, the sweep's size, the folder where
+# every job (whatever process runs it) writes its outcome, and the output folder
+PROGRESS: dict[str, Any] = {"done": 0, "total": None, "sweep_dir": None, "output_dir": None}
 # multiprocessing's resource tracker outlives the workers stopped on Ctrl-C and frees their
 # semaphores and shared memory; its "leaked objects" warning is then expected noise
 TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
@@ -29,17 +28,13 @@ WORKER_PYTHON = Path(__file__).with_name("worker_python")  # this Python, ignori
 
 
 def finished_on_disk() -> int:
-    """Records finished since the sweep started (jobs in other processes count only there)."""
-    results_dir, started = PROGRESS["results_dir"], PROGRESS["started"]
-    if results_dir is None or started is None:
+    """Jobs of the sweep that wrote their outcome (those run by other processes included)."""
+    sweep_dir = PROGRESS["sweep_dir"]
+    if sweep_dir is None:
         return 0
-    try:
-        from core.records import load_records
+    from core.records import OUTCOME_NAME  # imported by then: the sweep has started
 
-        records = load_records(results_dir)
-    except Exception:  # noqa: BLE001 (no records yet, or an unreadable folder: count none)
-        return 0
-    return sum(str(record.get("finished_at", "")) >= started for record in records)
+    return len(list(Path(sweep_dir).glob(f"*/{OUTCOME_NAME}")))
 
 
 def interrupted_message() -> str:

@@ -1,4 +1,5 @@
-"""Reading and writing result records (``core.spec.ResultRecord``): the one loader.
+"""Reading and writing result records (``core.spec.ResultRecord``): the one loader; and
+the jobs' outcomes (``core.spec.Outcome``), which a sweep reads back from its folder.
 
 The runner writes records with ``write_record``; the runner's skip check, tracking, the
 console and the reports read them with ``read_record`` / ``load_records``.
@@ -6,10 +7,11 @@ console and the reports read them with ``read_record`` / ``load_records``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from core.spec import RECORD_NAME, ResultRecord, check_record
+from core.spec import RECORD_NAME, Outcome, ResultRecord, check_record
 from core.files import atomic_write_text
 
 
@@ -47,3 +49,27 @@ def load_records(run_dir: str | Path) -> list[ResultRecord]:
             raise ValueError(f"{path}: cannot read result record: {error}") from error
         records.append({**check_record(data, str(path)), "path": str(path)})
     return records
+
+
+OUTCOME_NAME = "outcome.json"  # a job's outcome, in the job's own Hydra folder
+
+
+def write_outcome(job_dir: str | Path, outcome: Outcome) -> None:
+    """Write a job's outcome into its folder (atomically)."""
+    atomic_write_text(Path(job_dir) / OUTCOME_NAME, json.dumps(dataclasses.asdict(outcome), default=str))
+
+
+def read_outcome(job_dir: str | Path) -> Outcome | None:
+    """The outcome a job wrote into its folder; None when it wrote none (or half of one)."""
+    try:
+        return Outcome.of(json.loads((Path(job_dir) / OUTCOME_NAME).read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def read_outcomes(sweep_dir: str | Path) -> list[Outcome]:
+    """The outcomes of a sweep's jobs (``<sweep_dir>/<job number>/outcome.json``), in job
+    order; [] before the first job ends."""
+    jobs = sorted((path.parent for path in Path(sweep_dir).glob(f"*/{OUTCOME_NAME}")),
+                  key=lambda job: (len(job.name), job.name))
+    return [outcome for outcome in map(read_outcome, jobs) if outcome is not None]

@@ -14,7 +14,9 @@ expected number of correct answers). The runner rejects scores outside [0, 1].
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 import jax
@@ -59,6 +61,7 @@ class TaskSpec:
     num_experts: int
     input_shape: tuple[int, int, int]  # (H, W, C)
     backbone: str = "small_cnn"
+    expert_cost: tuple[float, ...] = ()  # per-expert consultation cost (dataset.expert_cost); () = 0
 
     @property
     def num_agents(self) -> int:
@@ -176,6 +179,17 @@ class ReferenceRow(Protocol):
         are the split's labels when ``sees_test_labels``, else None."""
 
 
+@runtime_checkable
+class ExpertCommittee(Protocol):
+    """A method that, when it defers, consults a set of experts and outputs their vote
+    (conformal_l2d). The evaluator consults ``expert_sets`` plus the decided expert, takes
+    the plurality answer and charges the cost of every expert consulted."""
+
+    def expert_sets(self, scores: Any, calibration: tuple[Any, Any, Any]) -> Any:
+        """(N, E) bool: the experts consulted per sample of a split with (N, E+1) agent
+        ``scores``, calibrated on ``calibration`` = (scores, y, t) of the validation split."""
+
+
 REFERENCE = "reference"  # a record's role: a reference row; "method" otherwise
 
 
@@ -220,6 +234,11 @@ METRICS: dict[str, MetricSpec] = {
     "samples_per_second": MetricSpec(HIGHER, 0.0, None, "training samples per second"),
     "estep_ms": MetricSpec(LOWER, 0.0, None, "one jitted E-step + workload projection (ms)"),
     "num_devices": MetricSpec(None, 1.0, None, "devices the training ran on"),
+    "cost_aware_accuracy": MetricSpec(HIGHER, None, 1.0,
+                                      "accuracy minus the mean cost of the experts consulted per "
+                                      "sample (dataset.expert_cost; equals accuracy at cost 0)"),
+    "expert_set_size": MetricSpec(None, 0.0, None,
+                                  "mean number of experts in a test sample's conformal expert set"),
 }
 
 
@@ -237,7 +256,7 @@ def metric_spec(name: str) -> MetricSpec:
 
 # ----------------------------------------------------------------------------- methods
 
-TASK_FIELDS = ("num_experts", "num_classes")  # method fields the runner fills from the task
+TASK_FIELDS = ("num_experts", "num_classes", "expert_cost")  # method fields the runner fills from the task
 SEARCH = "search"  # field metadata key: the option's range for experiment=tune
 
 
@@ -251,10 +270,43 @@ def tunable(default: Any, low: float, high: float, *, log: bool = False) -> Any:
 
 RECORD_SCHEMA = 2
 RECORD_NAME = "result.json"
-STATUSES = ("ok", "failed")  # what a record says
-SKIPPED = "skipped"  # a cell whose ok record exists (nothing run, nothing written)
-NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
-OUTCOMES = (*STATUSES, SKIPPED, NOT_APPLICABLE)  # what running a cell can return
+
+
+class Status(enum.StrEnum):
+    """What running one grid cell came to (a record itself says ok or failed)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # a cell whose ok record exists (nothing run, nothing written)
+    NOT_APPLICABLE = "not_applicable"  # a swept missing_policy the method does not support
+
+
+STATUSES = (Status.OK, Status.FAILED)  # what a record says
+SKIPPED, NOT_APPLICABLE = Status.SKIPPED, Status.NOT_APPLICABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one job of a sweep reports: its status, the cell (or the job's overrides when it
+    has no identity), and the errors a summary shows. Written beside the job's Hydra files
+    and read back from there (``core.records``), whatever process ran the job."""
+
+    status: Status
+    cell: dict[str, Any]
+    error: str | None = None
+    tracking_error: str | None = None
+    tracked_again: bool = False  # a finished cell whose run was missing from the store
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> "Outcome":
+        """The outcome of a record (or of the runner's skipped / not-applicable answer)."""
+        return cls(status=Status(record["status"]), cell=dict(record.get("cell") or {}),
+                   error=record.get("error"), tracking_error=record.get("tracking_error"),
+                   tracked_again=bool(record.get("tracked_again")))
+
+    def cell_text(self) -> str:
+        """``key=value, ...`` of the cell."""
+        return ", ".join(f"{k}={v}" for k, v in self.cell.items())
 
 
 class CellKey(TypedDict):
@@ -283,7 +335,7 @@ class ResultRecord(TypedDict, total=False):
     """
 
     schema: int  # RECORD_SCHEMA
-    status: str  # "ok" | "failed"
+    status: str  # Status.OK | Status.FAILED
     error: str | None
     traceback: str | None
     cell: CellKey

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from core.spec import Outcome, Status
 from reports import ReportError, build_report, write_report
 from reports.figures import PALETTE, method_styles, registered_methods
 
@@ -179,10 +180,9 @@ def test_the_sweep_callback_turns_a_report_error_into_one_message(tmp_path, monk
 
     monkeypatch.setattr(callbacks, "build_report", broken)
     callback = callbacks.SweepCallback()
-    callback.outcomes = [{"status": "ok", "cell": {}}]
     stderr = io.StringIO()
-    with redirect_stderr(stderr):
-        assert callback._show_report(tmp_path, tmp_path / "report") is False  # exit status 1
+    with redirect_stderr(stderr):  # False: the sweep exits with status 1
+        assert callback._show_report(tmp_path, tmp_path / "report", [Outcome(Status.OK, {})]) is False
     message = stderr.getvalue().strip()
     assert message.startswith("The report could not be written: ReportError:")
     assert len(message.splitlines()) == 1
