@@ -45,7 +45,7 @@ def _rounded(value: Any) -> Any:
     return float(f"{value:.3g}") if isinstance(value, float) else value
 
 
-def tuned_preset(best_params: Mapping[str, Any]) -> dict[str, Any]:
+def preset_from_best(best_params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested config of the chosen values: ``{"method": {"params": ...}, "train": ...}``."""
     preset: dict[str, Any] = {}
     for key, value in sorted(best_params.items()):
@@ -78,7 +78,7 @@ def write_tuned_preset(config: DictConfig, tuned_dir: Path) -> Path | None:
         f"{best['best_value']:.4f}, missing rate {config.missing_rate:g}, workload "
         f"{config.workload.name}, seed {config.seed}, {time.strftime('%Y-%m-%d')}.\n"
     )
-    body = OmegaConf.to_yaml(OmegaConf.create(tuned_preset(best["best_params"])))
+    body = OmegaConf.to_yaml(OmegaConf.create(preset_from_best(best["best_params"])))
     problem = get_method_class(method).training_problem
     sharing = [name for name in METHODS.names() if name != method and problem is not None
                and METHODS.get(name).training_problem == problem]

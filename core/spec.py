@@ -349,6 +349,7 @@ class ResultRecord(TypedDict, total=False):
     validation: dict[str, dict[str, float]]  # the same metrics on the held-out validation split
     correct: dict[str, str]  # per decision rule, "0"/"1" per test sample: answered correctly
     missing_seed: dict[str, Any]  # {"seed": int, "from": "run seed" | "dataset.missing_seed"}
+    missing_annotations: dict[str, Any]  # {"source": "none" | "published" | "drawn", "observed_rate": float}
     run_metrics: dict[str, float | None]  # train_seconds, samples_per_second, ...
     history: list[dict[str, float]]  # training metrics (mean over the epoch's steps) per epoch
     curves: dict[str, list[float]]  # {"coverage": [...], "accuracy": [...]}
