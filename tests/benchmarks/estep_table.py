@@ -1,22 +1,26 @@
 """Scaling table of the constrained E-step against the original Prob-L2D E-step.
 
 Run: ``PYTHONPATH=. .venv/bin/python tests/benchmarks/estep_table.py [--repeats N]
-[--budget S] [--shapes B,E,K ...] [--stat median|min]``. For each shape it times, compile
-excluded (one warm-up call per function), ``block_until_ready`` before reading the clock,
-the median (or min) over up to ``--repeats`` calls (made in rounds of consecutive calls,
-alternating pipelines between rounds) of four jitted programs:
+[--budget S] [--shapes B,E,K ...] [--stat median|min] [--rounds R] [--pipelines a,b,...]``.
+For each shape it times, compile excluded (one warm-up call per function),
+``block_until_ready`` before reading the clock, the median (or min) over up to ``--repeats``
+calls (made in ``--rounds`` rounds of consecutive calls, the pipelines interleaved round by
+round) of jitted programs (``PIPELINES``):
 
 * ``original``: the port of the original code's E-step (``original_estep``: 10 mean-field
   iterations of its variant with the materialised sum over the other agents, then jaxopt's
   ``ProjectedGradient`` defaults, FISTA with backtracking, on the workload dual);
 * ``yardstick``: the earlier yardstick (``reference_estep.yardstick_constrained_estep``:
   O(B E^2 K) mean-field, FISTA stopped on a stricter gradient-mapping test);
-* ``exact``: ``exact_estep`` + ``constrain_posterior`` (one jitted program);
+* ``exact``: ``exact_estep`` + ``constrain_posterior`` with the backend's loop (one jitted
+  program), and ``exact_fixed`` / ``exact_early_exit`` with either loop;
 * ``meanfield``: ``meanfield_estep`` (10 iterations) + ``constrain_posterior``;
+* ``fused``: ``methods.fused_estep.fused_exact_constrained``, the one-kernel version (only in
+  the default set on a GPU: on a CPU it runs in Pallas's interpret mode, for tests);
 
-and prints a Markdown table with the times, the speed-ups of ``exact`` and ``meanfield``
-over the original port and over the yardstick, and every pipeline's constraint violation
-(max over agents of ``max(0, share - hi, lo - share)``). A pipeline whose one call takes
+and prints a Markdown table with the times, the speed-ups over the original port and over
+the yardstick, and every pipeline's constraint violation (max over agents of
+``max(0, share - hi, lo - share)``), headed by the backend, device and CPU model. A pipeline whose one call takes
 long gets fewer calls: ``max(3, --budget / its warm-up time)``, at most ``--repeats``
 (column ``calls``: the fewest any pipeline got on that row), which keeps the largest shapes
 of the original port affordable on a CPU. Ratios, not absolute times, are the claim: they
@@ -26,8 +30,12 @@ are measured in the same process on the same inputs.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +49,17 @@ except ImportError:  # pragma: no cover - only this folder on sys.path
     from reference_estep import benchmark_bounds, make_problem, yardstick_constrained_estep
 
 from methods.estep import exact_estep, meanfield_estep
-from methods.projection import constrain_posterior
+from methods.fused_estep import fused_exact_constrained
+from methods.projection import constrain_posterior, default_loop
 
 SHAPES = ((128, 2, 100), (128, 8, 3), (1024, 8, 100), (4096, 8, 10), (16384, 8, 10), (65536, 8, 10))
 
 
-@jax.jit
-def exact_constrained(log_p_z, log_p_t, y, t, lo, hi):
+@functools.partial(jax.jit, static_argnames=("loop",))
+def exact_constrained(log_p_z, log_p_t, y, t, lo, hi, loop="auto"):
     """Exact E-step followed by the workload projection; returns ``(q_z, q_t, info)``."""
     q_z, q_t = exact_estep(log_p_z, log_p_t, y, t)
-    q_z, info = constrain_posterior(q_z, lo, hi)
+    q_z, info = constrain_posterior(q_z, lo, hi, loop=loop)
     return q_z, q_t, info
 
 
@@ -66,8 +75,49 @@ PIPELINES = {
     "original": original_constrained_estep,
     "yardstick": yardstick_constrained_estep,
     "exact": exact_constrained,
+    "exact_fixed": functools.partial(exact_constrained, loop="fixed"),
+    "exact_early_exit": functools.partial(exact_constrained, loop="early_exit"),
     "meanfield": meanfield_constrained,
+    "fused": fused_exact_constrained,
 }
+SPEEDUP_OVER = ("original", "yardstick")  # the yardsticks of the ratio columns
+
+
+def default_pipelines(backend: str | None = None) -> tuple[str, ...]:
+    """The table's pipelines on ``backend``: both loops of the exact pipeline, and the fused
+    kernel on a GPU (interpret mode elsewhere is for tests, not timings)."""
+    backend = backend or jax.default_backend()
+    return ("original", "yardstick", "exact_fixed", "exact_early_exit", "meanfield",
+            *(("fused",) if backend == "gpu" else ()))
+
+
+def cpu_model() -> str:
+    """The host CPU: model name, family/model numbers and widest vector extension
+    (``/proc/cpuinfo``; ``platform.processor()`` elsewhere) and core count, so a CPU ratio is
+    read against the machine that produced it (virtual machines often hide the model name)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    simd = next((label for flag, label in (("amx_tile", "AVX-512, AMX"), ("avx512f", "AVX-512"),
+                                           ("avx2", "AVX2"), ("neon", "NEON")) if flag in flags), None)
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    details += [simd] if simd else []
+    return f"{name}{' (' + ', '.join(details) + ')' if details else ''}, {os.cpu_count()} cores"
+
+
+def machine_info() -> dict[str, str]:
+    """Backend, accelerator (or CPU) kind, CPU model and the projection loop ``auto`` picks."""
+    device = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": device.device_kind, "cpu": cpu_model(),
+            "default_loop": default_loop(), "jax": jax.__version__}
 
 
 def pipeline_inputs(batch: int, num_experts: int, num_classes: int, seed: int = 0):
@@ -114,22 +164,21 @@ def time_pipelines(inputs, repeats: int = 50, rounds: int = 5, stat: str = "medi
 
 
 def markdown_table(rows) -> str:
-    """Markdown table from ``[(shape, results), ...]``."""
-    lines = [
-        "| B | E | K | calls | original ms | yardstick ms | exact ms | meanfield ms | "
-        "exact vs original | meanfield vs original | exact vs yardstick | meanfield vs yardstick | "
-        "violation original | violation yardstick | violation exact | violation meanfield |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """Markdown table from ``[(shape, results), ...]`` (every row timed the same pipelines):
+    times, the speed-up of each of ours over each yardstick present, violations."""
+    names = list(rows[0][1])
+    ours = [name for name in names if name not in SPEEDUP_OVER]
+    over = [base for base in SPEEDUP_OVER if base in names]
+    header = (["B", "E", "K", "calls"] + [f"{name} ms" for name in names]
+              + [f"{name} vs {base}" for base in over for name in ours]
+              + [f"violation {name}" for name in names])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for (batch, experts, classes), res in rows:
-        orig, yard, exact, mean = (res[name] for name in ("original", "yardstick", "exact", "meanfield"))
-        calls = min(entry["calls"] for entry in res.values())
-        lines.append(
-            f"| {batch} | {experts} | {classes} | {calls} | {orig['ms']:.3f} | {yard['ms']:.3f} | "
-            f"{exact['ms']:.3f} | {mean['ms']:.3f} | {orig['ms'] / exact['ms']:.1f}x | "
-            f"{orig['ms'] / mean['ms']:.1f}x | {yard['ms'] / exact['ms']:.1f}x | "
-            f"{yard['ms'] / mean['ms']:.1f}x | {orig['violation']:.1e} | {yard['violation']:.1e} | "
-            f"{exact['violation']:.1e} | {mean['violation']:.1e} |")
+        cells = [str(batch), str(experts), str(classes), str(min(entry["calls"] for entry in res.values()))]
+        cells += [f"{res[name]['ms']:.3f}" for name in names]
+        cells += [f"{res[base]['ms'] / res[name]['ms']:.1f}x" for base in over for name in ours]
+        cells += [f"{res[name]['violation']:.1e}" for name in names]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -141,15 +190,26 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="*", default=None, help="shapes as B,E,K")
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="summary of the repeated calls (min is robust to a loaded machine)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are interleaved in")
+    parser.add_argument("--pipelines", default=None,
+                        help=f"comma-separated, of {', '.join(PIPELINES)} (default: {', '.join(default_pipelines())})")
     args = parser.parse_args(argv)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
-    rows = [(shape, time_pipelines(pipeline_inputs(*shape), args.repeats, stat=args.stat,
-                                   budget_s=args.budget))
-            for shape in shapes]
-    device = jax.devices()[0]
-    print(f"JAX {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind} "
-          f"({device.platform}), float32, {args.stat} of up to {args.repeats} calls "
-          f"({args.budget:g} s per pipeline and shape), compile excluded\n")
+    names = default_pipelines() if args.pipelines is None else tuple(args.pipelines.split(","))
+    unknown = sorted(set(names) - set(PIPELINES))
+    if unknown:
+        parser.error(f"unknown pipelines {', '.join(unknown)}; valid: {', '.join(PIPELINES)}")
+    info = machine_info()
+    print(f"JAX {info['jax']}, backend {info['backend']}, device {info['device']}, CPU {info['cpu']}; "
+          f"float32, {args.stat} of up to {args.repeats} calls in {args.rounds} interleaved rounds "
+          f"({args.budget:g} s per pipeline and shape), compile excluded; projection loop of "
+          f"'exact'/'meanfield' on this backend: {info['default_loop']}\n", flush=True)
+    rows = []
+    for shape in shapes:
+        rows.append((shape, time_pipelines(pipeline_inputs(*shape), args.repeats, rounds=args.rounds,
+                                           stat=args.stat, budget_s=args.budget, names=names)))
+        print(f"  timed {shape}", flush=True)
+    print()
     print(markdown_table(rows))
 
 
