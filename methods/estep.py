@@ -59,9 +59,11 @@ def _agent_masks(t):
 
 
 def _prob_of_y(log_p_t, y):
-    """``p(t_k = y | x)`` for every agent: (B, A)."""
+    """``p(t_k = y | x)`` for every agent: (B, A). ``y`` must lie in ``[0, K)`` (labels are
+    checked when a dataset is loaded): the gather skips the bounds test, which on a CPU made
+    it 2-4x slower."""
     y_index = jnp.broadcast_to(y[:, None, None], (*log_p_t.shape[:2], 1))
-    return jnp.exp(jnp.take_along_axis(log_p_t, y_index, axis=-1)[..., 0])
+    return jnp.exp(jnp.take_along_axis(log_p_t, y_index, axis=-1, mode="promise_in_bounds")[..., 0])
 
 
 def _gating_weights(log_p_z):
