@@ -215,6 +215,9 @@ class DatasetConfig:
     memory_limit_mb: float = neutral(2048.0)  # stream when decoded train + test images exceed this
     workers: int = neutral(0)  # streamed data: Grain worker processes
     missing_seed: Optional[int] = None  # None: the run seed draws the missing annotations
+    held_out_experts: List[int] = field(default_factory=list)  # experts trained on by context only
+    held_out_context: int = 16  # training annotations a held-out expert keeps (its context set)
+    expert_cost: List[float] = field(default_factory=list)  # per-expert consultation cost; [] = 0
     train: SplitManifests = MISSING
     test: SplitManifests = MISSING
 
@@ -234,6 +237,15 @@ class DatasetConfig:
                 list(self.train.experts))
         require(all(finite(v) and v > 0 for v in self.std), "dataset.std",
                 "finite and > 0 (images are divided by it)", list(self.std))
+        experts = len(self.train.experts)
+        require(len(set(self.held_out_experts)) == len(self.held_out_experts) < experts
+                and all(0 <= j < experts for j in self.held_out_experts), "dataset.held_out_experts",
+                f"distinct expert indices in [0, {experts}), leaving at least one expert to train on",
+                list(self.held_out_experts))
+        require(self.held_out_context >= 0, "dataset.held_out_context", ">= 0", self.held_out_context)
+        require(len(self.expert_cost) in (0, experts) and all(finite(c) and c >= 0 for c in self.expert_cost),
+                "dataset.expert_cost", f"empty (no cost) or {experts} finite values >= 0, one per expert",
+                list(self.expert_cost))
         unknown = sorted(set(self.augment) - {f.name for f in dataclasses.fields(Augment)})
         require(not unknown, "dataset.augment", "a subset of crop_padding, hflip, noise_std",
                 dict(self.augment))
@@ -249,7 +261,8 @@ class DatasetConfig:
         """The static task description (experts counted from the training manifests)."""
         height, width, channels = self.image_shape
         shape = self.image_shape if self.crop is None else (self.crop, self.crop, channels)
-        return TaskSpec(self.num_classes, len(self.train.experts), shape, self.backbone)
+        return TaskSpec(self.num_classes, len(self.train.experts), shape, self.backbone,
+                        tuple(float(c) for c in self.expert_cost))
 
     def loader(self, batch_size: int) -> LoaderConfig:
         """The training loader configuration."""
@@ -408,7 +421,8 @@ def build_method(name: str, params: dict[str, Any], spec: TaskSpec) -> Method:
             f"its options are {', '.join(sorted(options)) or '(none)'}."
         )
     fields = {f.name for f in dataclasses.fields(cls)}
-    task = {"num_experts": spec.num_experts, "num_classes": spec.num_classes}
+    task = {"num_experts": spec.num_experts, "num_classes": spec.num_classes,
+            "expert_cost": spec.expert_cost}
     try:
         return cls(**{**params, **{k: v for k, v in task.items() if k in fields}})
     except MethodConfigError as err:

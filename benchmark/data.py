@@ -83,6 +83,22 @@ def hold_out_validation(data: CellData, fraction: float, seed: int) -> CellData:
     )
 
 
+def hold_out_experts(data: CellData, experts: list[int], context: int, seed: int) -> CellData:
+    """The training split with the annotations of the held-out ``experts`` withheld (set
+    missing) except ``context`` of each, drawn at random by ``seed``: a new expert known by a
+    few answers, whom every method may use as it uses any annotation (a population method as
+    the expert's context set). Test and validation answers stay as they are."""
+    if not experts:
+        return data
+    t = np.array(data.train.t, copy=True)
+    rng = np.random.default_rng([seed, *experts])
+    for j in experts:
+        observed = np.flatnonzero(t[:, j] != -1)
+        kept = rng.choice(observed, size=min(context, len(observed)), replace=False)
+        t[np.setdiff1d(observed, kept), j] = -1
+    return dataclasses.replace(data, train=dataclasses.replace(data.train, t=t))
+
+
 def _is_managed(root: Path) -> bool:
     try:
         root.resolve().relative_to(MANAGED_DATA_DIR.resolve())
@@ -304,7 +320,9 @@ def load_data(dataset: DatasetConfig, missing_rate: float, cache_dir: Path,
         images = cache_dir / "images" if dataset.cache else None
         data = _decode(files, dataset.image_shape, images, digests, not dataset.cache,
                        dataset.memory_limit_mb)
-        return hold_out_validation(data, *validation)
+        data = hold_out_validation(data, *validation)
+        return hold_out_experts(data, list(dataset.held_out_experts), dataset.held_out_context,
+                                dataset.missing_seed or 0)
     except Exception as err:
         _ERRORS[key] = err
         raise

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from benchmark.assignment import capacity_assignment
-from core.spec import ReferenceRow, WorkloadBounds, agent_names
+from core.spec import ExpertCommittee, ReferenceRow, WorkloadBounds, agent_names
 
 CURVE_POINTS = 101
 ECE_BINS = 15
@@ -35,6 +35,47 @@ def decision_scores(method, logits, scores, y, t) -> np.ndarray:
     sees = method.sees_test_labels
     return np.asarray(method.reference_scores(np.asarray(logits), scores, y if sees else None,
                                               t if sees else None))
+
+
+def committee_sets(method, scores, calibration) -> np.ndarray | None:
+    """(N, E) bool expert sets of an ``ExpertCommittee`` method for a split with ``scores``,
+    calibrated on ``calibration`` = (scores, y, t) of the validation split; None for any
+    other method."""
+    if not isinstance(method, ExpertCommittee):
+        return None
+    if calibration is None:
+        raise ValueError(f"{method.name} calibrates its expert sets on the validation split, "
+                         "which is empty: set eval.validation_fraction > 0.")
+    return np.asarray(method.expert_sets(np.asarray(scores), calibration), dtype=bool)
+
+
+def consulted_experts(agent: np.ndarray, num_experts: int,
+                      expert_sets: np.ndarray | None = None) -> np.ndarray:
+    """(N, E) bool: the experts asked per sample: the decided expert and, when a deferred
+    sample has an expert set, every member of it (nobody when the classifier answers)."""
+    asked = agent[:, None] == np.arange(num_experts)[None, :]
+    if expert_sets is not None:
+        asked |= np.asarray(expert_sets, dtype=bool) & (agent < num_experts)[:, None]
+    return asked
+
+
+def committee_vote(asked: np.ndarray, t: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N,) the plurality answer of the experts ``asked`` per sample; a tie goes to the
+    answer of the highest-scored expert among those giving a tied answer (-1: nobody asked)."""
+    num_experts = t.shape[1]
+    labels = np.arange(max(int(t.max(initial=0)) + 1, 1))
+    votes = ((t[:, :, None] == labels) & asked[:, :, None]).sum(axis=1)  # (N, K)
+    tied = votes == votes.max(axis=1, keepdims=True)
+    gives_tied = asked & np.take_along_axis(tied, np.clip(t, 0, None), axis=1) & (t >= 0)
+    chosen = np.where(gives_tied, scores[:, :num_experts], -np.inf).argmax(axis=1)
+    return np.where(asked.any(axis=1), t[np.arange(len(t)), chosen], -1)
+
+
+def consultation_cost(asked: np.ndarray, expert_cost) -> float:
+    """Mean over samples of the summed cost of the experts ``asked`` (no cost: 0)."""
+    if expert_cost is None or len(expert_cost) == 0 or len(asked) == 0:
+        return 0.0
+    return float((asked * np.asarray(expert_cost, dtype=float)).sum(axis=1).mean())
 
 
 def final_predictions(agent: np.ndarray, class_pred: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -104,19 +145,29 @@ def area_under_curve(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def correct_answers(agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """(N,) bool: whether the system's answer under decisions ``agent`` is right."""
-    return final_predictions(agent, logits.argmax(axis=1), t) == y
+def correct_answers(agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray,
+                    expert_sets: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
+    """(N,) bool: whether the system's answer under decisions ``agent`` is right (with
+    ``expert_sets``: a deferred sample gets the vote of the experts consulted)."""
+    answer = final_predictions(agent, logits.argmax(axis=1), t)
+    if expert_sets is not None:
+        voted = committee_vote(consulted_experts(agent, t.shape[1], expert_sets), t, scores)
+        answer = np.where(agent == t.shape[1], answer, voted)
+    return answer == y
 
 
 def decision_metrics(
-    agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds
+    agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds,
+    expert_sets: np.ndarray | None = None, scores: np.ndarray | None = None, expert_cost=None,
 ) -> dict[str, float]:
     """Metrics of one set of decisions (``agent`` per sample)."""
     num_experts = t.shape[1]
     shares = workload_shares(agent, num_experts + 1)
+    accuracy = float(correct_answers(agent, logits, y, t, expert_sets, scores).mean())
+    asked = consulted_experts(agent, num_experts, expert_sets)
     metrics = {
-        "accuracy": float(correct_answers(agent, logits, y, t).mean()),
+        "accuracy": accuracy,
+        "cost_aware_accuracy": accuracy - consultation_cost(asked, expert_cost),
         "coverage": float(shares[num_experts]),
     }
     for name, share in zip(agent_names(num_experts), shares):
@@ -137,6 +188,7 @@ class Evaluation(NamedTuple):
 def evaluate(
     logits: np.ndarray, scores: np.ndarray, y: np.ndarray, t: np.ndarray, bounds: WorkloadBounds,
     assignment_batch: int | None = None, probs: np.ndarray | None = None,
+    expert_sets: np.ndarray | None = None, expert_cost=None,
 ) -> Evaluation:
     """All metrics for argmax and capacity-constrained decisions, the curve, and which
     samples each rule answers correctly.
@@ -145,6 +197,9 @@ def evaluate(
     samples (as a deployed system would per batch); None solves it over the whole set.
     ``probs`` are the classifier's class probabilities for calibration (default: the
     softmax of ``logits``; a method may supply its own, e.g. OvA's sigmoids).
+    ``expert_sets`` (N, E) (``committee_sets``): a deferred sample is answered by the vote of
+    its set and the decided expert. ``expert_cost`` (E,) prices each expert consulted
+    (``cost_aware_accuracy``).
     """
 
     num_experts = t.shape[1]
@@ -167,10 +222,12 @@ def evaluate(
     ])
     agents = {"argmax": argmax_agent, "constrained": constrained_agent}
     return Evaluation(
-        metrics={rule: {**decision_metrics(agent, logits, y, t, bounds), **shared}
+        metrics={rule: {**decision_metrics(agent, logits, y, t, bounds, expert_sets, scores,
+                                           expert_cost), **shared}
                  for rule, agent in agents.items()},
         curves={"coverage": coverage.tolist(), "accuracy": curve.tolist()},
-        correct={rule: correct_answers(agent, logits, y, t) for rule, agent in agents.items()},
+        correct={rule: correct_answers(agent, logits, y, t, expert_sets, scores)
+                 for rule, agent in agents.items()},
     )
 
 

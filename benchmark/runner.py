@@ -22,7 +22,7 @@ from benchmark.config import (CellConfig, ConfigError, RunConfig, dataset_of, re
                               with_method_option)
 from benchmark.assignment import check_assignment_batch
 from benchmark.data import load_data, source_image_digests, source_manifest_hashes
-from benchmark.evaluator import decision_scores, evaluate
+from benchmark.evaluator import committee_sets, decision_scores, evaluate
 from benchmark.identity import cell_identity, record_path, settings_fingerprint
 from benchmark.predictions import cached_predictions
 from benchmark.provenance import REPO_ROOT, provenance
@@ -84,20 +84,28 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
     record["fingerprint"] = fingerprint_now(cell, base)  # the data exist now (built on first use)
     out = cached_predictions(run, data, seed_cell)
 
-    def evaluate_split(outputs, split):
+    # a committee method's expert sets are calibrated on the validation split
+    calibration = (None if data.validation is None else
+                   (np.asarray(out["validation"]["scores"]), data.validation.y, data.validation.t))
+    run_metrics = dict(out["run_metrics"])
+
+    def evaluate_split(outputs, split, name):
         scores = decision_scores(run.method, outputs["logits"], outputs["scores"], split.y, split.t)
         check_scores(run.method.name, np.asarray(scores), np.asarray(outputs["logits"]))
+        sets = committee_sets(run.method, scores, calibration)
+        if sets is not None and name == "test":
+            run_metrics["expert_set_size"] = float(sets.sum(axis=1).mean())
         return evaluate(outputs["logits"], scores, split.y, split.t, run.bounds,
                         assignment_batch=run.assignment_batch, probs=outputs["probs"])
 
-    test = evaluate_split(out["test"], data.test)
+    test = evaluate_split(out["test"], data.test, "test")
     record.update(
         status="ok",
         agents=agent_names(run.spec.num_experts),
         workload_bounds={"lo": list(run.bounds.lo), "hi": list(run.bounds.hi)},
         metrics=test.metrics,
         correct={rule: "".join("1" if c else "0" for c in right) for rule, right in test.correct.items()},
-        run_metrics=out["run_metrics"],
+        run_metrics=run_metrics,
         history=out.get("history") or [],
         curves=test.curves,
         missing_seed={"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
@@ -106,7 +114,7 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
         provenance={**provenance(data.manifests), "images": data.image_digests},
     )
     if data.validation is not None:
-        record["validation"] = evaluate_split(out["validation"], data.validation).metrics
+        record["validation"] = evaluate_split(out["validation"], data.validation, "validation").metrics
 
 
 def track(cell: CellConfig, record: ResultRecord, path: Path) -> ResultRecord:

@@ -235,6 +235,11 @@ def deferral_scores_ova(logits: jax.Array, num_experts: int) -> jax.Array:
     return _agent_scores(jnp.max(probs[:, :num_classes], axis=-1), probs[:, num_classes:])
 
 
+# the multi-expert surrogates on (B, K + E) logits by name, each with its agent scores
+MULTI_EXPERT_SURROGATES = {"ova": (ova_deferral_loss, deferral_scores_ova),
+                           "softmax": (softmax_deferral_loss, deferral_scores_softmax)}
+
+
 def deferral_scores_correctness(class_logits: jax.Array, expert_logits: jax.Array) -> jax.Array:
     """Agent scores for compare_confidence: (B, K) and (B, E) logits -> (B, E + 1).
 

@@ -33,13 +33,17 @@ from methods.missing_policy import resolve_annotations, weighted_row_mean
 from methods.nets import Network
 
 
-def two_stage_surrogate(rejector_logits, class_logits, y, t, policy: str):
+def two_stage_surrogate(rejector_logits, class_logits, y, t, policy: str, expert_cost=None):
     """Mean over kept rows of ``sum_k tau_k CE_k``, ``tau_k = sum_{i != k} c_i`` over the
-    agents available for the row; rejector_logits (B, E+1), class_logits (B, K)."""
+    agents available for the row; rejector_logits (B, E+1), class_logits (B, K).
+    ``expert_cost`` (E,) adds each expert's consultation cost to its ``c_j`` (cost-sensitive
+    form; none: 0)."""
     t_filled, term_mask, row_weight = resolve_annotations(t, policy)
     classifier_wrong = jnp.argmax(jax.lax.stop_gradient(class_logits), axis=-1) != y
     cost = jnp.concatenate([t_filled != y[:, None], classifier_wrong[:, None]], axis=1)
     available = jnp.concatenate([term_mask, jnp.ones_like(classifier_wrong)[:, None]], axis=1)
+    if expert_cost:
+        cost = cost + jnp.asarray((*expert_cost, 0.0), jnp.float32)
     cost = jnp.where(available, cost, 0).astype(jnp.float32)
     tau = jnp.where(available, cost.sum(axis=1, keepdims=True) - cost, 0.0)
     logits = jnp.where(available, rejector_logits, -jnp.inf)

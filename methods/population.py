@@ -1,0 +1,193 @@
+"""``l2d_pop``: learning to defer to a population (Tailor, Patra, Verma, Manggala &
+Nalisnick, AISTATS 2024, "Learning to Defer to a Population: A Meta-Learning Approach"),
+the model-based (neural-process) variant with cross-attention.
+
+No expert has a head of its own. One correctness head scores any expert from an embedding
+of a few of that expert's answers, its *context set* ``D_j = {(x_c, y_c, t_jc)}``, so one
+model serves experts it was not trained on: give it a new expert's context set and it
+defers to that expert where the expert's answers on similar inputs were right.
+
+* Features ``phi(x)`` from one backbone; K class logits from a linear head.
+* Each context pair is encoded as ``v_c = MLP([phi(x_c), onehot(t_jc), onehot(y_c),
+  1[t_jc = y_c]])``. For a query x the expert's summary is the cross-attention read-out
+  ``sum_c softmax_c(q(x) . k(x_c) / sqrt(H)) v_c`` (``attention=false``: left out) beside
+  the mean of the ``v_c``; the expert's logit is ``MLP([phi(x), read-out, mean])``.
+* Loss: the multi-expert ``ova`` (default) or ``softmax`` surrogate on the K class logits
+  and the E context-conditioned expert logits (``methods.surrogates``).
+
+Context sets come only from annotations an expert gave, so missing annotations never enter
+them. In training, a sample's context for expert j is up to ``context_size`` other samples
+of the same batch that j annotated (batches are shuffled: a fresh random set each step, the
+sample itself left out). Training also keeps, per expert, the last ``context_size``
+annotated training samples it saw (``ContextMemory``; an expert with few annotations, such
+as a held-out expert known by a few answers, keeps all it has); these are the context sets
+at test time. Missing policies for the surrogate: ``mask`` (default, OvA), ``as_incorrect``,
+``drop``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from core.spec import MISSING
+from methods import METHODS
+from methods.common import MethodBase, MethodConfigError, require_experts
+from methods.missing_policy import check_policy
+from methods.nets import BACKBONES
+from methods.surrogates import MULTI_EXPERT_SURROGATES as SURROGATES
+
+
+class ContextMemory(nnx.BatchStat):
+    """Context pairs that training keeps for test time (state, never a parameter)."""
+
+
+def batch_context(observed: jax.Array, size: int) -> jax.Array:
+    """(B, E, B) bool: ``[i, j, k]`` when sample k is in sample i's context for expert j:
+    k != i, j annotated k, and k is among the first ``size`` such samples of the batch."""
+    rows = jnp.arange(observed.shape[0])
+    rank = jnp.cumsum(observed, axis=0) - 1  # (B, E): place among j's annotated samples
+    after_self = observed[:, :, None] & (rows[:, None, None] < rows[None, None, :])
+    rank_without_self = rank.T[None] - after_self  # one place earlier once i is left out
+    other = rows[:, None, None] != rows[None, None, :]
+    return observed.T[None] & other & (rank_without_self < size)
+
+
+def attend(logits: jax.Array, mask: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Masked attention and mean read-outs, both (B, E, H): ``logits`` and ``mask`` (B, E, C),
+    ``values`` (E, C, H); an empty context reads out zeros."""
+    top = jnp.max(jnp.where(mask, logits, -1e30), axis=-1, keepdims=True)
+    weights = jnp.where(mask, jnp.exp(jnp.where(mask, logits, top) - top), 0.0)
+    weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-12)
+    share = mask / jnp.maximum(mask.sum(axis=-1, keepdims=True), 1)
+    return (jnp.einsum("bec,ech->beh", weights, values),
+            jnp.einsum("bec,ech->beh", share, values))
+
+
+class PopulationNetwork(nnx.Module):
+    """Backbone, class head, context encoder, attention and the shared correctness head,
+    plus the context memory (E experts x ``context`` slots)."""
+
+    def __init__(self, spec, context: int, hidden: int, attention: bool, *, rngs: nnx.Rngs):
+        height, width, channels = spec.input_shape
+        num_classes, num_experts = spec.num_classes, spec.num_experts
+        self.backbone = BACKBONES.get(spec.backbone)(channels, rngs=rngs)
+        features = self.backbone.features
+        self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
+        self.encode_in = nnx.Linear(features + 2 * num_classes + 1, hidden, rngs=rngs)
+        self.encode_out = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.query = nnx.Linear(features, hidden, rngs=rngs)
+        self.key = nnx.Linear(features, hidden, rngs=rngs)
+        self.head_in = nnx.Linear(features + 2 * hidden, hidden, rngs=rngs)
+        self.head_out = nnx.Linear(hidden, 1, rngs=rngs)
+        self.num_classes, self.attention = num_classes, attention
+        self.memory_x = ContextMemory(jnp.zeros((num_experts, context, height, width, channels)))
+        self.memory_t = ContextMemory(jnp.zeros((num_experts, context), jnp.int32))
+        self.memory_y = ContextMemory(jnp.zeros((num_experts, context), jnp.int32))
+        self.memory_filled = ContextMemory(jnp.zeros((num_experts,), jnp.int32))
+        self.memory_next = ContextMemory(jnp.zeros((num_experts,), jnp.int32))
+
+    def encode(self, features: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        """(..., H) codes of context pairs: features (..., D), answers t and labels y (...)."""
+        pair = jnp.concatenate([features, jax.nn.one_hot(t, self.num_classes),
+                                jax.nn.one_hot(y, self.num_classes), (t == y)[..., None]], axis=-1)
+        return self.encode_out(nnx.relu(self.encode_in(pair)))
+
+    def expert_logits(self, features, context_features, t, y, mask) -> jax.Array:
+        """(B, E) correctness logits of queries ``features`` (B, D) given the experts' context
+        pairs (``context_features`` (E, C, D), answers ``t`` and labels ``y`` (E, C)) and
+        ``mask`` (B, E, C) marking each query's context."""
+        values = self.encode(context_features, t, y)  # (E, C, H)
+        scale = jnp.sqrt(jnp.float32(values.shape[-1]))
+        logits = jnp.einsum("bh,ech->bec", self.query(features), self.key(context_features)) / scale
+        attended, mean = attend(logits, mask, values)
+        if not self.attention:
+            attended = jnp.zeros_like(attended)
+        query = jnp.broadcast_to(features[:, None, :], (*mean.shape[:2], features.shape[-1]))
+        hidden = nnx.relu(self.head_in(jnp.concatenate([query, attended, mean], axis=-1)))
+        return self.head_out(hidden)[..., 0]
+
+    def remember(self, x: jax.Array, y: jax.Array, t: jax.Array) -> None:
+        """Write each expert's first annotated samples of the batch (up to the memory's
+        size) over its oldest memory slots."""
+        num_experts, context = self.memory_t.shape
+        observed = t != MISSING
+        rank = jnp.cumsum(observed, axis=0) - 1  # (B, E)
+        taken = observed & (rank < context)
+        slot = jnp.where(taken, (self.memory_next[...][None, :] + rank) % context, context)
+        expert = jnp.broadcast_to(jnp.arange(num_experts)[None, :], slot.shape)
+        pixels = jnp.broadcast_to(x[:, None], (x.shape[0], num_experts, *x.shape[1:]))
+        self.memory_x[...] = self.memory_x[...].at[expert, slot].set(pixels, mode="drop")
+        self.memory_t[...] = self.memory_t[...].at[expert, slot].set(t, mode="drop")
+        labels = jnp.broadcast_to(y[:, None], slot.shape)
+        self.memory_y[...] = self.memory_y[...].at[expert, slot].set(labels, mode="drop")
+        count = taken.sum(axis=0).astype(jnp.int32)
+        self.memory_filled[...] = jnp.minimum(self.memory_filled[...] + count, context)
+        self.memory_next[...] = (self.memory_next[...] + count) % context
+
+
+@METHODS.register("l2d_pop")
+@dataclasses.dataclass(frozen=True)
+class PopulationL2D(MethodBase):
+    missing_policies = ("mask", "as_incorrect", "drop")  # mask: OvA only
+    num_experts: int = 0
+    missing_policy: str = "mask"
+    surrogate: str = "ova"  # ova | softmax (methods.surrogates)
+    context_size: int = 16  # context pairs per expert, in training and at test time
+    hidden: int = 64  # width of the context codes and the correctness head
+    attention: bool = True  # false: the mean of the context codes only (no cross-attention)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.surrogate not in SURROGATES:
+            raise MethodConfigError(f"method {self.name!r}: surrogate must be one of "
+                                    f"{', '.join(SURROGATES)}, got {self.surrogate!r}.")
+        try:
+            check_policy(self.surrogate, self.missing_policy)
+        except ValueError as err:
+            raise MethodConfigError(f"method {self.name!r}: {err}") from None
+        for option in ("context_size", "hidden"):
+            if getattr(self, option) < 1:
+                raise MethodConfigError(f"method {self.name!r}: {option} must be >= 1, "
+                                        f"got {getattr(self, option)}.")
+
+    def init_model(self, spec, rngs):
+        require_experts(self.name, spec.num_experts)
+        return PopulationNetwork(spec, self.context_size, self.hidden, self.attention, rngs=rngs)
+
+    def loss(self, model, batch, inputs):
+        features = model.backbone(batch.x)
+        mask = batch_context(batch.t != MISSING, self.context_size)  # (B, E, B)
+        context_t = batch.t.T  # (E, B)
+        context_y = jnp.broadcast_to(batch.y[None, :], context_t.shape)
+        context_features = jnp.broadcast_to(features[None], (self.num_experts, *features.shape))
+        expert_logits = model.expert_logits(features, context_features, context_t, context_y, mask)
+        model.remember(batch.x, batch.y, batch.t)
+        logits = jnp.concatenate([model.classifier(features), expert_logits], axis=-1)
+        return SURROGATES[self.surrogate][0](logits, batch.y, batch.t, self.missing_policy), {}
+
+    def logits(self, model, x):
+        """(B, K + E): class logits, then each expert's logit given its remembered context."""
+        features = model.backbone(x)
+        memory = model.memory_x[...]
+        num_experts, context = memory.shape[:2]
+        context_features = model.backbone(memory.reshape(-1, *memory.shape[2:]))
+        context_features = context_features.reshape(num_experts, context, -1)
+        filled = jnp.arange(context)[None, :] < model.memory_filled[...][:, None]  # (E, C)
+        mask = jnp.broadcast_to(filled[None], (x.shape[0], num_experts, context))
+        expert_logits = model.expert_logits(features, context_features, model.memory_t[...],
+                                            model.memory_y[...], mask)
+        return jnp.concatenate([model.classifier(features), expert_logits], axis=-1)
+
+    def classify(self, model, x):
+        return model.classifier(model.backbone(x))
+
+    def class_probabilities(self, model, x):
+        logits = self.classify(model, x)
+        return jax.nn.sigmoid(logits) if self.surrogate == "ova" else jax.nn.softmax(logits, axis=-1)
+
+    def agent_scores(self, model, x):
+        return SURROGATES[self.surrogate][1](self.logits(model, x), self.num_experts)
