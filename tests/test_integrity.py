@@ -241,15 +241,19 @@ def test_unsafe_names_are_refused(tiny_root, tmp_path, override, message):
     assert not (tmp_path.parent / "x").exists()
 
 
-def test_an_unwritable_record_ends_with_the_failure_list(tiny_root, tmp_path):
+def test_an_unwritable_record_fails_with_one_message(tiny_root, tmp_path):
+    """A cell whose record cannot be written fails with the reason; a sweep whose results
+    folder cannot be made is refused before any cell runs."""
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the results folder should be")
+    cfg, choices = compose_cfg(tiny_overrides(tiny_root, tmp_path) + [f"results_dir={blocker}/runs"])
+    record = run_cell(cfg, choices)
+    assert record["status"] == "failed" and "cannot write the result record" in record["error"]
     result = run_cli("experiment=smoke", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
                      "method=classifier_only", "workload=none", f"results_dir={blocker}/runs")
     assert result.returncode == 1
-    assert "1 of 1 cells failed" in flat(result.stderr)
-    assert "cannot write the result record" in flat(result.stderr)
-    assert "Traceback" not in result.stderr
+    assert f"{blocker} is a file, not a folder" in flat(result.stderr)
+    assert "Traceback" not in result.stderr and blocker.read_text().startswith("a file")
 
 
 def test_unreachable_tracking_server_is_detected_once(tiny_root, tmp_path):
