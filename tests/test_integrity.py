@@ -125,6 +125,29 @@ def test_a_corrupt_cache_file_is_named_and_recomputed(tiny_root, tmp_path, capfd
             assert saved.files
 
 
+def test_every_cache_file_carries_its_key_and_a_renamed_one_is_refused(tmp_path, capfd):
+    """``write_cache`` stores the key a file is written under (its name); ``read_cache``
+    serves only that key's entry: a file renamed or copied under another key, or one
+    without a key, is named, deleted and reported absent (the caller recomputes it)."""
+    from core.files import read_cache, write_cache
+
+    written = tmp_path / "trained-problem-aaaa.npz"
+    write_cache(written, leaf_0=np.arange(3))
+    assert read_cache(written, lambda saved: saved["leaf_0"].tolist(), "trained model") == [0, 1, 2]
+    renamed = tmp_path / "trained-problem-bbbb.npz"
+    renamed.write_bytes(written.read_bytes())
+    keyless = tmp_path / "trained-problem-cccc.npz"
+    np.savez(keyless, leaf_0=np.arange(3))
+    capfd.readouterr()
+    assert read_cache(renamed, lambda saved: saved["leaf_0"], "trained model") is None
+    assert read_cache(keyless, lambda saved: saved["leaf_0"], "trained model") is None
+    err = flat(capfd.readouterr().err)
+    assert (f"corrupt trained model cache file {renamed} (it holds the entry of key "
+            "'trained-problem-aaaa', not 'trained-problem-bbbb'") in err
+    assert f"corrupt trained model cache file {keyless} (it carries no cache key" in err
+    assert not renamed.exists() and not keyless.exists() and written.exists()
+
+
 def test_another_cells_predictions_copied_in_place_are_not_served(tiny_root, tmp_path, capfd):
     """A predictions file of another method copied over a cell's: its key (stored in the
     file) is not the cell's, so it is named, deleted and the cell's own outputs recomputed."""
