@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import ssl
 import sys
 import time
 import urllib.error
@@ -80,6 +81,8 @@ def server_problem(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
     except urllib.error.HTTPError:  # an answer (an error status, authentication...): it is up
         return None
     except urllib.error.URLError as err:  # no connection
+        if isinstance(err.reason, ssl.SSLError):  # it answers; TLS settings are MLflow's to judge
+            return None
         why = f"does not answer ({err.reason})"
     except (OSError, http.client.HTTPException) as err:  # connected, but no (HTTP) answer
         why = (f"accepts connections but does not answer within {timeout:g} s"
@@ -111,7 +114,10 @@ def _answered(uri: str | None, say: bool = True) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        no_answer = isinstance(err, OSError) or "failed with exception" in str(err)  # not a status
+        import requests  # what MLflow's client sends requests with
+
+        no_answer = (isinstance(err, requests.exceptions.RequestException)  # not an error status
+                     or "failed with exception" in str(err))
         if local_store(uri) is not None or not no_answer:
             raise  # an answer (an error status) or a local store: this call's error only
         limit = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT_S)
