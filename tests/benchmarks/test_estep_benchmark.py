@@ -18,7 +18,8 @@ machine's load hits all of them alike) and compare the minimum over the calls (t
 least-disturbed call of each):
 
 * ``test_speedup_over_original``: exact E-step + projection (the backend's loop) against
-  the original port at (1024, 8, 100); at least ``MIN_SPEEDUP`` = 100x;
+  the original port at (1024, 8, 100); at least ``MIN_SPEEDUP``: 100x on a CPU, 5x on a
+  GPU (where the table's every shape is the target);
 * ``test_default_projection_loop_is_the_faster_choice``: ``loop="auto"``'s pick on this
   backend (early exit on the CPU, the fixed loop on accelerators) is no slower than the other
   loop (within ``TOLERANCE``), at (128, 8, 3), where the projection is most of the time, and
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - only this folder on sys.path
 
 TARGET_VIOLATION = 1e-4
 SPEEDUP_SHAPE = (1024, 8, 100)
-MIN_SPEEDUP = 100.0
+MIN_SPEEDUP = {"cpu": 100.0, "gpu": 5.0}  # issue targets: the CPU's, and the GPU's at every shape
 ROUNDS = 20  # interleaved rounds of the ratio checks
 TOLERANCE = 1.10  # the default loop may be this much slower than the other (timer noise)
 LOOP_SHAPES = ((128, 8, 3), SPEEDUP_SHAPE)
@@ -84,7 +85,7 @@ def test_constrained_estep(benchmark, shape, pipeline):
 
 def test_speedup_over_original(benchmark):
     """Exact E-step + projection (the backend's loop) against the original port, interleaved
-    in one process, minimum over the calls: at least ``MIN_SPEEDUP``."""
+    in one process, minimum over the calls: at least the backend's ``MIN_SPEEDUP``."""
     if benchmark.disabled:
         pytest.skip("timing ratios only when benchmarks are enabled")
     results = time_pipelines(cached_inputs(SPEEDUP_SHAPE), repeats=400, rounds=ROUNDS, stat="min",
@@ -94,7 +95,8 @@ def test_speedup_over_original(benchmark):
     benchmark.extra_info.update({f"{name}_calls": res["calls"] for name, res in results.items()})
     benchmark.extra_info.update({"speedup_exact_vs_original": ratio, **machine_info()})
     benchmark(lambda: None)
-    assert ratio >= MIN_SPEEDUP, (f"exact + projection only {ratio:.1f}x the original port "
+    target = MIN_SPEEDUP.get(jax.default_backend(), MIN_SPEEDUP["gpu"])
+    assert ratio >= target, (f"exact + projection only {ratio:.1f}x the original port "
                                   f"({results['exact']['ms']:.3f} ms against "
                                   f"{results['original']['ms']:.1f} ms; {machine_info()['cpu']})")
 
