@@ -57,6 +57,10 @@ def _validate(args: argparse.Namespace) -> None:
     observed = (split.t >= 0).mean(axis=0) if split.num_experts else []
     print(f"ok: {len(split)} samples, {split.num_experts} experts, "
           f"annotated shares {[round(float(v), 3) for v in observed]}")
+    absent = sorted(set(range(args.num_classes)) - set(split.y.tolist()))
+    if absent:
+        print(f"warning: class(es) {', '.join(map(str, absent))} never occur in {args.ground_truth} "
+              "(a class absent from the training split cannot be learned)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from benchmark.bounds import InfeasibleBoundsError
 from benchmark.config import ConfigError, RunConfig, dataset_of, to_cell
 from benchmark.data import dataset_files, load_data
 from core.records import load_records
+from datasets.__main__ import main as datasets_cli
 from datasets.manifest import ManifestError, read_manifest
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.test_pipeline import compose_cfg, flat, run_cli
@@ -113,6 +114,20 @@ def test_a_class_absent_from_training_is_named(tiny_root, tmp_path, capsys):
     cell, _ = compose_cfg(tiny_overrides(tiny_root, tmp_path))
     load_data(dataset_of(cell, REPO_ROOT), 0.0, tmp_path / "cache")
     assert "class(es) 7 never occur in the training split" in flat(capsys.readouterr().err)
+    validate = ["validate", "--root", str(tiny_root), "--ground-truth", "train_ground_truth.json",
+                "--num-classes", "10"]
+    assert datasets_cli(validate) == 0
+    assert "warning: class(es) 7 never occur in train_ground_truth.json" in flat(capsys.readouterr().err)
+
+
+def test_validate_refuses_one_image_under_two_spellings_with_two_labels(tiny_root, capsys):
+    records = json.loads((tiny_root / "train_ground_truth.json").read_text())
+    first = records[0]
+    records.append({"file": "./" + first["file"], "label": (first["label"] + 1) % 10})
+    (tiny_root / "train_ground_truth.json").write_text(json.dumps(records))
+    assert datasets_cli(["validate", "--root", str(tiny_root), "--ground-truth",
+                         "train_ground_truth.json", "--num-classes", "10"]) != 0
+    assert f"duplicate file './{first['file']}' (the image '{first['file']}')" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- chunked assignment
