@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Mapping, cast
 
 if __name__ == "__main__":  # Ctrl-C takes one path from here on, imports included
     from app import interrupt
@@ -34,7 +35,8 @@ def main(cfg: DictConfig) -> float | None:
     """Run one grid cell; in a single run, print its metrics or a clean error; in a sweep,
     write the job's outcome into its folder (and return a tuning trial's objective)."""
     hydra_cfg = HydraConfig.get()
-    choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+    choices = cast(dict[str, str], OmegaConf.to_container(hydra_cfg.runtime.choices))
+    record: Mapping[str, Any]
     try:
         record = run_cell(to_cell(cfg), choices)
     except ConfigError as err:  # a value out of range: no identity, named by its overrides

@@ -31,11 +31,12 @@ def _count(key: str, value: str) -> int | None:
 
     try:
         override = OverridesParser.create().parse_override(f"{key}={value}")
-        if isinstance(override.value(), Glob):
+        parsed = override.value()
+        if isinstance(parsed, Glob):
             from hydra.core.global_hydra import GlobalHydra
 
             options = GlobalHydra.instance().config_loader().get_group_options(key)
-            return len(list(override.value().filter(options)))
+            return len(list(parsed.filter(options)))
         if not override.is_sweep_override():
             return 1
         return len(list(override.sweep_string_iterator()))
@@ -154,9 +155,8 @@ class SweepCallback(Callback):
         outcome = read_outcome(job_dir)
         if outcome is None:  # the task raised before writing its outcome
             try:
-                job_return.return_value
-                error = "the job ended without an outcome"
-            except Exception as err:
+                error = f"the job ended without an outcome (it returned {job_return.return_value!r})"
+            except Exception as err:  # reading the value re-raises what the task raised
                 error = f"{type(err).__name__}: {err}"
             overrides = " ".join(getattr(job_return, "overrides", None) or []) or "?"
             outcome = Outcome(Status.FAILED, {"job": overrides}, error=error)
@@ -207,7 +207,7 @@ class SweepCallback(Callback):
         if not tracker.enabled or self.tracking_problem:
             return
         try:
-            runs = [r["mlflow_run_id"] for r in load_records(results_dir) if r.get("mlflow_run_id")]
+            runs = [str(r["mlflow_run_id"]) for r in load_records(results_dir) if r.get("mlflow_run_id")]
             tracker.log_sweep(str(config.experiment_name), report_dir, runs)
         except Exception as err:  # the records and the report never depend on tracking
             self.tracking_problem = f"the sweep's parent run was not logged ({type(err).__name__}: {err})"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections.abc import Mapping
+from typing import Any
 
-from core.spec import NOT_APPLICABLE, SKIPPED, ResultRecord
+from core.spec import NOT_APPLICABLE, SKIPPED
 
 
 def error_paragraph(error: str) -> str:
@@ -14,12 +16,12 @@ def error_paragraph(error: str) -> str:
                          break_long_words=False)  # paths stay whole, to copy
 
 
-def print_cell(record: ResultRecord, file=sys.stdout) -> None:
+def print_cell(record: Mapping[str, Any], file=sys.stdout) -> None:
     """Print one cell's result as a small table (or its error)."""
     cell = record["cell"]
     title = ", ".join(f"{k}={v}" for k, v in cell.items())
     if record["status"] == "failed":
-        print(f"FAILED {title}\n{error_paragraph(record['error'])}", file=sys.stderr)
+        print(f"FAILED {title}\n{error_paragraph(record.get('error') or '?')}", file=sys.stderr)
         return
     if record["status"] == NOT_APPLICABLE:
         print(f"NOT RUN {title}: {record['error']}", file=sys.stderr)
@@ -37,5 +39,5 @@ def print_cell(record: ResultRecord, file=sys.stdout) -> None:
         if value is not None:
             print(f"  {name:<26}{value:>10.4f}", file=file)
     if record.get("tracking_error"):
-        print(f"MLflow: not tracked ({error_paragraph(record['tracking_error'])}); the record is "
+        print(f"MLflow: not tracked ({error_paragraph(str(record['tracking_error']))}); the record is "
               "complete.", file=sys.stderr)

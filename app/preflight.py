@@ -71,7 +71,8 @@ def problems(config: DictConfig, hydra_dir: tuple[str, str]) -> list[str]:
 
 
 def check_before_writing(config: DictConfig, hydra_dir: tuple[str, str]) -> None:
-    """``hydra_dir``: (option, folder) of Hydra's run or sweep folder. Print the problems as one paragraph each and exit with status 1, or return."""
+    """``hydra_dir``: (option, folder) of Hydra's run or sweep folder. Print the problems as
+    one paragraph each and exit with status 1, or return."""
     found = problems(config, hydra_dir)
     if found:
         print("\n".join(f"l2d-bench: {error_paragraph(p)}" for p in found), file=sys.stderr,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,7 +67,7 @@ def write_tuned_preset(config: DictConfig, tuned_dir: Path) -> Path | None:
     results = Path(config.hydra.sweep.dir) / "optimization_results.yaml"
     if not results.is_file():
         return None
-    best = OmegaConf.to_container(OmegaConf.load(results))
+    best = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(results)))
     dataset, method = config.hydra.runtime.choices.dataset, str(config.method.name)
     header = (
         "# @package _global_\n"
@@ -83,9 +83,9 @@ def write_tuned_preset(config: DictConfig, tuned_dir: Path) -> Path | None:
     sharing = [name for name in METHODS.names() if name != method and problem is not None
                and METHODS.get(name).training_problem == problem]
     for name in sharing:
-        atomic_write_text(tuned_dir / f"{dataset}_{name}.yaml", header.replace(
-            "# @package _global_\n", f"# @package _global_\n# Shared with {method}: the same training problem ({problem}).\n")
-            + body)
+        shared = f"# @package _global_\n# Shared with {method}: the same training problem ({problem}).\n"
+        atomic_write_text(tuned_dir / f"{dataset}_{name}.yaml",
+                          header.replace("# @package _global_\n", shared) + body)
     path = tuned_dir / f"{dataset}_{method}.yaml"
     atomic_write_text(path, header + body)
     return path

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -70,7 +70,8 @@ def write_cache(path: str | Path, **arrays) -> None:
     written under: its name without the extension, which the caller derives from the key."""
     path = Path(path)
     buffer = io.BytesIO()
-    np.savez(buffer, **{CACHE_KEY: np.array(path.stem)}, **arrays)
+    keyed: dict[str, Any] = {CACHE_KEY: np.array(path.stem), **arrays}
+    np.savez(buffer, **keyed)
     atomic_write_bytes(path, buffer.getvalue())
 
 

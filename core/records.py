@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import cast
 
-from core.spec import RECORD_NAME, Outcome, ResultRecord, check_record
 from core.files import atomic_write_text
+from core.spec import RECORD_NAME, Outcome, ResultRecord, check_record
 
 
 class NoRecordsError(FileNotFoundError):
@@ -47,7 +48,7 @@ def load_records(run_dir: str | Path) -> list[ResultRecord]:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path}: cannot read result record: {error}") from error
-        records.append({**check_record(data, str(path)), "path": str(path)})
+        records.append(cast(ResultRecord, {**check_record(data, str(path)), "path": str(path)}))
     return records
 
 

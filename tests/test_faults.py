@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -20,8 +19,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from app import preflight
-from benchmark.assignment import (capacity_assignment, check_assignment_batch, chunk_is_faithful,
-                                  integer_capacities)
+from benchmark.assignment import capacity_assignment, check_assignment_batch, chunk_is_faithful, integer_capacities
 from benchmark.bounds import InfeasibleBoundsError
 from benchmark.config import ConfigError, RunConfig, dataset_of, to_cell
 from benchmark.data import dataset_files, load_data
