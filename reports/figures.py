@@ -436,7 +436,7 @@ def critical_difference(agg: pd.DataFrame, roles: dict[str, str] | None = None,
     shared = _shared_note(grouped)
     if scores.shape[1] < 3 or scores.shape[0] < 2:
         return (f"Critical-difference diagram not drawn: it needs at least 2 independent units "
-                f"(datasets with different test sets) and 3 learned methods present in all of "
+                f"(datasets) whose test sets differ and 3 learned methods present in all of "
                 f"them; these results have {scores.shape[0]} test set(s) and {scores.shape[1]} "
                 f"such method(s). The groups of one test set (missing rates, workloads, dataset "
                 f"variants) share test samples, so they are not independent units.{shared}")

@@ -31,10 +31,10 @@ from reports.uncertainty import ties_with_best
 ROW_KEYS = ["dataset", "method", "missing_rate", "workload"]
 GROUP_KEYS = ["dataset", "missing_rate", "workload"]
 # metrics shown per primary decision rule, beside argmax and constrained accuracy
-DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv"]
+DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv", "cost_aware_accuracy"]
 # metrics of the trained model or the run: one column each (no decision rule changes them)
 RUN_METRICS = ["deferral_auc", "classifier_ece", "imputation_accuracy", "train_seconds",
-               "estep_ms"]
+               "estep_ms", "expert_set_size"]
 CONSOLE_WIDTH = 100
 MISSING_TEXT = "–"
 LEARNED, REFERENCE = "method", "reference"  # the roles of a row
@@ -480,6 +480,13 @@ def failure_summary(failed: pd.DataFrame) -> str:
     return f"{len(failed)} failed {noun} ({per_method}), left out of the leaderboard"
 
 
+INDENT = 2  # a group's table sits under its [group] line
+
+
+def _indented(lines: list[str]) -> list[str]:
+    return [" " * INDENT + line if line else line for line in lines]
+
+
 def _wrapped(text: str) -> str:
     return textwrap.fill(text, width=CONSOLE_WIDTH)
 
@@ -502,8 +509,8 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
     for section in sections or ():  # the tables first, what they mean below them
         lines.append(f"== {section.title} ==")
         for subtitle, frame in section.blocks:
-            lines += [f"[{subtitle}]", *fitted_text_table(
-                frame.values.tolist(), list(frame.columns)), ""]
+            lines += [f"[{subtitle}]", *_indented(fitted_text_table(
+                frame.values.tolist(), list(frame.columns), width=CONSOLE_WIDTH - INDENT)), ""]
         lines.append(_wrapped(section.note))
         if section.ties and section.blocks:
             lines.append(_wrapped(TIES_NOTE))
@@ -538,6 +545,6 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
         body = [[row[name] for name in ["rank", "method", *metric_names, "n"]]
                 for rows in (learned, reference) for _, row in rows.iterrows()]
         lines += ["", f"[{dataset} · missing rate {rate} · workload {workload}]",
-                  *fitted_text_table(body, header)]
+                  *_indented(fitted_text_table(body, header, width=CONSOLE_WIDTH - INDENT))]
     lines += ["", _wrapped(TIES_NOTE)]
     return "\n".join(lines)

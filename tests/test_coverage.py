@@ -267,7 +267,7 @@ def test_cd_diagram_needs_independent_units(equal_coverage_records, tmp_path):
 
     paths = write_report(equal_coverage_records, tmp_path / "report")  # one dataset
     assert "figures/critical_difference.png" not in paths
-    assert ("at least 2 independent units (datasets with different test sets)"
+    assert ("at least 2 independent units (datasets) whose test sets differ"
             in paths["leaderboard.md"].read_text())
 
 
