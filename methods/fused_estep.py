@@ -43,7 +43,7 @@ from methods.projection import (GRADIENT_FRACTIONS, MIN_TARGET, NUM_ITERS, SNAP_
 
 TILE_ELEMENTS = 4096  # E-step tile: rows * padded agents * padded classes per program
 CHUNK_ROWS = 512  # projection: rows held (or streamed) per pass
-NUM_WARPS = 4
+NUM_WARPS = 8  # 256 threads: a (512, 16) chunk is 32 registers per thread and array
 MAX_BACKTRACKS = 3  # constrain_posterior's default: Newton trials at 2^0 .. 2^-3
 MAX_STEP = 32.0  # constrain_posterior's default
 MIN_PROB = 1e-12  # constrain_posterior's default
