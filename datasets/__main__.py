@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from datasets.builders import BUILDERS
-from datasets.generators import (class_specialist_labels, confusion_matrix_labels,
-                                 write_missing_manifests)
+from datasets.generators import class_specialist_labels, confusion_matrix_labels, write_missing_manifests
 from datasets.layout import load_split
 from datasets.manifest import ManifestError, read_manifest, write_manifest
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -154,11 +154,11 @@ def _read_bytes(path: Path) -> bytes:
 
 def concatenate(parts: Sequence[CifarImages]) -> CifarImages:
     """Join several decoded batches in order."""
-    coarse = [p.coarse_labels for p in parts]
+    coarse = [p.coarse_labels for p in parts if p.coarse_labels is not None]
     return CifarImages(
         images=np.concatenate([p.images for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),
-        coarse_labels=None if any(c is None for c in coarse) else np.concatenate(coarse),
+        coarse_labels=np.concatenate(coarse) if coarse and len(coarse) == len(parts) else None,
     )
 
 
@@ -250,8 +250,10 @@ class _BinarySource:
 
     def fingerprint(self) -> dict[str, list[int]]:
         """Sizes and modification times of the source files (a change triggers a rebuild)."""
-        paths = [self.archive] if self.archive else [self.directory / n for n in self.names]
-        return _fingerprint(paths)
+        if self.archive is not None:
+            return _fingerprint([self.archive])
+        assert self.directory is not None  # one of the two is set by __init__
+        return _fingerprint([self.directory / n for n in self.names])
 
 
 def _fingerprint(paths: Sequence[Path]) -> dict[str, list[int]]:
@@ -345,7 +347,7 @@ def build_cifar10h(
         count = len(data) if limit is None else min(int(limit), len(data))
         images, labels, probs = data.images[:count], data.labels[:count], probs[:count]
         train_rows, test_rows = stratified_split(labels, float(test_fraction), int(seed))
-        summary = {"splits": {}, "human_accuracy": {}, "expert_accuracy": {}}
+        summary: dict[str, Any] = {"splits": {}, "human_accuracy": {}, "expert_accuracy": {}}
         for split_index, (split, rows) in enumerate((("train", train_rows), ("test", test_rows))):
             files = write_split(root, split, images[rows], labels[rows], rows)
             write_manifest(root / f"{split}_human_probs.json", files, np.round(probs[rows], 6))
@@ -439,7 +441,7 @@ def _build_official(
     }
 
     def write(root: Path) -> dict:
-        summary = {"splits": {}, "expert_groups": expert_groups, "expert_accuracy": {}}
+        summary: dict[str, Any] = {"splits": {}, "expert_groups": expert_groups, "expert_accuracy": {}}
         for split_index, (split, file_names) in enumerate(split_files.items()):
             data = concatenate([parse(*binaries.read(name)) for name in file_names])
             count = len(data) if limit is None else min(int(limit), len(data))

@@ -56,7 +56,9 @@ def _random_window(images: jax.Array, height: int, width: int, key: jax.Array) -
     key_y, key_x = jax.random.split(key)
     dy = jax.random.randint(key_y, (b,), 0, h - height + 1)
     dx = jax.random.randint(key_x, (b,), 0, w - width + 1)
-    window = lambda image, y0, x0: jax.lax.dynamic_slice(image, (y0, x0, 0), (height, width, c))
+    def window(image, y0, x0):
+        return jax.lax.dynamic_slice(image, (y0, x0, 0), (height, width, c))
+
     return jax.vmap(window)(images, dy, dx)
 
 

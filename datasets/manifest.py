@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def _read_manifest(path: Path, num_classes: int, size: int, mtime_ns: int) -> Ma
     soft = any(isinstance(v, np.ndarray) for v in values)
     if soft:
         labels = np.stack(
-            [v if isinstance(v, np.ndarray) else np.eye(num_classes)[v] for v in values]
+            [v if isinstance(v, np.ndarray) else np.eye(num_classes)[cast(int, v)] for v in values]
         ).astype(np.float32) if values else np.zeros((0, num_classes), np.float32)
     else:
         labels = np.asarray(values, dtype=np.int64)

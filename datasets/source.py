@@ -14,15 +14,15 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from core.files import read_cache, write_cache
 from core.spec import Batch
 from datasets.layout import SplitData
-from core.files import read_cache, write_cache
 from datasets.manifest import ManifestError
 
 
@@ -48,10 +48,10 @@ class Augment:
 def decode_image(path: Path, fmt: ImageFormat) -> np.ndarray:
     """Decode one image file to (H, W, C) uint8, resized to ``fmt`` when needed."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if fmt.channels == 1 else "RGB")
+        with Image.open(path) as file:
+            image = file.convert("L" if fmt.channels == 1 else "RGB")
             if image.size != (fmt.width, fmt.height):
-                image = image.resize((fmt.width, fmt.height), Image.BILINEAR)
+                image = image.resize((fmt.width, fmt.height), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as err:
         raise ManifestError(f"{path}: image file cannot be decoded ({err}).") from None
@@ -165,13 +165,13 @@ def augment_batch(images: np.ndarray, augment: Augment, rng: np.random.Generator
     pad = augment.crop_padding
     if pad > 0:
         padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        dy = rng.integers(0, 2 * pad + 1, size=b)
-        dx = rng.integers(0, 2 * pad + 1, size=b)
+        dy = rng.integers(0, 2 * pad + 1, size=(b,))
+        dx = rng.integers(0, 2 * pad + 1, size=(b,))
         rows = dy[:, None] + np.arange(h)[None, :]
         cols = dx[:, None] + np.arange(w)[None, :]
         images = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
     if augment.hflip:
-        flip = rng.random(b) < 0.5
+        flip = rng.random((b,)) < 0.5
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
     return images
 
@@ -254,7 +254,7 @@ def epoch_batches(
             images = augment_batch(images, config.augment, rng)
         if shuffle or corrupt:
             noise = pixel_noise(images.shape, config.augment, rng)
-        yield Batch(x=normalise(images, mean, std, noise), y=data.y[rows], t=data.t[rows])
+        yield host_batch(normalise(images, mean, std, noise), data.y[rows], data.t[rows])
 
 
 def crop_one(image: np.ndarray, size: int | None, rng: np.random.Generator | None) -> np.ndarray:
@@ -331,9 +331,14 @@ def _stream_epoch(
     iterator = iter(stream)
     try:
         for batch in iterator:  # copies: workers' arrays live in shared memory until freed
-            yield Batch(*(np.array(batch[key]) for key in ("x", "y", "t")))
+            yield host_batch(*(np.array(batch[key]) for key in ("x", "y", "t")))
     finally:  # stops the worker processes even when the caller leaves early
         iterator.close()
+
+
+def host_batch(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> Batch:
+    """A ``Batch`` of host (numpy) arrays; a jitted step takes them as it takes device arrays."""
+    return Batch(*cast(Any, (x, y, t)))
 
 
 def _absl_flags_defaults() -> None:
