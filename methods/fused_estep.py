@@ -1,7 +1,8 @@
 """The exact E-step and the workload projection as one Pallas kernel (GPU, Triton backend).
 
 ``fused_exact_constrained`` computes what ``exact_estep`` followed by ``constrain_posterior``
-computes (the XLA path, the reference it is tested against), in one kernel launch:
+computes (the XLA path, the reference it is tested against), in one kernel launch (besides
+it XLA only zeroes a 4-byte counter):
 
 1. every program of a 1-D grid runs the exact E-step (``methods/estep.py``) on a tile of
    ``rows`` samples: one pass over its (rows, E+1, K) block of ``log_p_t``, writing ``q_t``
@@ -15,8 +16,9 @@ computes (the XLA path, the reference it is tested against), in one kernel launc
 
 The iteration is ``constrain_posterior``'s, step for step (same shift, sides, Newton and
 logit-Newton directions, Gauss-Jordan solves, trial points and selection), written for
-Triton: every array is padded to powers of two (agents to ``next_power_of_2(E+1)``,
-classes to ``next_power_of_2(K)``, the trials to 16) with masked loads and stores, and
+Triton: every array is padded to powers of two (agents to at least 16, the smallest
+dimension of a Triton dot product; classes to ``next_power_of_2(K)``; the trials to 16)
+with masked loads and stores, and
 elements are picked by masked reductions instead of indexing. ``loop`` is the projection's:
 ``early_exit`` (the default here: inside a kernel a data-dependent loop is a branch, with
 no host round trip) or ``fixed`` (``num_iters`` iterations).
@@ -38,17 +40,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from core.spec import MISSING
-from methods.projection import (GRADIENT_FRACTIONS, MIN_TARGET, NUM_ITERS, SNAP_EPS, ZERO_EPS,
-                                check_loop)
+from methods.projection import (GRADIENT_FRACTIONS, MAX_BACKTRACKS, MAX_STEP, MIN_PROB, MIN_TARGET,
+                                NUM_ITERS, SNAP_EPS, ZERO_EPS, check_loop)
 
 TILE_ELEMENTS = 4096  # E-step tile: rows * padded agents * padded classes per program
 CHUNK_ROWS = 512  # projection: rows held (or streamed) per pass
 NUM_WARPS = 8  # 256 threads: a (512, 16) chunk is 32 registers per thread and array
-MAX_BACKTRACKS = 3  # constrain_posterior's default: Newton trials at 2^0 .. 2^-3
-MAX_STEP = 32.0  # constrain_posterior's default
-MIN_PROB = 1e-12  # constrain_posterior's default
-_HIGHEST = jax.lax.Precision.HIGHEST
-_PARAMS = ("label_noise", "tol")  # order of the scalar parameters vector
+_HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (IEEE, no TF32)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -432,7 +430,7 @@ def fused_exact_constrained(log_p_z, log_p_t, y, t, lo, hi, label_noise=1e-3, to
                          "two >= 16 (the Gram products are Triton dot products).")
     early_exit = loop == "auto" or check_loop(loop) == "early_exit"
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    params = jnp.stack([jnp.asarray(label_noise, jnp.float32), jnp.asarray(tol, jnp.float32)])
+    params = jnp.stack([jnp.asarray(label_noise, jnp.float32), jnp.asarray(tol, jnp.float32)])  # params_ref[0], [1]
     launch = _one_problem_per_launch(functools.partial(
         _launch, num_iters=num_iters, early_exit=early_exit, interpret=interpret,
         chunk_rows=chunk_rows, num_warps=num_warps))

@@ -31,6 +31,9 @@ SNAP_EPS = 1e-3  # a multiplier this close to 0 whose gradient pulls it to 0 is 
 ZERO_EPS = 1e-6  # |v_k| below this after a shift is rounding: set to 0
 MIN_TARGET = 1e-7  # targets of the logit step are clipped to [MIN_TARGET, 1 - MIN_TARGET]
 GRADIENT_FRACTIONS = (1.0 / 16, 1.0 / 64, 1.0 / 256)  # short steps of the fallback direction
+MAX_STEP = 32.0  # largest |step| of a multiplier in one iteration
+MAX_BACKTRACKS = 3  # Newton trials at 2^0 .. 2^-MAX_BACKTRACKS of the step
+MIN_PROB = 1e-12  # posterior entries are floored at this
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
 PROJECTION_LOOPS = ("fixed", "early_exit")  # constrain_posterior's loop, besides "auto"
 
@@ -104,8 +107,8 @@ def _kkt_residual(shares, v, lo, hi):
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "max_backtracks", "loop"))
-def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=1e-12, max_step=32.0,
-                        max_backtracks=3, loop="auto"):
+def constrain_posterior(q, lo, hi, num_iters=NUM_ITERS, tol=1e-5, min_prob=MIN_PROB, max_step=MAX_STEP,
+                        max_backtracks=MAX_BACKTRACKS, loop="auto"):
     """KL-project agent posteriors onto the workload bounds (jittable; fixed cost with
     ``loop="fixed"``).
 
