@@ -430,7 +430,8 @@ def fused_exact_constrained(log_p_z, log_p_t, y, t, lo, hi, label_noise=1e-3, to
                          "two >= 16 (the Gram products are Triton dot products).")
     early_exit = loop == "auto" or check_loop(loop) == "early_exit"
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    params = jnp.stack([jnp.asarray(label_noise, jnp.float32), jnp.asarray(tol, jnp.float32)])  # params_ref[0], [1]
+    # the kernel reads these as params_ref[0] and params_ref[1]
+    params = jnp.stack([jnp.asarray(label_noise, jnp.float32), jnp.asarray(tol, jnp.float32)])
     launch = _one_problem_per_launch(functools.partial(
         _launch, num_iters=num_iters, early_exit=early_exit, interpret=interpret,
         chunk_rows=chunk_rows, num_warps=num_warps))

@@ -192,7 +192,8 @@ def main(argv=None) -> None:
                         help="summary of the repeated calls (min is robust to a loaded machine)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are interleaved in")
     parser.add_argument("--pipelines", default=None,
-                        help=f"comma-separated, of {', '.join(PIPELINES)} (default: {', '.join(default_pipelines())})")
+                        help=f"comma-separated, of {', '.join(PIPELINES)} "
+                             f"(default: {', '.join(default_pipelines())})")
     args = parser.parse_args(argv)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     names = default_pipelines() if args.pipelines is None else tuple(args.pipelines.split(","))
