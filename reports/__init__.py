@@ -123,7 +123,7 @@ def coverage_section(area: pd.DataFrame, targets: pd.DataFrame,
     blocks = tuple((f"{dataset}: missing rate {rate:g}, workload {workload}", shown)
                    for dataset, rate, workload, shown in coverage_blocks(area, targets))
     return ReportSection("Accuracy at equal coverage", COVERAGE_NOTE, blocks, ties=True,
-                         figures=figures)
+                         figures=figures, headline=True)
 
 
 def write_report(records: list[dict], out_dir: str | Path, primary_metric: str = "accuracy",

@@ -6,16 +6,16 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from html import escape
 
 import pandas as pd
 
-from collections.abc import Iterable
-
 from reports.frames import natural_sorted
 from reports.leaderboard import (COLLAPSED_NOTE, TIES_NOTE, ReportSection, failure_summary,
-                                 format_leaderboard, group_blocks, leaderboard_note)
+                                 format_leaderboard, group_blocks, leaderboard_note,
+                                 split_sections)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -168,16 +168,18 @@ def render_html(table: pd.DataFrame, failures: pd.DataFrame, provenance: pd.Data
 
     ``table`` is a leaderboard table (``leaderboard_table``), ``failures`` and
     ``provenance`` come from ``reports.frames``, ``images`` maps figure names to (PNG
-    bytes, caption). The ``extra`` sections (accuracy at equal coverage, the
-    critical-difference diagram) come first, each with its own figures; then the
-    per-cell leaderboard (groups whose workload is in ``collapsed`` folded away), the other
-    figures, the summary of cells, failures and provenance.
+    bytes, caption). The headline ``extra`` sections (accuracy at equal coverage) come
+    first, each with its own figures; then the per-cell leaderboard (groups whose workload
+    is in ``collapsed`` folded away), the other sections (the critical-difference diagram),
+    the other figures, the summary of cells, failures and provenance.
     """
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     placed = {name for section in extra or () for name in section.figures}
+    headline, others = split_sections(extra)
     sections = [
-        *((section.title, _section_html(section, images)) for section in extra or ()),
+        *((section.title, _section_html(section, images)) for section in headline),
         ("Leaderboard", _leaderboard_html(table, collapsed)),
+        *((section.title, _section_html(section, images)) for section in others),
         ("Figures", _figures_html({k: v for k, v in images.items() if k not in placed})),
         ("Summary", _summary_html(provenance)),
         ("Failures", _failures_html(failures)),

@@ -320,14 +320,22 @@ TIES_NOTE = ("Ties (=) come from a paired test, the bootstrap of each method's d
 class ReportSection(NamedTuple):
     """A part of the report beside the leaderboard: a title, a note (what it shows, or why
     it is absent), (subtitle, display table) blocks, whether its tables carry tie marks
-    (then ``TIES_NOTE`` follows each) and the names of the figures that belong to it
-    (the HTML page shows them right after its tables)."""
+    (then ``TIES_NOTE`` follows each), the names of the figures that belong to it (the
+    HTML page shows them right after its tables) and whether it is the headline (shown
+    before the leaderboard; other sections follow it)."""
 
     title: str
     note: str
     blocks: tuple[tuple[str, pd.DataFrame], ...] = ()
     ties: bool = False
     figures: tuple[str, ...] = ()
+    headline: bool = False
+
+
+def split_sections(sections) -> tuple[list[ReportSection], list[ReportSection]]:
+    """(headline sections, the others), each in the given order."""
+    sections = list(sections or ())
+    return ([s for s in sections if s.headline], [s for s in sections if not s.headline])
 
 
 def _markdown_sections(sections) -> list[str]:
@@ -364,14 +372,16 @@ COLLAPSED_NOTE = ("The coverage sweep's cells, one leaderboard per coverage targ
 def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None,
                          sections: list[ReportSection] | None = None,
                          collapsed: Iterable[str] = ()) -> str:
-    """The leaderboard as Markdown: ``sections`` first (e.g. accuracy at equal coverage),
-    then per dataset and (missing rate, workload) group, a table of the ranked learned
-    methods (best and ties marked, ``TIES_NOTE`` below), then the reference rows in their
-    own table. Groups whose workload is in ``collapsed`` (a coverage sweep's cells) sit in
-    ``<details>`` blocks. ``failed`` adds a section listing the failed cells."""
+    """The report as Markdown: the headline ``sections`` first (e.g. accuracy at equal
+    coverage), then per dataset and (missing rate, workload) group, a table of the ranked
+    learned methods (best and ties marked, ``TIES_NOTE`` below), then the reference rows in
+    their own table; then the other sections. Groups whose workload is in ``collapsed`` (a
+    coverage sweep's cells) sit in ``<details>`` blocks. ``failed`` adds a section listing
+    the failed cells."""
     collapsed = set(collapsed)
+    headline, others = split_sections(sections)
     lines = ["# l2d-bench report"]
-    lines += _markdown_sections(sections)
+    lines += _markdown_sections(headline)
     lines += ["", "## Leaderboard", "", leaderboard_note(table)]
     if table.empty:
         lines += ["", "No successful cells."]
@@ -393,6 +403,7 @@ def markdown_leaderboard(table: pd.DataFrame, failed: pd.DataFrame | None = None
                       _markdown_table(reference.drop(columns=[*drop, "rank"]))]
         if fold:
             lines += ["", "</details>"]
+    lines += _markdown_sections(others)
     if failed is not None and not failed.empty:
         shown_failed = failed.drop(columns="path").assign(
             missing_rate=failed["missing_rate"].map(lambda rate: f"{rate:g}"),
@@ -497,16 +508,25 @@ CONSOLE_LABELS = {"argmax/accuracy": "argmax acc", "workload_violation": "violat
 def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
                    sections: list[ReportSection] | None = None, note: str = "") -> str:
     """Compact text report for the end of a run, at most 100 characters wide: the
-    ``sections`` first (the headline, e.g. accuracy at equal coverage: its tables, then
-    what they mean), then per (dataset,
-    missing rate, workload) group the ranked learned methods (``*`` best, ``=`` tied with
-    the best) and the reference rows, unranked, with the tie note once below.
+    headline ``sections`` first (e.g. accuracy at equal coverage: its tables, then what
+    they mean), then per (dataset, missing rate, workload) group the ranked learned methods
+    (``*`` best, ``=`` tied with the best) and the reference rows, unranked, with the tie
+    note once below; then the other sections (e.g. the critical-difference diagram).
 
     ``note`` adds a line under the leaderboard's title (e.g. which cells are left to the
     files); ``failed`` (``reports.frames.failures``) a line counting failed cells per method.
     """
+    headline, others = split_sections(sections)
+    lines = _console_sections(headline)
+    lines += _leaderboard_lines(table, failed, note)
+    if others:
+        lines += ["", *_console_sections(others)]
+    return "\n".join(lines).rstrip("\n")
+
+
+def _console_sections(sections: list[ReportSection]) -> list[str]:
     lines: list[str] = []
-    for section in sections or ():  # the tables first, what they mean below them
+    for section in sections:  # the tables first, what they mean below them
         lines.append(f"== {section.title} ==")
         for subtitle, frame in section.blocks:
             lines += [f"[{subtitle}]", *_indented(fitted_text_table(
@@ -515,6 +535,12 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
         if section.ties and section.blocks:
             lines.append(_wrapped(TIES_NOTE))
         lines.append("")
+    return lines
+
+
+def _leaderboard_lines(table: pd.DataFrame, failed: pd.DataFrame | None, note: str) -> list[str]:
+    """The console leaderboard: title, notes, one table per group, the tie note."""
+    lines: list[str] = []
     decision = _shown_decision(table.attrs.get("primary_decision", "constrained"))
     lines += ["== Leaderboard ==", _wrapped(
         f"{primary_caption(table)}, learned methods only; {INTERVAL_NOTE}; {MARKS_NOTE}; vs "
@@ -526,7 +552,7 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
     if table.empty:
         if not note:
             lines.append("(no cells to show)")
-        return "\n".join(lines)
+        return lines
     primary = table.attrs.get("primary_column", "constrained/accuracy")
     wanted = [primary, "constrained/accuracy", "argmax/accuracy",
               f"{decision}/workload_violation", f"{decision}/coverage"]
@@ -547,4 +573,4 @@ def format_console(table: pd.DataFrame, failed: pd.DataFrame | None = None,
         lines += ["", f"[{dataset} · missing rate {rate} · workload {workload}]",
                   *_indented(fitted_text_table(body, header, width=CONSOLE_WIDTH - INDENT))]
     lines += ["", _wrapped(TIES_NOTE)]
-    return "\n".join(lines)
+    return lines
