@@ -216,7 +216,7 @@ class DatasetConfig:
     workers: int = neutral(0)  # streamed data: Grain worker processes
     missing_seed: Optional[int] = None  # None: the run seed draws the missing annotations
     held_out_experts: List[int] = field(default_factory=list)  # experts trained on by context only
-    held_out_context: int = 16  # training annotations a held-out expert keeps (its context set)
+    held_out_context: int = 32  # training annotations a held-out expert keeps (its context set)
     expert_cost: List[float] = field(default_factory=list)  # per-expert consultation cost; [] = 0
     train: SplitManifests = MISSING
     test: SplitManifests = MISSING

@@ -7,22 +7,30 @@ of a few of that expert's answers, its *context set* ``D_j = {(x_c, y_c, t_jc)}`
 model serves experts it was not trained on: give it a new expert's context set and it
 defers to that expert where the expert's answers on similar inputs were right.
 
-* Features ``phi(x)`` from one backbone; K class logits from a linear head.
+* Features ``phi(x)`` from one backbone (layer-normalised for the heads below); K class
+  logits from a linear head.
 * Each context pair is encoded as ``v_c = MLP([phi(x_c), onehot(t_jc), onehot(y_c),
-  1[t_jc = y_c]])``. For a query x the expert's summary is the cross-attention read-out
-  ``sum_c softmax_c(q(x) . k(x_c) / sqrt(H)) v_c`` (``attention=false``: left out) beside
-  the mean of the ``v_c``; the expert's logit is ``MLP([phi(x), read-out, mean])``.
-* Loss: the multi-expert ``ova`` (default) or ``softmax`` surrogate on the K class logits
+  onehot(y_c) * (2 r_c - 1), r_c])`` with ``r_c = 1[t_jc = y_c]``. For a query x the
+  expert's summary is the cross-attention read-out ``a = sum_c softmax_c(q(x) . k(x_c) /
+  sqrt(H)) v_c`` (``attention=false``: left out) and the mean ``m`` of the ``v_c``.
+* The expert's logit is ``MLP([phi(x), a, m, p(x) * a, p(x) * m]) + s * logit(acc)``:
+  ``p`` a linear projection of ``phi(x)``, ``s`` a learned scale (starts at 1) and ``acc``
+  the expert's accuracy on x's class as the context shows it (per class, its right
+  answers plus one pseudo-answer at its overall context accuracy, over its answers plus
+  one; averaged under the classifier's class probabilities, held fixed). This read-out
+  of the context in label space lets the head work within a few epochs; the learned part
+  refines it from the inputs (without it, digits needed far more steps than the OvA heads).
+* Loss: the multi-expert ``softmax`` (default) or ``ova`` surrogate on the K class logits
   and the E context-conditioned expert logits (``methods.surrogates``).
 
 Context sets come only from annotations an expert gave, so missing annotations never enter
 them. In training, a sample's context for expert j is up to ``context_size`` other samples
 of the same batch that j annotated (batches are shuffled: a fresh random set each step, the
-sample itself left out). Training also keeps, per expert, the last ``context_size``
-annotated training samples it saw (``ContextMemory``; an expert with few annotations, such
-as a held-out expert known by a few answers, keeps all it has); these are the context sets
-at test time. Missing policies for the surrogate: ``mask`` (default, OvA), ``as_incorrect``,
-``drop``.
+sample itself left out; the context's features are held fixed, so the backbone learns from
+the queries). Training also keeps, per expert, the last ``context_size`` annotated training
+samples it saw (``ContextMemory``; an expert with few annotations, such as a held-out
+expert known by a few answers, keeps all it has); these are the context sets at test time.
+Missing policies for the surrogate: ``as_incorrect`` (default), ``drop``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ from methods.surrogates import MULTI_EXPERT_SURROGATES as SURROGATES
 
 class ContextMemory(nnx.BatchStat):
     """Context pairs that training keeps for test time (state, never a parameter)."""
+
+
+PRIOR_WEIGHT = 1.0  # pseudo-samples of an expert's overall accuracy in each class's estimate
 
 
 def batch_context(observed: jax.Array, size: int) -> jax.Array:
@@ -67,6 +78,21 @@ def attend(logits: jax.Array, mask: jax.Array, values: jax.Array) -> tuple[jax.A
             jnp.einsum("bec,ech->beh", share, values))
 
 
+def context_accuracy(class_probs: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B, E) each expert's accuracy on a query's class as its context set shows it: per
+    class c, ``(right on c + w a) / (seen on c + w)`` with ``a`` the (Laplace-smoothed)
+    accuracy over the whole context and ``w = PRIOR_WEIGHT``, averaged under the query's
+    ``class_probs`` (B, K); ``t``, ``y`` (E, C) and ``mask`` (B, E, C) as in ``attend``."""
+    label = jax.nn.one_hot(y, class_probs.shape[-1])  # (E, C, K)
+    right = (t == y).astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    seen = jnp.einsum("bec,eck->bek", mask, label)
+    right_on = jnp.einsum("bec,eck->bek", mask, label * right[..., None])
+    overall = (jnp.einsum("bec,ec->be", mask, right) + 1.0) / (mask.sum(axis=-1) + 2.0)
+    per_class = (right_on + PRIOR_WEIGHT * overall[..., None]) / (seen + PRIOR_WEIGHT)
+    return jnp.einsum("bk,bek->be", class_probs, per_class)
+
+
 class PopulationNetwork(nnx.Module):
     """Backbone, class head, context encoder, attention and the shared correctness head,
     plus the context memory (E experts x ``context`` slots)."""
@@ -77,12 +103,15 @@ class PopulationNetwork(nnx.Module):
         self.backbone = BACKBONES.get(spec.backbone)(channels, rngs=rngs)
         features = self.backbone.features
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
-        self.encode_in = nnx.Linear(features + 2 * num_classes + 1, hidden, rngs=rngs)
+        self.normalise = nnx.LayerNorm(features, rngs=rngs)  # the backbone's features, rescaled
+        self.encode_in = nnx.Linear(features + 3 * num_classes + 1, hidden, rngs=rngs)
         self.encode_out = nnx.Linear(hidden, hidden, rngs=rngs)
         self.query = nnx.Linear(features, hidden, rngs=rngs)
         self.key = nnx.Linear(features, hidden, rngs=rngs)
-        self.head_in = nnx.Linear(features + 2 * hidden, hidden, rngs=rngs)
+        self.project = nnx.Linear(features, hidden, rngs=rngs)
+        self.head_in = nnx.Linear(features + 4 * hidden, hidden, rngs=rngs)
         self.head_out = nnx.Linear(hidden, 1, rngs=rngs)
+        self.prior_scale = nnx.Param(jnp.ones(()))  # weight of the context-accuracy logit
         self.num_classes, self.attention = num_classes, attention
         self.memory_x = ContextMemory(jnp.zeros((num_experts, context, height, width, channels)))
         self.memory_t = ContextMemory(jnp.zeros((num_experts, context), jnp.int32))
@@ -92,23 +121,30 @@ class PopulationNetwork(nnx.Module):
 
     def encode(self, features: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
         """(..., H) codes of context pairs: features (..., D), answers t and labels y (...)."""
-        pair = jnp.concatenate([features, jax.nn.one_hot(t, self.num_classes),
-                                jax.nn.one_hot(y, self.num_classes), (t == y)[..., None]], axis=-1)
-        return self.encode_out(nnx.relu(self.encode_in(pair)))
+        right = (t == y)[..., None]
+        label = jax.nn.one_hot(y, self.num_classes)
+        pair = jnp.concatenate([self.normalise(features), jax.nn.one_hot(t, self.num_classes), label,
+                                label * (2.0 * right - 1.0), right], axis=-1)
+        return self.encode_out(nnx.gelu(self.encode_in(pair)))
 
-    def expert_logits(self, features, context_features, t, y, mask) -> jax.Array:
+    def expert_logits(self, features, context_features, t, y, mask, class_logits) -> jax.Array:
         """(B, E) correctness logits of queries ``features`` (B, D) given the experts' context
         pairs (``context_features`` (E, C, D), answers ``t`` and labels ``y`` (E, C)) and
         ``mask`` (B, E, C) marking each query's context."""
         values = self.encode(context_features, t, y)  # (E, C, H)
         scale = jnp.sqrt(jnp.float32(values.shape[-1]))
+        features, context_features = self.normalise(features), self.normalise(context_features)
         logits = jnp.einsum("bh,ech->bec", self.query(features), self.key(context_features)) / scale
         attended, mean = attend(logits, mask, values)
         if not self.attention:
             attended = jnp.zeros_like(attended)
         query = jnp.broadcast_to(features[:, None, :], (*mean.shape[:2], features.shape[-1]))
-        hidden = nnx.relu(self.head_in(jnp.concatenate([query, attended, mean], axis=-1)))
-        return self.head_out(hidden)[..., 0]
+        projected = self.project(features)[:, None, :]
+        hidden = nnx.gelu(self.head_in(jnp.concatenate(
+            [query, attended, mean, projected * attended, projected * mean], axis=-1)))
+        class_probs = jax.nn.softmax(jax.lax.stop_gradient(class_logits), axis=-1)
+        accuracy = jnp.clip(context_accuracy(class_probs, t, y, mask), 1e-4, 1.0 - 1e-4)
+        return self.head_out(hidden)[..., 0] + self.prior_scale * jax.scipy.special.logit(accuracy)
 
     def remember(self, x: jax.Array, y: jax.Array, t: jax.Array) -> None:
         """Write each expert's first annotated samples of the batch (up to the memory's
@@ -132,11 +168,11 @@ class PopulationNetwork(nnx.Module):
 @METHODS.register("l2d_pop")
 @dataclasses.dataclass(frozen=True)
 class PopulationL2D(MethodBase):
-    missing_policies = ("mask", "as_incorrect", "drop")  # mask: OvA only
+    missing_policies = ("as_incorrect", "drop")  # accepted by both surrogates
     num_experts: int = 0
-    missing_policy: str = "mask"
-    surrogate: str = "ova"  # ova | softmax (methods.surrogates)
-    context_size: int = 16  # context pairs per expert, in training and at test time
+    missing_policy: str = "as_incorrect"
+    surrogate: str = "softmax"  # softmax | ova (methods.surrogates)
+    context_size: int = 32  # context pairs per expert, in training and at test time
     hidden: int = 64  # width of the context codes and the correctness head
     attention: bool = True  # false: the mean of the context codes only (no cross-attention)
 
@@ -163,10 +199,13 @@ class PopulationL2D(MethodBase):
         mask = batch_context(batch.t != MISSING, self.context_size)  # (B, E, B)
         context_t = batch.t.T  # (E, B)
         context_y = jnp.broadcast_to(batch.y[None, :], context_t.shape)
-        context_features = jnp.broadcast_to(features[None], (self.num_experts, *features.shape))
-        expert_logits = model.expert_logits(features, context_features, context_t, context_y, mask)
+        context = jax.lax.stop_gradient(features)  # the backbone learns from the queries
+        context_features = jnp.broadcast_to(context[None], (self.num_experts, *features.shape))
+        class_logits = model.classifier(features)
+        expert_logits = model.expert_logits(features, context_features, context_t, context_y, mask,
+                                            class_logits)
         model.remember(batch.x, batch.y, batch.t)
-        logits = jnp.concatenate([model.classifier(features), expert_logits], axis=-1)
+        logits = jnp.concatenate([class_logits, expert_logits], axis=-1)
         return SURROGATES[self.surrogate][0](logits, batch.y, batch.t, self.missing_policy), {}
 
     def logits(self, model, x):
@@ -178,9 +217,10 @@ class PopulationL2D(MethodBase):
         context_features = context_features.reshape(num_experts, context, -1)
         filled = jnp.arange(context)[None, :] < model.memory_filled[...][:, None]  # (E, C)
         mask = jnp.broadcast_to(filled[None], (x.shape[0], num_experts, context))
+        class_logits = model.classifier(features)
         expert_logits = model.expert_logits(features, context_features, model.memory_t[...],
-                                            model.memory_y[...], mask)
-        return jnp.concatenate([model.classifier(features), expert_logits], axis=-1)
+                                            model.memory_y[...], mask, class_logits)
+        return jnp.concatenate([class_logits, expert_logits], axis=-1)
 
     def classify(self, model, x):
         return model.classifier(model.backbone(x))
