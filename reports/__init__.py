@@ -18,11 +18,18 @@ from pathlib import Path
 import pandas as pd
 
 from core.files import atomic_write_text
-from reports.coverage import (AREA_SENTENCE, CELL, DEFERRAL_AUC_SENTENCE, NORMALISED_SENTENCE,
-                              area_table, coverage_blocks, coverage_points, target_table)
 from reports.columns import write_columns
-from reports.figures import (COVERAGE_FIGURE, MadeFigure, all_figures, critical_difference,
-                             save_figures)
+from reports.coverage import (
+    AREA_SENTENCE,
+    CELL,
+    DEFERRAL_AUC_SENTENCE,
+    NORMALISED_SENTENCE,
+    area_table,
+    coverage_blocks,
+    coverage_points,
+    target_table,
+)
+from reports.figures import COVERAGE_FIGURE, MadeFigure, all_figures, critical_difference, save_figures
 from reports.frames import (
     RECORD_NAME,
     NoRecordsError,
@@ -51,8 +58,8 @@ from reports.leaderboard import (
 from reports.metrics import METRIC_DIRECTIONS, direction
 
 __all__ = [
-    "METRIC_DIRECTIONS", "NoRecordsError", "ReportError", "aggregate", "analyse", "build_report", "direction",
-    "failures", "format_console", "leaderboard_from_records", "leaderboard_table",
+    "METRIC_DIRECTIONS", "NoRecordsError", "ReportError", "aggregate", "analyse", "build_report",
+    "direction", "failures", "format_console", "leaderboard_from_records", "leaderboard_table",
     "load_leaderboard", "load_records", "rank_methods", "tidy", "write_report",
 ]
 

@@ -37,8 +37,16 @@ import pandas as pd
 from core.labels import variant_label
 from reports.frames import cell_of, natural_order, ok_records
 from reports.uncertainty import (
-    GROUP, LEVEL, accuracy_intervals, accuracy_resamples, group_rng, percentile_interval,
-    sample_weights, seed_draw, seed_interval, ties_with_best,
+    GROUP,
+    LEVEL,
+    accuracy_intervals,
+    accuracy_resamples,
+    group_rng,
+    percentile_interval,
+    sample_weights,
+    seed_draw,
+    seed_interval,
+    ties_with_best,
 )
 
 TARGET = "coverage"  # the workload setting a coverage sweep varies

@@ -13,8 +13,8 @@ import io
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd

@@ -14,8 +14,10 @@ import pandas as pd
 
 from core.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
 from core.spec import CELL_KEYS as SPEC_CELL_KEYS
-from core.spec import RECORD_NAME  # noqa: F401 (re-exported)
-from core.spec import target_count
+from core.spec import (
+    RECORD_NAME,  # noqa: F401 (re-exported)
+    target_count,
+)
 from reports.uncertainty import accuracy_intervals, seed_interval
 
 CELL_KEYS = list(SPEC_CELL_KEYS)

@@ -13,9 +13,16 @@ from html import escape
 import pandas as pd
 
 from reports.frames import natural_sorted
-from reports.leaderboard import (COLLAPSED_NOTE, TIES_NOTE, ReportSection, failure_summary,
-                                 format_leaderboard, group_blocks, leaderboard_note,
-                                 split_sections)
+from reports.leaderboard import (
+    COLLAPSED_NOTE,
+    TIES_NOTE,
+    ReportSection,
+    failure_summary,
+    format_leaderboard,
+    group_blocks,
+    leaderboard_note,
+    split_sections,
+)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;

@@ -280,8 +280,8 @@ def format_leaderboard(table: pd.DataFrame, best_format: str = BEST_MARK + "{}",
         shown[name] = [format_interval(mean, lo, hi, decimals) for mean, lo, hi in
                        zip(table[name], table[f"{name}_lo"], table[f"{name}_hi"])]
         if name == table.attrs.get("primary_column") and VS_BEST in table.columns:
-            shown["vs best"] = table[VS_BEST].map(
-                lambda d: MISSING_TEXT if pd.isna(d) else f"{d:+.{decimals}f}")
+            shown["vs best"] = [MISSING_TEXT if pd.isna(d) else f"{d:+.{decimals}f}"
+                                for d in table[VS_BEST]]
     shown["n"] = table["n"].map(lambda n: MISSING_TEXT if pd.isna(n) else str(int(n)))
     return shown
 

@@ -73,8 +73,8 @@ def test_workload_coverage_sets_the_classifier_share_and_is_checked():
 def test_random_is_random_at_every_target():
     """Random deferral's scores stay a random order under any capacity: at a target below its
     own coverage it keeps a random subset of its chosen samples, above it adds random ones."""
-    from tests.test_methods import E, SPEC, build, make_batch
     from benchmark import training
+    from tests.test_methods import SPEC, E, build, make_batch
 
     method = build("random", coverage=0.5)
     model = training.init_model(method, SPEC, 0)

@@ -32,8 +32,8 @@ from reports import (
 )
 from reports.frames import correct_frame, curves_frame
 from reports.leaderboard import all_columns, format_interval
-from reports.uncertainty import metric_range
 from reports.metrics import direction
+from reports.uncertainty import metric_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
