@@ -96,7 +96,8 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
         if sets is not None and name == "test":
             run_metrics["expert_set_size"] = float(sets.sum(axis=1).mean())
         return evaluate(outputs["logits"], scores, split.y, split.t, run.bounds,
-                        assignment_batch=run.assignment_batch, probs=outputs["probs"])
+                        assignment_batch=run.assignment_batch, probs=outputs["probs"],
+                        expert_sets=sets, expert_cost=run.spec.expert_cost)
 
     test = evaluate_split(out["test"], data.test, "test")
     record.update(
