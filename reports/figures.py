@@ -57,7 +57,7 @@ REFERENCE_GREYS = ("#262626", "#737373", "#a6a6a6", "#4d4d4d", "#8c8c8c", "#bfbf
 class Style(NamedTuple):
     """How one method is drawn: colour, marker and line style (dashed: a reference row)."""
 
-    colour: tuple | str
+    colour: tuple
     marker: str
     linestyle: str
 
