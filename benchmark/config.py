@@ -10,8 +10,12 @@ and raises ``ConfigError`` naming the option (``train.epochs must be >= 1, got 0
 workload bounds); nothing is parsed twice.
 
 Every registered method is the config ``method=<name>``, generated from its dataclass (the
-one definition of its options and defaults). Fields with ``NEUTRAL`` metadata say how data
-is held or read, not what it is: they never change a result's identity.
+one definition of its options and defaults).
+
+Every field says what it does to a result (its ``identity`` role, set by the field helpers
+``result``, ``measure``, ``training``, ``neutral`` and ``section`` below); the result's
+identity (``benchmark.identity.CellIdentity``: labels, fingerprint, cache keys) is read from
+these roles alone, so a new setting is declared once, where it is defined.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -32,7 +36,16 @@ from datasets.source import Augment, LoaderConfig
 from methods import METHODS, get_method_class, load_all
 from methods.common import MethodConfigError
 
-NEUTRAL = "neutral"  # field metadata: how data is held or read, not what it is
+if TYPE_CHECKING:
+    from benchmark.identity import CellIdentity
+
+IDENTITY = "identity"  # field metadata key: the field's role in a result's identity
+RESULT = "result"  # changes the trained model and what is measured: labels, fingerprint, both keys
+MEASURE = "measure"  # changes what is measured from the same model: labels and fingerprint
+TRAINING = "training"  # changes how seeds are trained together, not any seed's model: block key
+NEUTRAL = "neutral"  # how it runs (data held or read, loop, folders, tracking): nothing
+ROLES = (RESULT, MEASURE, TRAINING, NEUTRAL)
+SECTION = "section"  # a field holding a config section whose own fields carry the roles
 
 
 class ConfigError(ValueError):
@@ -61,6 +74,42 @@ def inside_folder(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+# ----------------------------------------------------------------------------- roles
+
+
+def role_field(role: str, default: Any = dataclasses.MISSING,
+               factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its identity ``role`` (a value dataclass it holds, such as
+    ``AgentShare``, takes the field's role)."""
+    return field(default=default, default_factory=factory, metadata={IDENTITY: role})
+
+
+def result(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A setting that changes the trained model and what is measured."""
+    return role_field(RESULT, default, factory)
+
+
+def measure(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A setting that changes what is measured from the same trained model."""
+    return role_field(MEASURE, default, factory)
+
+
+def training(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A setting that changes how seeds are trained together, not any seed's model."""
+    return role_field(TRAINING, default, factory)
+
+
+def neutral(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A setting of how a cell runs (how data is held or read, folders, tracking): never
+    part of a result's identity."""
+    return role_field(NEUTRAL, default, factory)
+
+
+def section(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config section (``dataset``, ``train``, ...): its own fields carry the roles."""
+    return role_field(SECTION, default, factory)
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -72,14 +121,14 @@ PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # train.precision -> the backbo
 class TrainConfig:
     """The training loop (``train.*``): SGD with momentum, cosine decay."""
 
-    epochs: int = 40
-    batch_size: int = 128
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5.0e-4
-    loop: str = "auto"  # device: batches built on the device (in-memory data); host: host batches
-    steps_per_dispatch: Optional[int] = None  # device loop; null: an epoch (accelerators), 1 (CPU)
-    precision: str = "fp32"  # bf16: the backbone computes in bfloat16 (float32 parameters)
+    epochs: int = result(40)
+    batch_size: int = result(128)
+    learning_rate: float = result(0.05)
+    momentum: float = result(0.9)
+    weight_decay: float = result(5.0e-4)
+    loop: str = neutral("auto")  # device: batches built on the device (in-memory data); host: host batches
+    steps_per_dispatch: Optional[int] = neutral(None)  # device loop; null: an epoch (accelerators), 1 (CPU)
+    precision: str = result("fp32")  # bf16: the backbone computes in bfloat16 (float32 parameters)
 
     def __post_init__(self):
         require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
@@ -98,9 +147,9 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation (``eval.*``)."""
 
-    assignment_batch: Optional[int] = None  # solve the test assignment per chunk of this size
-    validation_fraction: float = 0.1  # class-stratified share of the training split held out
-    validation_seed: int = 0  # the same split for every method and run seed
+    assignment_batch: Optional[int] = measure(None)  # solve the test assignment per chunk of this size
+    validation_fraction: float = result(0.1)  # class-stratified share of the training split held out
+    validation_seed: int = result(0)  # the same split for every method and run seed
 
     def __post_init__(self):
         require(self.assignment_batch is None or self.assignment_batch >= 1,
@@ -122,13 +171,13 @@ class AgentShare:
 class WorkloadConfig:
     """A workload preset (``workload.*``, ``conf/workload/``)."""
 
-    name: str = MISSING
-    classifier: AgentShare = field(default_factory=AgentShare)
-    humans: AgentShare = field(default_factory=AgentShare)
-    coverage: Optional[float] = None  # a target: exactly round(c N) samples to the classifier
-    balanced_slack: Optional[float] = None  # humans: equal shares of the rest, +/- this
-    lo: Optional[List[float]] = None  # per-agent overrides: E+1 values, classifier last
-    hi: Optional[List[float]] = None
+    name: str = result(MISSING)
+    classifier: AgentShare = result(factory=AgentShare)
+    humans: AgentShare = result(factory=AgentShare)
+    coverage: Optional[float] = result(None)  # a target: exactly round(c N) samples to the classifier
+    balanced_slack: Optional[float] = result(None)  # humans: equal shares of the rest, +/- this
+    lo: Optional[List[float]] = result(None)  # per-agent overrides: E+1 values, classifier last
+    hi: Optional[List[float]] = result(None)
 
     def __post_init__(self):
         require(self.coverage is None or (finite(self.coverage) and 0 <= self.coverage <= 1),
@@ -188,38 +237,35 @@ class SplitManifests:
     complete_experts: Optional[List[str]] = None  # the experts before annotations were removed
 
 
-def neutral(default: Any) -> Any:
-    """A dataset field that says how data is held or read (identity ignores it)."""
-    return field(default=default, metadata={NEUTRAL: True})
-
-
 @dataclass(eq=True)
 class DatasetConfig:
     """A dataset preset (``dataset.*``, ``conf/dataset/``)."""
 
-    name: str = neutral(MISSING)
-    root: str = MISSING  # relative roots are relative to the repository root (a resolved Path
-    # once ``dataset_of`` has resolved it)
+    name: str = result(MISSING)
+    root: str = result(MISSING)  # relative roots are relative to the repository root (a resolved
+    # Path once ``dataset_of`` has resolved it)
     builder: Optional[str] = neutral(None)  # materialise with datasets.builders.BUILDERS[builder]
-    builder_args: Dict[str, Any] = field(default_factory=dict)
-    num_classes: int = MISSING
-    manifest_dirs: List[str] = field(default_factory=lambda: ["."])
-    published_missing: Optional[str] = None  # e.g. "{stem}_{rate}.json": published missing draws
-    image: ImageSize = MISSING
-    crop: Optional[int] = None  # square crop fed to the network: random in training, centred at test
-    backbone: str = "small_cnn"
-    mean: List[float] = MISSING
-    std: List[float] = MISSING
-    augment: Dict[str, Any] = field(default_factory=dict)  # datasets.source.Augment's fields
+    builder_args: Dict[str, Any] = result(factory=dict)
+    num_classes: int = result(MISSING)
+    manifest_dirs: List[str] = result(factory=lambda: ["."])
+    published_missing: Optional[str] = result(None)  # e.g. "{stem}_{rate}.json": published missing draws
+    image: ImageSize = result(MISSING)
+    crop: Optional[int] = result(None)  # square crop fed to the network: random in training, centred at test
+    backbone: str = result("small_cnn")
+    mean: List[float] = result(MISSING)
+    std: List[float] = result(MISSING)
+    augment: Dict[str, Any] = result(factory=dict)  # datasets.source.Augment's fields
+    # how data is held or read: a streamed run may reuse the predictions of an in-memory one
+    # (streamed batches draw their augmentation per sample: the same distribution, other draws)
     cache: bool = neutral(True)  # decode into memory once; false: stream from disk
     memory_limit_mb: float = neutral(2048.0)  # stream when decoded train + test images exceed this
     workers: int = neutral(0)  # streamed data: Grain worker processes
-    missing_seed: Optional[int] = None  # None: the run seed draws the missing annotations
-    held_out_experts: List[int] = field(default_factory=list)  # experts trained on by context only
-    held_out_context: int = 32  # training annotations a held-out expert keeps (its context set)
-    expert_cost: List[float] = field(default_factory=list)  # per-expert consultation cost; [] = 0
-    train: SplitManifests = MISSING
-    test: SplitManifests = MISSING
+    missing_seed: Optional[int] = result(None)  # None: the run seed draws the missing annotations
+    held_out_experts: List[int] = result(factory=list)  # experts trained on by context only
+    held_out_context: int = result(32)  # training annotations a held-out expert keeps (its context set)
+    expert_cost: List[float] = result(factory=list)  # per-expert consultation cost; [] = 0
+    train: SplitManifests = result(MISSING)
+    test: SplitManifests = result(MISSING)
 
     def __post_init__(self):
         require(self.num_classes >= 2, "dataset.num_classes", ">= 2", self.num_classes)
@@ -275,36 +321,37 @@ class DatasetConfig:
 class TrackingConfig:
     """MLflow tracking (``tracking.*``, ``conf/tracking/``)."""
 
-    enabled: bool = False
-    uri: Optional[str] = None
-    experiment: Optional[str] = None
-    artifact_location: Optional[str] = None
+    enabled: bool = neutral(False)
+    uri: Optional[str] = neutral(None)
+    experiment: Optional[str] = neutral(None)
+    artifact_location: Optional[str] = neutral(None)
 
 
 @dataclass
 class CellConfig:
     """One grid cell's whole configuration, as Hydra composes it (``conf/config.yaml``)."""
 
-    dataset: DatasetConfig = MISSING
-    method: Any = MISSING  # method=<name>: {name, label, params}, generated per method
-    workload: WorkloadConfig = MISSING
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
-    missing_rate: float = 0.0
-    force: bool = False  # redo cells whose result already exists
-    objective: Optional[str] = None  # experiment=tune: the record value a run returns
-    missing_policy: Optional[str] = None  # sweeps over policies (set on methods that support it)
-    tuned_dir: str = "conf/tuned"
-    seeds_per_program: int = 1  # >1: blocks of this many seeds train as one vmapped program
-    experiment_name: str = "single"
-    output_dir: str = "outputs"
-    results_dir: str = MISSING
-    report_dir: str = MISSING
-    cache_dir: str = MISSING  # trained models' outputs
-    data_cache_dir: str = MISSING  # derived data (missing-annotation manifests, decoded images)
-    jax_cache_dir: Optional[str] = None  # JAX's persistent compilation cache; null: off
+    dataset: DatasetConfig = section(MISSING)
+    method: Any = section(MISSING)  # method=<name>: {name, label, params}, generated per method
+    workload: WorkloadConfig = section(MISSING)
+    tracking: TrackingConfig = section(factory=TrackingConfig)
+    train: TrainConfig = section(factory=TrainConfig)
+    eval: EvalConfig = section(factory=EvalConfig)
+    seed: int = result(0)
+    missing_rate: float = result(0.0)
+    force: bool = neutral(False)  # redo cells whose result already exists
+    objective: Optional[str] = neutral(None)  # experiment=tune: the record value a run returns
+    # sweeps over policies; the runner sets it on methods that support it (method.params)
+    missing_policy: Optional[str] = neutral(None)
+    tuned_dir: str = neutral("conf/tuned")  # the tuned values applied are in train.*, method.params
+    seeds_per_program: int = training(1)  # >1: blocks of this many seeds train as one vmapped program
+    experiment_name: str = neutral("single")
+    output_dir: str = neutral("outputs")
+    results_dir: str = neutral(MISSING)
+    report_dir: str = neutral(MISSING)
+    cache_dir: str = neutral(MISSING)  # trained models' outputs
+    data_cache_dir: str = neutral(MISSING)  # derived data (missing-annotation manifests, decoded images)
+    jax_cache_dir: Optional[str] = neutral(None)  # JAX's persistent compilation cache; null: off
 
     def __post_init__(self):
         require(self.seed >= 0, "seed", ">= 0", self.seed)
@@ -338,7 +385,8 @@ def register_configs() -> None:
 
     A method node is ``{name, label, params}``: ``params`` is typed from the dataclass, so an
     unknown option or a wrong type fails when Hydra composes the config; ``label`` (optional)
-    names the variant in reports instead of the generated label.
+    names the variant in reports instead of the generated label (it only renames: neutral);
+    the name and every option are ``result`` settings.
     """
     load_all()
     store = ConfigStore.instance()
@@ -347,9 +395,9 @@ def register_configs() -> None:
         options = method_params_schema(METHODS.get(name))
         node = dataclasses.make_dataclass(
             f"{METHODS.get(name).__name__}Config",
-            [("name", str, dataclasses.field(default=name)),
-             ("label", Optional[str], dataclasses.field(default=None)),
-             ("params", options, dataclasses.field(default_factory=options))],
+            [("name", str, result(name)),
+             ("label", Optional[str], neutral(None)),
+             ("params", options, result(factory=options))],
         )
         store.store(group="method", name=name, node=node)
 
@@ -450,11 +498,13 @@ class RunConfig:
     results_dir: Path
     cache_dir: Path  # trained models' test predictions
     data_cache_dir: Path  # derived data: missing-annotation manifests, decoded images
+    identity: CellIdentity | None = None  # the runner's (its cache keys); None: not derived
 
     @classmethod
-    def build(cls, cell: CellConfig, base: Path) -> "RunConfig":
+    def build(cls, cell: CellConfig, base: Path, identity: CellIdentity | None = None) -> "RunConfig":
         """Resolve the paths, the task, the method and the workload bounds of ``cell``;
-        ``ConfigError`` names a bad option."""
+        ``ConfigError`` names a bad option. ``identity`` is the cell's ``CellIdentity``
+        (built by the runner: its labels need Hydra's chosen presets)."""
         dataset, source = dataset_of(cell, base), "dataset.missing_seed"
         if dataset.missing_seed is None:  # by default the run seed also draws the missing pattern
             dataset, source = dataclasses.replace(dataset, missing_seed=cell.seed), "run seed"
@@ -470,12 +520,13 @@ class RunConfig:
             method=build_method(str(cell.method.name), method_params(cell), spec),
             bounds=cell.workload.bounds(spec.num_experts),
             results_dir=resolve_path(cell.results_dir, base),
-            cache_dir=cache_dir, data_cache_dir=data_cache_dir,
+            cache_dir=cache_dir, data_cache_dir=data_cache_dir, identity=identity,
         )
 
     def with_seed(self, seed: int, base: Path) -> "RunConfig":
         """This cell under another seed (seeds trained in one program)."""
-        return RunConfig.build(dataclasses.replace(self.cell, seed=seed), base)
+        return RunConfig.build(dataclasses.replace(self.cell, seed=seed), base,
+                               self.identity.with_seed(seed) if self.identity else None)
 
     # the cell's settings under the names the trainer and the cache use
     seed = property(lambda self: self.cell.seed)

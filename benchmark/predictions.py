@@ -1,11 +1,16 @@
 """Train a method and predict the test set, memoised on disk by a key of everything that
 changes the trained model.
 
-Methods whose training ignores the workload (``workload_in_training = False``) get the same
-key under every workload, so they train once per (dataset, method variant, missing rate,
-training settings, seed) and are re-scored under each workload by the evaluator. With
-``seeds_per_program`` > 1, a block of consecutive seeds trains as one program and each
-seed's outputs are cached under that seed's own key.
+The key is a projection of the cell's ``benchmark.identity.CellIdentity`` (its ``result``
+settings), of the workload bounds the method trains with and of the content of the code,
+manifests and images. Methods whose training ignores the workload
+(``workload_in_training = False``) get the same key under every workload, so they train once
+per (dataset, method variant, missing rate, training settings, seed) and are re-scored under
+each workload by the evaluator. Neutral settings never enter it: a streamed run
+(``dataset.cache=false``) reuses what an in-memory run cached (its batches draw augmentation
+per sample: the same distribution, other draws). With ``seeds_per_program`` > 1, a block of
+consecutive seeds trains as one program (the identity's ``block_key`` names its lock) and
+each seed's outputs are cached under that seed's own key.
 """
 
 from __future__ import annotations
@@ -22,31 +27,40 @@ from benchmark import training
 from benchmark.config import RunConfig
 from benchmark.data import CellData
 from benchmark.evaluator import imputation_accuracy
-from benchmark.identity import dataset_identity
+from benchmark.identity import CellIdentity
 from benchmark.provenance import code_hash, file_sha256
 from core.files import exclusive_lock, read_cache, write_cache
-from core.labels import stable_hash
 from core.spec import Batch
 from datasets.source import ArraySplit, Augment, LoaderConfig, epoch_batches
 
 
-def training_key(run: RunConfig, data: CellData, method_id: str | None = None) -> str:
-    """Hash of everything that can change the trained model and its test outputs
-    (``method_id`` replaces the method's repr: a shared training problem's name)."""
-    payload = {
+def identity_of(run: RunConfig) -> CellIdentity:
+    """The cell's identity, which the runner hands to ``RunConfig.build``."""
+    if run.identity is None:
+        raise ValueError("this RunConfig has no CellIdentity: build it with "
+                         "RunConfig.build(cell, base, CellIdentity.of(cell, choices)).")
+    return run.identity
+
+
+def training_key(run: RunConfig, data: CellData, problem: str | None = None) -> str:
+    """``CellIdentity.training_key``: the cell's result settings with the content of the
+    code, the manifests and the images (``problem``: a shared training problem's name)."""
+    contents = {
         "code": code_hash(),
-        "method": method_id or repr(run.method),
-        "train": dataclasses.asdict(run.train),
-        "dataset": dataset_identity(run.dataset),  # what the data is, not how it is read
-        "missing_rate": run.missing_rate,
         "manifests": {k: file_sha256(p) for k, p in sorted(data.manifests.items())},
         "images": data.image_digests,  # an edited image retrains
-        "seed": run.seed,
-        "streamed": data.streamed,  # streamed batches draw their augmentation per sample
-        "validation": (run.validation_fraction, run.validation_seed),
-        "bounds": dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
     }
-    return stable_hash(payload, 20)
+    return identity_of(run).training_key(contents, trained_bounds(run), problem)
+
+
+def block_key(run: RunConfig) -> str:
+    """``CellIdentity.block_key`` of the block of seeds ``run``'s seed trains with."""
+    return identity_of(run).block_key(seed_block(run.seed, run.seeds_per_program), trained_bounds(run))
+
+
+def trained_bounds(run: RunConfig) -> dict | None:
+    """The workload bounds the method trains with; None if its training ignores them."""
+    return dataclasses.asdict(run.bounds) if run.method.workload_in_training else None
 
 
 SPLITS = ("test", "validation")
@@ -211,11 +225,7 @@ def cached_predictions(run: RunConfig, data: CellData,
         return out
     # one process trains a block; another one asking for it meanwhile waits, then reads
     block = seed_block(run.seed, run.seeds_per_program)
-    block_key = stable_hash([repr(run.method), dataclasses.asdict(run.train), run.missing_rate,
-                             dataset_identity(dataclasses.replace(run.dataset, missing_seed=None)),
-                             dataclasses.asdict(run.bounds) if run.method.workload_in_training else None,
-                             block])  # the same for every seed of the block
-    with exclusive_lock(run.cache_dir / f"block-{run.method.name}-{block_key}.lock"):
+    with exclusive_lock(run.cache_dir / f"block-{run.method.name}-{block_key(run)}.lock"):
         cached = _load_predictions(path)
         if cached is not None:
             return cached

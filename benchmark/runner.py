@@ -2,12 +2,13 @@
 write the record -> track (the MLflow run id then added to the record).
 
 ``run_cell`` takes the typed ``CellConfig`` (``benchmark.config.to_cell``, once per cell) and
-derives the cell's ``RunConfig`` once. The record goes to ``benchmark.identity.record_path``
-(one path per variant). A cell whose record says "ok" for the same settings and source
-manifests is skipped unless ``force``; if tracking is on and the store lacks its run (never
-tracked, or lost with a store moved aside), it is tracked again. A lock file beside the record
-serialises processes that run or track the same cell at the same time (the second one then
-finds the record, and its run, and skips): one MLflow run per cell.
+derives the cell's ``CellIdentity`` (labels, fingerprint, cache keys) and ``RunConfig`` once.
+The record goes to ``benchmark.identity.record_path`` (one path per variant). A cell whose
+record says "ok" for the same settings and source manifests is skipped unless ``force``; if
+tracking is on and the store lacks its run (never tracked, or lost with a store moved aside),
+it is tracked again. A lock file beside the record serialises processes that run or track
+the same cell at the same time (the second one then finds the record, and its run, and
+skips): one MLflow run per cell.
 """
 
 from __future__ import annotations
@@ -18,20 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.config import (CellConfig, ConfigError, RunConfig, dataset_of, resolve_path,
-                              with_method_option)
 from benchmark.assignment import check_assignment_batch
+from benchmark.config import CellConfig, ConfigError, RunConfig, dataset_of, resolve_path, with_method_option
 from benchmark.data import load_data, source_image_digests, source_manifest_hashes
 from benchmark.evaluator import committee_sets, decision_scores, evaluate
-from benchmark.identity import cell_identity, record_path, settings_fingerprint
+from benchmark.identity import CellIdentity, record_path
 from benchmark.predictions import cached_predictions
 from benchmark.provenance import REPO_ROOT, provenance
 from benchmark.tracking import StoreNeedsRepair, Tracker
 from benchmark.training import use_compilation_cache
 from core.files import exclusive_lock
 from core.records import read_record, write_record
-from core.spec import (NOT_APPLICABLE, RECORD_SCHEMA, SCORE_RANGE, SKIPPED, ResultRecord,
-                       agent_names, role_of)
+from core.spec import NOT_APPLICABLE, RECORD_SCHEMA, SCORE_RANGE, SKIPPED, ResultRecord, agent_names, role_of
 from methods import get_method_class
 
 
@@ -47,9 +46,9 @@ def check_scores(name: str, scores: np.ndarray, logits: np.ndarray) -> None:
         )
 
 
-def fingerprint_now(cell: CellConfig, base: Path) -> str:
-    """The settings fingerprint with the current content of the source manifests and images
-    (an edited manifest or image reruns the cell)."""
+def fingerprint_now(identity: CellIdentity, cell: CellConfig, base: Path) -> str:
+    """The identity's fingerprint with the current content of the source manifests and
+    images (an edited manifest or image reruns the cell)."""
     try:
         dataset = dataset_of(cell, base)
         hashes = {**source_manifest_hashes(dataset, cell.missing_rate),
@@ -57,7 +56,7 @@ def fingerprint_now(cell: CellConfig, base: Path) -> str:
                      for split, digest in source_image_digests(dataset).items()}}
     except Exception:  # an invalid dataset fails the cell later, with its message
         hashes = None
-    return settings_fingerprint(cell, hashes)
+    return identity.fingerprint(hashes)
 
 
 def cell_lock(path: Path):
@@ -65,9 +64,9 @@ def cell_lock(path: Path):
     return exclusive_lock(path.with_name(path.name + ".lock"))
 
 
-def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
+def compute(cell: CellConfig, identity: CellIdentity, record: ResultRecord, base: Path) -> None:
     """Fill ``record`` with the cell's result (raises on failure)."""
-    run = RunConfig.build(cell, base)
+    run = RunConfig.build(cell, base, identity)
     use_compilation_cache(resolve_path(cell.jax_cache_dir, base) if cell.jax_cache_dir else None)
     record["role"] = role_of(run.method)
 
@@ -81,7 +80,7 @@ def compute(cell: CellConfig, record: ResultRecord, base: Path) -> None:
 
     data = cell_data(run)
     check_assignment_batch(run.assignment_batch, len(data.test.y), run.bounds.lo, run.bounds.hi)
-    record["fingerprint"] = fingerprint_now(cell, base)  # the data exist now (built on first use)
+    record["fingerprint"] = fingerprint_now(identity, cell, base)  # the data exist now (built on first use)
     out = cached_predictions(run, data, seed_cell)
 
     # a committee method's expert sets are calibrated on the validation split
@@ -165,16 +164,17 @@ def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
         cell = with_method_option(cell, "missing_policy", policy)
     key = {"missing_rate": cell.missing_rate, "seed": cell.seed}  # until the labels are known
     try:
-        key, variant = cell_identity(cell, choices)
+        identity = CellIdentity.of(cell, choices)
+        key = identity.key()
         path = record_path(resolve_path(cell.results_dir, base), key)
-        fingerprint = fingerprint_now(cell, base)  # the settings and the sources' content now
+        fingerprint = fingerprint_now(identity, cell, base)  # the settings and the sources' content now
         # no lock needed to read a whole record: a read-only folder of finished cells reports
         done = finished(cell, read_record(path), fingerprint)
         if done is not None and not untracked(cell, done):
             return done
         Tracker(cell.tracking).check_store()  # a damaged store that may hold runs: stop here
         with cell_lock(path):
-            return _run_locked(cell, key, variant, path, fingerprint, base)
+            return _run_locked(cell, identity, path, fingerprint, base)
     except ConfigError as err:  # no identity: nothing can be recorded
         return {"status": "failed", "error": f"ConfigError: {err}", "cell": key}
     except StoreNeedsRepair as err:  # nothing run, nothing written: the store is left as it is
@@ -193,8 +193,9 @@ def finished(cell: CellConfig, existing: ResultRecord | None,
     return {**existing, "status": SKIPPED}
 
 
-def _run_locked(cell: CellConfig, key, variant, path: Path, fingerprint: str,
+def _run_locked(cell: CellConfig, identity: CellIdentity, path: Path, fingerprint: str,
                 base: Path) -> ResultRecord:
+    key, variant = identity.key(), identity.variant()
     existing = read_record(path)  # another process may have finished (and tracked) it meanwhile
     done = finished(cell, existing, fingerprint)
     if done is not None:
@@ -208,11 +209,11 @@ def _run_locked(cell: CellConfig, key, variant, path: Path, fingerprint: str,
             f"settings under this label ({existing['variant']}); give each variant its own label.")}
     record: ResultRecord = {
         "schema": RECORD_SCHEMA, "status": "failed", "error": None, "cell": key,
-        "method_name": str(cell.method.name), "variant": variant,
+        "method_name": str(cell.method.name), "variant": variant, "identity": identity.record(),
         "fingerprint": fingerprint,  # recomputed once the data exist (built on first use)
     }
     try:
-        compute(cell, record, base)
+        compute(cell, identity, record, base)
     except Exception as err:  # a failing cell is recorded, the sweep goes on
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc()

@@ -342,6 +342,7 @@ class ResultRecord(TypedDict, total=False):
     method_name: str  # registered name of the method (the label's base)
     role: str  # "method" | "reference"
     variant: dict[str, Any]  # the non-default settings behind the labels
+    identity: dict[str, dict[str, Any]]  # settings by role: {"result": {name: value}, "measure", "training"}
     fingerprint: str  # hash of every setting that defines the result
     agents: list[str]
     workload_bounds: dict[str, list[float]]  # {"lo": [...], "hi": [...]}

@@ -257,9 +257,9 @@ def test_a_cell_is_converted_once_and_derived_once(tiny_root, tmp_path, monkeypa
         calls["to_cell"] += 1
         return real_to_cell(cfg)
 
-    def counting_build(cls, cell, base):
+    def counting_build(cls, cell, base, identity=None):
         calls["build"] += 1
-        return real_build(cls, cell, base)
+        return real_build(cls, cell, base, identity)
 
     monkeypatch.setattr(benchmark.identity, "to_cell", counting_to_cell)
     monkeypatch.setattr(benchmark.config.RunConfig, "build", classmethod(counting_build))
