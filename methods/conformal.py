@@ -63,7 +63,7 @@ def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
     return float(np.sort(scores)[rank - 1]) if 1 <= rank <= n else math.inf
 
 
-def expert_sets(expert_scores: np.ndarray, threshold: float) -> np.ndarray:
+def conformal_sets(expert_scores: np.ndarray, threshold: float) -> np.ndarray:
     """(N, E) bool: the smallest prefix of the score-sorted experts whose scores sum to at
     least ``threshold`` (an expert is in while the sum before it is below it)."""
     order, cumulative = ranked_cumulative(expert_scores)
@@ -115,4 +115,4 @@ class ConformalL2D(DeferralSurrogate):
         experts = slice(0, self.num_experts)
         q = conformal_threshold(nonconformity(cal_scores[rows, experts], cal_y[rows], cal_t[rows]),
                                 self.alpha)
-        return expert_sets(np.asarray(scores)[:, experts], q)
+        return conformal_sets(np.asarray(scores)[:, experts], q)

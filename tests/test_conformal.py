@@ -11,7 +11,7 @@ import pytest
 from benchmark.config import ConfigError, build_method
 from benchmark.evaluator import committee_sets, committee_vote, consulted_experts, evaluate
 from core.spec import ExpertCommittee, TaskSpec, WorkloadBounds
-from methods.conformal import conformal_threshold, expert_sets, nonconformity
+from methods.conformal import conformal_sets, conformal_threshold, nonconformity
 from tests.conftest import tiny_overrides
 from tests.test_pipeline import compose_cfg
 
@@ -61,7 +61,7 @@ def test_threshold_is_the_conformal_quantile():
     (0.0, [True, False, False]),
 ])
 def test_the_set_is_the_smallest_prefix_reaching_the_threshold(threshold, expected):
-    assert expert_sets(SCORES, threshold)[0].tolist() == expected
+    assert conformal_sets(SCORES, threshold)[0].tolist() == expected
 
 
 def test_a_set_contains_every_right_expert_with_the_promised_probability():
@@ -83,7 +83,7 @@ def test_a_set_contains_every_right_expert_with_the_promised_probability():
     q = conformal_threshold(nonconformity(cal_scores, cal_y, cal_t), alpha)
     assert q == pytest.approx(1.96)
     scores, y, t = draw(20000)
-    sets = expert_sets(scores, q)
+    sets = conformal_sets(scores, q)
     right = t == y[:, None]
     covered = ~(right & ~sets).any(axis=1)
     assert covered.mean() >= 1 - alpha - 0.01, covered.mean()
