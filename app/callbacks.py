@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from app.console import error_paragraph
@@ -151,6 +152,8 @@ class SweepCallback(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """Count the job by the outcome it wrote (written here if the task itself crashed)."""
+        if config.hydra.mode == RunMode.RUN:  # a single run prints its own result
+            return
         job_dir = Path(config.hydra.runtime.output_dir)
         outcome = read_outcome(job_dir)
         if outcome is None:  # the task raised before writing its outcome

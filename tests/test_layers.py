@@ -20,6 +20,9 @@ FLOORS = {"core": 0, "methods": 1, "datasets": 1, "benchmark": 2, "reports": 3, 
 IN_FUNCTION_ALLOWED = {
     ("app.launchers", "hydra_plugins.hydra_ray_launcher._config"):
         "the Ray launcher plugin is an optional install",
+    ("app.interrupt", "core.records"):
+        "Ctrl-C's handler is installed before any heavy import (core imports JAX); it reads the "
+        "sweep's outcomes only once interrupted",
 }
 
 
@@ -44,6 +47,9 @@ def imports_of(path: Path, module: str) -> list[tuple[str, bool]]:
     """(imported module, inside a function?) for every import of ``path``."""
     tree = ast.parse(path.read_text())
     top_level = {id(node) for node in tree.body}
+    for node in tree.body:  # `if TYPE_CHECKING:` and `if __name__ == "__main__":` blocks are top level
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "__name__ == '__main__'"):
+            top_level |= {id(child) for child in node.body}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):

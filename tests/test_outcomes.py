@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stderr
 
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from app.callbacks import SweepCallback, summary_lines
@@ -39,7 +40,7 @@ def test_a_crashed_job_is_written_as_failed_under_its_overrides(tmp_path):
             raise RuntimeError("boom")
 
     job_return = CrashedJob()
-    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path / "7")}}})
+    config = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(tmp_path / "7")}}})
     stderr = io.StringIO()
     with redirect_stderr(stderr):  # a job's own process (no bar): one line
         SweepCallback().on_job_end(config, job_return)
@@ -48,3 +49,11 @@ def test_a_crashed_job_is_written_as_failed_under_its_overrides(tmp_path):
     assert outcome == Outcome(Status.FAILED, {"job": "seed=3 method=x"}, error="RuntimeError: boom")
     assert summary_lines([outcome, Outcome(Status.OK, {"seed": 1})], None) == [
         "1 of 2 cells failed:", "- job=seed=3 method=x: RuntimeError: boom"]
+
+
+def test_a_single_run_writes_no_outcome_and_prints_no_grid_line(tmp_path):
+    config = OmegaConf.create({"hydra": {"mode": RunMode.RUN, "runtime": {"output_dir": str(tmp_path)}}})
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        SweepCallback().on_job_end(config, object())
+    assert stderr.getvalue() == "" and read_outcome(tmp_path) is None
