@@ -203,13 +203,15 @@ def role_of(method: Any) -> str:
 
 class MetricSpec(NamedTuple):
     """How to read a metric: which side is better (``"higher"``, ``"lower"`` or None for a
-    description such as a workload share), the range of its values (None: unbounded) and
-    what it measures (one sentence, for the reports' data dictionary)."""
+    description such as a workload share), the range of its values (None: unbounded), what
+    it measures (one sentence, for the reports' data dictionary), and whether it describes
+    the trained model whatever the decision rule (reports show it once, not per rule)."""
 
     direction: str | None
     low: float | None
     high: float | None
     meaning: str = ""
+    decision_free: bool = False
 
 
 HIGHER, LOWER = "higher", "lower"
@@ -222,11 +224,11 @@ METRICS: dict[str, MetricSpec] = {
                                      "largest distance of an agent's share outside its bounds"),
     "human_workload_cv": MetricSpec(LOWER, 0.0, None,
                                     "coefficient of variation of the humans' shares (0: equal)"),
-    "classifier_accuracy": MetricSpec(HIGHER, 0.0, 1.0, "accuracy of the classifier on every test sample"),
-    "expert_accuracy/": MetricSpec(HIGHER, 0.0, 1.0, "accuracy of this expert's test annotations"),
-    "classifier_ece": MetricSpec(LOWER, 0.0, 1.0, "expected calibration error of the classifier (15 bins)"),
+    "classifier_accuracy": MetricSpec(HIGHER, 0.0, 1.0, "accuracy of the classifier on every test sample", decision_free=True),
+    "expert_accuracy/": MetricSpec(HIGHER, 0.0, 1.0, "accuracy of this expert's test annotations", decision_free=True),
+    "classifier_ece": MetricSpec(LOWER, 0.0, 1.0, "expected calibration error of the classifier (15 bins)", decision_free=True),
     "deferral_auc": MetricSpec(HIGHER, 0.0, 1.0,
-                               "area under one trained model's own score-ranking accuracy-coverage curve"),
+                               "area under one trained model's own score-ranking accuracy-coverage curve", decision_free=True),
     "imputation_accuracy": MetricSpec(HIGHER, 0.0, 1.0,
                                       "accuracy of the inferred labels of withheld annotations"),
     "train_seconds": MetricSpec(LOWER, 0.0, None, "training wall time, compilation excluded (s)"),

@@ -15,6 +15,7 @@ import pandas as pd
 from core.records import NoRecordsError, load_records  # noqa: F401 (re-exported)
 from core.spec import CELL_KEYS as SPEC_CELL_KEYS
 from core.spec import (
+    METRICS,
     RECORD_NAME,  # noqa: F401 (re-exported)
     target_count,
 )
@@ -27,7 +28,7 @@ GROUP_KEYS = ["dataset", "method", "missing_rate", "workload", "decision", "metr
 AGGREGATE_COLUMNS = [*GROUP_KEYS, "mean", "std", "lo", "hi", "n"]
 # metrics of the trained model, the same under every decision rule: one column each, filed
 # under the run's metrics (the record repeats them per decision rule)
-DECISION_FREE = ("classifier_accuracy", "expert_accuracy/", "classifier_ece", "deferral_auc")
+DECISION_FREE = tuple(name for name, spec in METRICS.items() if spec.decision_free)
 
 
 def is_decision_free(metric: str) -> bool:
