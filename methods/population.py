@@ -7,29 +7,33 @@ of a few of that expert's answers, its *context set* ``D_j = {(x_c, y_c, t_jc)}`
 model serves experts it was not trained on: give it a new expert's context set and it
 defers to that expert where the expert's answers on similar inputs were right.
 
-* Features ``phi(x)`` from one backbone (layer-normalised for the heads below); K class
-  logits from a linear head.
-* Each context pair is encoded as ``v_c = MLP([phi(x_c), onehot(t_jc), onehot(y_c),
-  onehot(y_c) * (2 r_c - 1), r_c])`` with ``r_c = 1[t_jc = y_c]``. For a query x the
-  expert's summary is the cross-attention read-out ``a = sum_c softmax_c(q(x) . k(x_c) /
-  sqrt(H)) v_c`` (``attention=false``: left out) and the mean ``m`` of the ``v_c``.
-* The expert's logit is ``MLP([phi(x), a, m, p(x) * a, p(x) * m]) + s * logit(acc)``:
-  ``p`` a linear projection of ``phi(x)``, ``s`` a learned scale (starts at 1) and ``acc``
-  the expert's accuracy on x's class as the context shows it (per class, its right
-  answers plus one pseudo-answer at its overall context accuracy, over its answers plus
-  one; averaged under the classifier's class probabilities, held fixed). This read-out
-  of the context in label space lets the head work within a few epochs; the learned part
-  refines it from the inputs (without it, digits needed far more steps than the OvA heads).
+* Features ``phi(x)`` from one backbone; K class logits from a linear head.
+* Each context pair is encoded as ``v_c = tanh(MLP([norm(phi(x_c)), onehot(t_jc),
+  onehot(y_c), onehot(y_c) * (2 r_c - 1), r_c]))`` with ``r_c = 1[t_jc = y_c]`` and ``norm``
+  a parameter-free layer normalisation. For a query x the expert's summary is the
+  cross-attention read-out ``a = sum_c softmax_c(8 cos(q(x), k(x_c))) v_c`` (``attention=
+  false``: left out) and the mean ``m`` of the ``v_c``.
+* The expert's logit is ``MLP(norm([norm(phi(x)), a, m])) + s * logit(acc)``: ``s`` a
+  learned scale (starts at 1) and ``acc`` the expert's accuracy on x's class as the context
+  shows it (per class, its right answers plus one pseudo-answer at its overall context
+  accuracy, over its answers plus one; averaged under the classifier's class
+  probabilities, held fixed). This read-out of the context in label space lets the head
+  work within a few epochs (without it, digits needed far more steps than the OvA heads);
+  the learned part refines it from the inputs. Bounded codes, cosine attention and the
+  normalised head input keep plain SGD stable up to learning rate 0.2 (unbounded, the
+  head diverged on digits at the tuned rates).
 * Loss: the multi-expert ``softmax`` (default) or ``ova`` surrogate on the K class logits
   and the E context-conditioned expert logits (``methods.surrogates``).
 
 Context sets come only from annotations an expert gave, so missing annotations never enter
 them. In training, a sample's context for expert j is up to ``context_size`` other samples
 of the same batch that j annotated (batches are shuffled: a fresh random set each step, the
-sample itself left out; the context's features are held fixed, so the backbone learns from
-the queries). Training also keeps, per expert, the last ``context_size`` annotated training
-samples it saw (``ContextMemory``; an expert with few annotations, such as a held-out
-expert known by a few answers, keeps all it has); these are the context sets at test time.
+sample itself left out). The correctness head reads the backbone's features under
+``stop_gradient``: the backbone learns from the surrogate's class terms only (the head's
+gradients through it made training diverge on digits). Training also keeps, per expert,
+the last ``context_size`` annotated training samples it saw (``ContextMemory``; an expert
+with few annotations, such as a held-out expert known by a few answers, keeps all it has);
+these are the context sets at test time.
 Missing policies for the surrogate: ``as_incorrect`` (default), ``drop``.
 """
 
@@ -54,6 +58,12 @@ class ContextMemory(nnx.BatchStat):
 
 
 PRIOR_WEIGHT = 1.0  # pseudo-samples of an expert's overall accuracy in each class's estimate
+ATTENTION_SHARPNESS = 8.0  # attention logits are this times the query-key cosine
+
+
+def unit(v: jax.Array) -> jax.Array:
+    """``v`` scaled to unit length along its last axis."""
+    return v / jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + 1e-12)
 
 
 def batch_context(observed: jax.Array, size: int) -> jax.Array:
@@ -103,13 +113,14 @@ class PopulationNetwork(nnx.Module):
         self.backbone = BACKBONES.get(spec.backbone)(channels, rngs=rngs)
         features = self.backbone.features
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
-        self.normalise = nnx.LayerNorm(features, rngs=rngs)  # the backbone's features, rescaled
+        # parameter-free normalisations keep every input of the heads at unit scale
+        self.normalise = nnx.LayerNorm(features, use_scale=False, use_bias=False, rngs=rngs)
         self.encode_in = nnx.Linear(features + 3 * num_classes + 1, hidden, rngs=rngs)
         self.encode_out = nnx.Linear(hidden, hidden, rngs=rngs)
         self.query = nnx.Linear(features, hidden, rngs=rngs)
         self.key = nnx.Linear(features, hidden, rngs=rngs)
-        self.project = nnx.Linear(features, hidden, rngs=rngs)
-        self.head_in = nnx.Linear(features + 4 * hidden, hidden, rngs=rngs)
+        self.head_norm = nnx.LayerNorm(features + 2 * hidden, use_scale=False, use_bias=False, rngs=rngs)
+        self.head_in = nnx.Linear(features + 2 * hidden, hidden, rngs=rngs)
         self.head_out = nnx.Linear(hidden, 1, rngs=rngs)
         self.prior_scale = nnx.Param(jnp.ones(()))  # weight of the context-accuracy logit
         self.num_classes, self.attention = num_classes, attention
@@ -125,23 +136,22 @@ class PopulationNetwork(nnx.Module):
         label = jax.nn.one_hot(y, self.num_classes)
         pair = jnp.concatenate([self.normalise(features), jax.nn.one_hot(t, self.num_classes), label,
                                 label * (2.0 * right - 1.0), right], axis=-1)
-        return self.encode_out(nnx.gelu(self.encode_in(pair)))
+        return jnp.tanh(self.encode_out(nnx.gelu(self.encode_in(pair))))
 
     def expert_logits(self, features, context_features, t, y, mask, class_logits) -> jax.Array:
         """(B, E) correctness logits of queries ``features`` (B, D) given the experts' context
         pairs (``context_features`` (E, C, D), answers ``t`` and labels ``y`` (E, C)) and
         ``mask`` (B, E, C) marking each query's context."""
         values = self.encode(context_features, t, y)  # (E, C, H)
-        scale = jnp.sqrt(jnp.float32(values.shape[-1]))
         features, context_features = self.normalise(features), self.normalise(context_features)
-        logits = jnp.einsum("bh,ech->bec", self.query(features), self.key(context_features)) / scale
+        query, key = unit(self.query(features)), unit(self.key(context_features))
+        logits = ATTENTION_SHARPNESS * jnp.einsum("bh,ech->bec", query, key)  # scaled cosines
         attended, mean = attend(logits, mask, values)
         if not self.attention:
             attended = jnp.zeros_like(attended)
-        query = jnp.broadcast_to(features[:, None, :], (*mean.shape[:2], features.shape[-1]))
-        projected = self.project(features)[:, None, :]
-        hidden = nnx.gelu(self.head_in(jnp.concatenate(
-            [query, attended, mean, projected * attended, projected * mean], axis=-1)))
+        own = jnp.broadcast_to(features[:, None, :], (*mean.shape[:2], features.shape[-1]))
+        summary = self.head_norm(jnp.concatenate([own, attended, mean], axis=-1))
+        hidden = nnx.gelu(self.head_in(summary))
         class_probs = jax.nn.softmax(jax.lax.stop_gradient(class_logits), axis=-1)
         accuracy = jnp.clip(context_accuracy(class_probs, t, y, mask), 1e-4, 1.0 - 1e-4)
         return self.head_out(hidden)[..., 0] + self.prior_scale * jax.scipy.special.logit(accuracy)
@@ -199,10 +209,10 @@ class PopulationL2D(MethodBase):
         mask = batch_context(batch.t != MISSING, self.context_size)  # (B, E, B)
         context_t = batch.t.T  # (E, B)
         context_y = jnp.broadcast_to(batch.y[None, :], context_t.shape)
-        context = jax.lax.stop_gradient(features)  # the backbone learns from the queries
-        context_features = jnp.broadcast_to(context[None], (self.num_experts, *features.shape))
+        fixed = jax.lax.stop_gradient(features)  # the backbone learns from the classifier
+        context_features = jnp.broadcast_to(fixed[None], (self.num_experts, *features.shape))
         class_logits = model.classifier(features)
-        expert_logits = model.expert_logits(features, context_features, context_t, context_y, mask,
+        expert_logits = model.expert_logits(fixed, context_features, context_t, context_y, mask,
                                             class_logits)
         model.remember(batch.x, batch.y, batch.t)
         logits = jnp.concatenate([class_logits, expert_logits], axis=-1)
