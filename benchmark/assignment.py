@@ -15,7 +15,7 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from benchmark.bounds import BOUND_TOL, InfeasibleBoundsError, named_agents, check_bounds
+from benchmark.bounds import BOUND_TOL, InfeasibleBoundsError, check_bounds, named_agents
 from core.spec import target_count
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 from datasets import cifar
 from datasets.builders import BUILDERS
 from datasets.generators import write_missing_manifests
-from datasets.materialise import STAMP
 from datasets.layout import load_split
 from datasets.manifest import read_manifest
+from datasets.materialise import STAMP
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10H_SOURCE = (REPO / "../shared/data/cifar10h").resolve()

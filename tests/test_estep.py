@@ -19,12 +19,9 @@ from scipy.special import logsumexp
 from benchmark import training
 from benchmark.config import ConfigError, build_method
 from core.spec import Batch, TaskSpec, WorkloadBounds
-
-from methods.estep import (ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep,
-                           reference_estep)
+from methods.estep import ESTEP_KINDS, REFERENCE_SMOOTHING, estep, exact_estep, meanfield_estep, reference_estep
 from methods.fused_estep import fused_exact_constrained
-from methods.projection import (NUM_ITERS, PROJECTION_LOOPS, check_loop, constrain_posterior,
-                                default_loop, solve_spd)
+from methods.projection import NUM_ITERS, PROJECTION_LOOPS, check_loop, constrain_posterior, default_loop, solve_spd
 
 NOISE = 1e-3
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import os
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.records import load_records
 from benchmark.config import ConfigError
 from benchmark.runner import run_cell
+from core.records import load_records
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.test_pipeline import compose_cfg, flat, run_cli
 

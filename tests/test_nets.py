@@ -14,8 +14,16 @@ from flax import nnx
 from jax import lax
 
 import methods.nets as nets
-from methods.nets import (BACKBONES, Conv, Network, SmallCNN, conv_as_matmul, conv_gemm, conv_implementation,
-                          set_compute_dtype)
+from methods.nets import (
+    BACKBONES,
+    Conv,
+    Network,
+    SmallCNN,
+    conv_as_matmul,
+    conv_gemm,
+    conv_implementation,
+    set_compute_dtype,
+)
 
 
 def native_conv(x, kernel, strides):

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from benchmark.config import CellConfig, register_configs, to_cell
-from core.records import load_records
 from benchmark.runner import run_cell
+from core.records import load_records
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 register_configs()

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
-from flax import nnx
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

@@ -105,8 +105,8 @@ def toy_records() -> list[dict]:
 
 
 def test_reference_rows_are_unranked_apart_and_never_best(toy_records, tmp_path):
-    from reports import build_report, leaderboard_from_records
     from core.records import write_record
+    from reports import build_report, leaderboard_from_records
 
     table = leaderboard_from_records(toy_records)
     oracle = table[table["method"] == "oracle"]

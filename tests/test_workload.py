@@ -12,9 +12,9 @@ import pytest
 import scipy.optimize
 from scipy.special import logsumexp
 
-from core.spec import agent_names
 from benchmark.assignment import capacity_assignment, integer_capacities
 from benchmark.bounds import InfeasibleBoundsError, check_bounds
+from core.spec import agent_names
 from methods.projection import constrain_posterior
 
 

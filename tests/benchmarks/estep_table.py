@@ -42,8 +42,7 @@ import jax.numpy as jnp
 
 try:  # repository root on sys.path (PYTHONPATH=.)
     from tests.benchmarks.original_estep import original_constrained_estep
-    from tests.benchmarks.reference_estep import (benchmark_bounds, make_problem,
-                                                  yardstick_constrained_estep)
+    from tests.benchmarks.reference_estep import benchmark_bounds, make_problem, yardstick_constrained_estep
 except ImportError:  # pragma: no cover - only this folder on sys.path
     from original_estep import original_constrained_estep
     from reference_estep import benchmark_bounds, make_problem, yardstick_constrained_estep

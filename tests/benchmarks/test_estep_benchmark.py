@@ -35,17 +35,21 @@ import numpy as np
 import pytest
 
 from methods.estep import reference_estep
-
 from methods.projection import PROJECTION_LOOPS, default_loop
 
 try:  # repository root on sys.path (PYTHONPATH=.)
-    from tests.benchmarks.estep_table import (PIPELINES, SHAPES, default_pipelines, machine_info,
-                                              pipeline_inputs, time_pipelines)
+    from tests.benchmarks.estep_table import (
+        PIPELINES,
+        SHAPES,
+        default_pipelines,
+        machine_info,
+        pipeline_inputs,
+        time_pipelines,
+    )
     from tests.benchmarks.original_estep import original_meanfield
     from tests.benchmarks.reference_estep import _yardstick_meanfield
 except ImportError:  # pragma: no cover - only this folder on sys.path
-    from estep_table import (PIPELINES, SHAPES, default_pipelines, machine_info, pipeline_inputs,
-                             time_pipelines)
+    from estep_table import PIPELINES, SHAPES, default_pipelines, machine_info, pipeline_inputs, time_pipelines
     from original_estep import original_meanfield
     from reference_estep import _yardstick_meanfield
 

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 try:  # repository root on sys.path (PYTHONPATH=.)
-    from tests.benchmarks.train_step_table import (BATCH, STEPS, interleaved_seconds, prepared_steps,
-                                                   step_seconds)
+    from tests.benchmarks.train_step_table import BATCH, STEPS, interleaved_seconds, prepared_steps, step_seconds
 except ImportError:  # pragma: no cover
     from train_step_table import BATCH, STEPS, interleaved_seconds, prepared_steps, step_seconds
 
