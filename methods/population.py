@@ -34,7 +34,10 @@ gradients through it made training diverge on digits). Training also keeps, per 
 the last ``context_size`` annotated training samples it saw (``ContextMemory``; an expert
 with few annotations, such as a held-out expert known by a few answers, keeps all it has);
 these are the context sets at test time.
-Missing policies for the surrogate: ``as_incorrect`` (default), ``drop``.
+Missing policies: ``mask`` (default: a missing expert's term leaves the loss; under the
+softmax surrogate its logit also leaves the row's softmax, as in ``two_stage``, so a
+held-out expert is not taught to be wrong where it gave no answer), ``as_incorrect``,
+``drop``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class ContextMemory(nnx.BatchStat):
 
 
 PRIOR_WEIGHT = 1.0  # pseudo-samples of an expert's overall accuracy in each class's estimate
+MASKED_LOGIT = -1e9  # a missing expert's logit under softmax "mask": out of the row's softmax
 ATTENTION_SHARPNESS = 8.0  # attention logits are this times the query-key cosine
 
 
@@ -178,9 +182,9 @@ class PopulationNetwork(nnx.Module):
 @METHODS.register("l2d_pop")
 @dataclasses.dataclass(frozen=True)
 class PopulationL2D(MethodBase):
-    missing_policies = ("as_incorrect", "drop")  # accepted by both surrogates
+    missing_policies = ("mask", "as_incorrect", "drop")
     num_experts: int = 0
-    missing_policy: str = "as_incorrect"
+    missing_policy: str = "mask"
     surrogate: str = "softmax"  # softmax | ova (methods.surrogates)
     context_size: int = 32  # context pairs per expert, in training and at test time
     hidden: int = 64  # width of the context codes and the correctness head
@@ -192,7 +196,7 @@ class PopulationL2D(MethodBase):
             raise MethodConfigError(f"method {self.name!r}: surrogate must be one of "
                                     f"{', '.join(SURROGATES)}, got {self.surrogate!r}.")
         try:
-            check_policy(self.surrogate, self.missing_policy)
+            check_policy(self.surrogate, self.surrogate_policy)
         except ValueError as err:
             raise MethodConfigError(f"method {self.name!r}: {err}") from None
         for option in ("context_size", "hidden"):
@@ -215,8 +219,17 @@ class PopulationL2D(MethodBase):
         expert_logits = model.expert_logits(fixed, context_features, context_t, context_y, mask,
                                             class_logits)
         model.remember(batch.x, batch.y, batch.t)
+        if self.missing_policy == "mask" and self.surrogate == "softmax":
+            # a missing expert leaves the row's softmax (its answer is then no target either)
+            expert_logits = jnp.where(batch.t != MISSING, expert_logits, MASKED_LOGIT)
         logits = jnp.concatenate([class_logits, expert_logits], axis=-1)
-        return SURROGATES[self.surrogate][0](logits, batch.y, batch.t, self.missing_policy), {}
+        return SURROGATES[self.surrogate][0](logits, batch.y, batch.t, self.surrogate_policy), {}
+
+    @property
+    def surrogate_policy(self) -> str:
+        """The surrogate's own policy: softmax "mask" is "as_incorrect" on masked logits."""
+        softmax_mask = self.missing_policy == "mask" and self.surrogate == "softmax"
+        return "as_incorrect" if softmax_mask else self.missing_policy
 
     def logits(self, model, x):
         """(B, K + E): class logits, then each expert's logit given its remembered context."""

@@ -132,7 +132,7 @@ def test_softmax_scores_rank_the_experts_the_same_way():
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"missing_policy": "mask"}, "does not support missing_policy='mask'"),
+    ({"missing_policy": "impute"}, "does not support missing_policy='impute'"),
     ({"surrogate": "hinge"}, "surrogate must be one of ova, softmax"),
     ({"context_size": 0}, "context_size must be >= 1"),
 ])
