@@ -25,7 +25,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -436,7 +436,7 @@ def unknown_options(node: DictConfig, prefix: str = "") -> list[str]:
     found = []
     for key in node.keys():
         if key not in declared:
-            found.append(f"{prefix}{key}")
+            found.append(prefix + str(key))
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
@@ -482,7 +482,8 @@ def build_method(name: str, params: dict[str, Any], spec: TaskSpec) -> Method:
 
 def dataset_of(cell: CellConfig, base: Path) -> DatasetConfig:
     """The cell's dataset with its root resolved against ``base`` (the repository root)."""
-    return dataclasses.replace(cell.dataset, root=resolve_path(cell.dataset.root, base))
+    root = resolve_path(cell.dataset.root, base)
+    return dataclasses.replace(cell.dataset, root=cast(str, root))  # a Path from here on (see DatasetConfig.root)
 
 
 @dataclass(frozen=True)

@@ -107,13 +107,19 @@ def _is_managed(root: Path) -> bool:
     return True
 
 
+def root_of(dataset: DatasetConfig) -> Path:
+    """The dataset's root as a ``Path`` (``benchmark.config.dataset_of`` resolved it)."""
+    return Path(dataset.root)
+
+
 def _check_inside(dataset: DatasetConfig, names: tuple[str, ...], option: str) -> None:
-    real_root = dataset.root.resolve()
+    root = root_of(dataset)
+    real_root = root.resolve()
     for name in names:
-        if not inside(real_root, dataset.root / name):
+        if not inside(real_root, root / name):
             raise ManifestError(
-                f"{dataset.root / name}: manifest ({option}) resolves to "
-                f"{(dataset.root / name).resolve()}, outside the dataset root {real_root}; "
+                f"{root / name}: manifest ({option}) resolves to "
+                f"{(root / name).resolve()}, outside the dataset root {real_root}; "
                 "manifests must lie inside the root (symbolic links included)."
             )
 
@@ -123,7 +129,7 @@ def locate(dataset: DatasetConfig, name: str) -> str:
     (official layouts keep manifests under e.g. ``annotations_3/``); as given if none does."""
     for folder in dataset.manifest_dirs:
         candidate = name if folder in (".", "") else f"{folder}/{name}"
-        if (dataset.root / candidate).is_file():
+        if (root_of(dataset) / candidate).is_file():
             return candidate
     return name
 
@@ -136,7 +142,7 @@ def published_missing(dataset: DatasetConfig, rate: float) -> tuple[str, ...] | 
     names = tuple(locate(dataset, dataset.published_missing.format(stem=Path(name).stem, rate=f"{rate:g}"))
                   for name in dataset.train.experts)
     _check_inside(dataset, names, "dataset.published_missing")
-    return names if all((dataset.root / name).is_file() for name in names) else None
+    return names if all((root_of(dataset) / name).is_file() for name in names) else None
 
 
 def refuse_stacked_drop(dataset: DatasetConfig, rate: float) -> None:
@@ -163,7 +169,7 @@ def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_
     ground truth and of every source expert manifest with the rate and the seed, so an
     edited source derives a new file and nothing is ever written in the dataset root.
     """
-    root, experts = dataset.root, dataset.train.experts
+    root, experts = root_of(dataset), dataset.train.experts
     sources = [root / dataset.train.ground_truth, *(root / name for name in experts)]
     key = stable_hash({"sources": [file_sha256(path) for path in sources],
                        "rate": missing_rate, "seed": dataset.missing_seed})
@@ -182,7 +188,7 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) 
     """Manifest paths of a cell; missing-annotation manifests are derived into ``cache_dir``."""
     if not 0.0 <= float(missing_rate) <= 1.0:
         raise ConfigError(f"missing_rate must be in [0, 1], got {missing_rate}.")
-    root = dataset.root
+    root = root_of(dataset)
     if dataset.builder and _is_managed(root):
         BUILDERS.get(dataset.builder)(root, **dict(dataset.builder_args))
     if not root.is_dir():
@@ -201,7 +207,9 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) 
     _check_inside(dataset, (dataset.train.ground_truth, dataset.test.ground_truth),
                   "dataset.train/test.ground_truth")
     _check_inside(dataset, (*dataset.train.experts, *dataset.test.experts), "dataset.train/test.experts")
-    experts, complete, source = dataset.train.experts, dataset.train.complete_experts, "none"
+    experts: tuple[str, ...] = tuple(dataset.train.experts)
+    complete = None if dataset.train.complete_experts is None else tuple(dataset.train.complete_experts)
+    source = "none"
     if missing_rate > 0:
         complete = complete or experts
         published = published_missing(dataset, float(missing_rate))
@@ -214,7 +222,7 @@ def dataset_files(dataset: DatasetConfig, missing_rate: float, cache_dir: Path) 
         name=dataset.name, root=root, num_classes=dataset.num_classes,
         train_ground_truth=dataset.train.ground_truth, train_experts=experts,
         complete_experts=complete, test_ground_truth=dataset.test.ground_truth,
-        test_experts=dataset.test.experts, source_experts=dataset.train.experts,
+        test_experts=tuple(dataset.test.experts), source_experts=tuple(dataset.train.experts),
         missing_source=source,
     )
 
@@ -226,8 +234,8 @@ def source_manifest_hashes(dataset: DatasetConfig, missing_rate: float) -> dict[
     names = tuple(locate(dataset, name) for name in names)
     if missing_rate > 0:
         names += published_missing(dataset, missing_rate) or ()
-    return {name: file_sha256(dataset.root / name) if (dataset.root / name).is_file() else None
-            for name in names}
+    root = root_of(dataset)
+    return {name: file_sha256(root / name) if (root / name).is_file() else None for name in names}
 
 
 def image_digest(root: Path, files: tuple[str, ...]) -> str:
@@ -242,8 +250,8 @@ def source_image_digests(dataset: DatasetConfig) -> dict[str, str | None]:
     manifest does not exist yet): part of every identity that derives from the images."""
     digests = {}
     for split, manifests in (("train", dataset.train), ("test", dataset.test)):
-        path = dataset.root / locate(dataset, manifests.ground_truth)
-        digests[split] = (image_digest(dataset.root, read_manifest(path, dataset.num_classes).files)
+        path = root_of(dataset) / locate(dataset, manifests.ground_truth)
+        digests[split] = (image_digest(root_of(dataset), read_manifest(path, dataset.num_classes).files)
                           if path.is_file() else None)
     return digests
 

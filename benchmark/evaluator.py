@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from benchmark.assignment import capacity_assignment
-from core.spec import ExpertCommittee, ReferenceRow, WorkloadBounds, agent_names
+from core.spec import ExpertCommittee, Method, ReferenceRow, WorkloadBounds, agent_names
 
 CURVE_POINTS = 101
 ECE_BINS = 15
@@ -37,7 +37,8 @@ def decision_scores(method, logits, scores, y, t) -> np.ndarray:
                                               t if sees else None))
 
 
-def committee_sets(method, scores, calibration) -> np.ndarray | None:
+def committee_sets(method: Method, scores: np.ndarray,
+                   calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray | None:
     """(N, E) bool expert sets of an ``ExpertCommittee`` method for a split with ``scores``,
     calibrated on ``calibration`` = (scores, y, t) of the validation split; None for any
     other method."""
@@ -151,6 +152,9 @@ def correct_answers(agent: np.ndarray, logits: np.ndarray, y: np.ndarray, t: np.
     ``expert_sets``: a deferred sample gets the vote of the experts consulted)."""
     answer = final_predictions(agent, logits.argmax(axis=1), t)
     if expert_sets is not None:
+        if scores is None:
+            raise ValueError("correct_answers: expert_sets need the agent scores (scores=...) to break "
+                             "ties in the committee's vote.")
         voted = committee_vote(consulted_experts(agent, t.shape[1], expert_sets), t, scores)
         answer = np.where(agent == t.shape[1], answer, voted)
     return answer == y

@@ -120,8 +120,9 @@ def train_and_predict(cells: list[tuple[RunConfig, CellData]]) -> list[dict]:
         bar.close()
         for i, model in zip(todo, fitted):
             trained[i] = model
-            if shared[i] is not None:
-                training.save_trained(model, shared[i])
+            shared_path = shared[i]
+            if shared_path is not None:
+                training.save_trained(model, shared_path)
     return [_predict(cell_run, data, model, loader) for (cell_run, data), model in zip(cells, trained)]
 
 

@@ -36,7 +36,7 @@ def environment() -> dict:
     """Package versions, Python, platform and JAX backend/devices."""
     import jax
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)

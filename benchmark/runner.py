@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -99,20 +100,20 @@ def compute(cell: CellConfig, identity: CellIdentity, record: ResultRecord, base
                         expert_sets=sets, expert_cost=run.spec.expert_cost)
 
     test = evaluate_split(out["test"], data.test, "test")
-    record.update(
-        status="ok",
-        agents=agent_names(run.spec.num_experts),
-        workload_bounds={"lo": list(run.bounds.lo), "hi": list(run.bounds.hi)},
-        metrics=test.metrics,
-        correct={rule: "".join("1" if c else "0" for c in right) for rule, right in test.correct.items()},
-        run_metrics=run_metrics,
-        history=out.get("history") or [],
-        curves=test.curves,
-        missing_seed={"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
-        missing_annotations={"source": data.files.missing_source,  # none | published | drawn
-                             "observed_rate": float(np.mean(data.train.t == -1))},
-        provenance={**provenance(data.manifests), "images": data.image_digests},
-    )
+    record.update({
+        "status": "ok",
+        "agents": agent_names(run.spec.num_experts),
+        "workload_bounds": {"lo": list(run.bounds.lo), "hi": list(run.bounds.hi)},
+        "metrics": test.metrics,
+        "correct": {rule: "".join("1" if c else "0" for c in right) for rule, right in test.correct.items()},
+        "run_metrics": run_metrics,
+        "history": out.get("history") or [],
+        "curves": test.curves,
+        "missing_seed": {"seed": run.dataset.missing_seed, "from": run.missing_seed_source},
+        "missing_annotations": {"source": data.files.missing_source,  # none | published | drawn
+                                "observed_rate": float(np.mean(data.train.t == -1))},
+        "provenance": {**provenance(data.manifests), "images": data.image_digests},
+    })
     if data.validation is not None:
         record["validation"] = evaluate_split(out["validation"], data.validation, "validation").metrics
 
@@ -145,7 +146,7 @@ def untracked(cell: CellConfig, record: ResultRecord) -> bool:
 
 
 def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
-             base: Path = REPO_ROOT) -> ResultRecord:
+             base: Path = REPO_ROOT) -> Mapping[str, Any]:
     """Run one grid cell, write its record and track it; never raises for a failing cell.
 
     ``cell`` is the typed config (``benchmark.config.to_cell``); ``choices`` Hydra's chosen
@@ -162,7 +163,7 @@ def run_cell(cell: CellConfig, choices: dict[str, str] | None = None,
                     "error": (f"method {cell.method.name!r} does not support missing_policy={policy!r}"
                               f" (it supports {', '.join(supported) or 'none: it needs no policy'})")}
         cell = with_method_option(cell, "missing_policy", policy)
-    key = {"missing_rate": cell.missing_rate, "seed": cell.seed}  # until the labels are known
+    key: Mapping[str, Any] = {"missing_rate": cell.missing_rate, "seed": cell.seed}  # until the labels are known
     try:
         identity = CellIdentity.of(cell, choices)
         key = identity.key()
@@ -194,14 +195,15 @@ def finished(cell: CellConfig, existing: ResultRecord | None,
 
 
 def _run_locked(cell: CellConfig, identity: CellIdentity, path: Path, fingerprint: str,
-                base: Path) -> ResultRecord:
+                base: Path) -> Mapping[str, Any]:
     key, variant = identity.key(), identity.variant()
     existing = read_record(path)  # another process may have finished (and tracked) it meanwhile
     done = finished(cell, existing, fingerprint)
     if done is not None:
         if untracked(cell, done):  # killed before it was tracked, or its run lost: track it
-            record = track(cell, existing, path)
-            done = {**record, "status": SKIPPED, "tracked_again": bool(record.get("mlflow_run_id"))}
+            assert existing is not None  # finished() answers None for a missing record
+            tracked = track(cell, existing, path)
+            return {**tracked, "status": SKIPPED, "tracked_again": bool(tracked.get("mlflow_run_id"))}
         return done
     if cell.method.label and existing and existing.get("variant") not in (None, variant):
         return {"status": "failed", "cell": key, "error": (  # the existing record is kept

@@ -62,7 +62,7 @@ def sample_from_distribution(probs: np.ndarray, seed: int) -> np.ndarray:
     return np.minimum(labels, probs.shape[1] - 1).astype(np.int64)
 
 
-def missing_uniforms(num_samples: int, num_experts: int, seed: int) -> np.ndarray:
+def missing_uniforms(num_samples: int, num_experts: int, seed: int | None) -> np.ndarray:
     """One U(0,1) draw per (sample, expert); annotation is missing at rate r iff u < r.
 
     Thresholding the same draws makes missing sets nested across rates.
@@ -71,7 +71,7 @@ def missing_uniforms(num_samples: int, num_experts: int, seed: int) -> np.ndarra
 
 
 def drop_annotations(
-    experts: Sequence[Manifest], ground_truth_files: Sequence[str], rate: float, seed: int
+    experts: Sequence[Manifest], ground_truth_files: Sequence[str], rate: float, seed: int | None
 ) -> list[tuple[list[str], np.ndarray]]:
     """Remove each (sample, expert) annotation with probability ``rate`` (MCAR, nested).
 
@@ -94,7 +94,7 @@ def write_missing_manifests(
     experts: Sequence[Manifest],
     ground_truth_files: Sequence[str],
     rate: float,
-    seed: int,
+    seed: int | None,  # None: fresh entropy (numpy's default_rng), as for an unresolved dataset.missing_seed
     out_paths: Sequence[str | Path],
 ) -> list[Path]:
     """Write one manifest per expert with annotations dropped at ``rate``."""
