@@ -56,7 +56,7 @@ from core.spec import ResultRecord
 CONNECT_TIMEOUT_S = 3.0  # a tracking server's health check: connect, then read its answer
 REQUEST_TIMEOUT_S = 5  # each MLflow request to a server (connect and read), no retry
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's training view
-_UNAVAILABLE: dict[str, str] = {}  # tracking URI -> why it cannot be used (per process)
+_UNAVAILABLE: dict[str | None, str] = {}  # tracking URI -> why it cannot be used (per process)
 _EXPERIMENTS: dict[tuple[str | None, str], str] = {}  # (URI, experiment name) -> its id, once ready
 
 
@@ -142,9 +142,9 @@ class Tracker:
             return getattr(settings, key, default)
 
         self.enabled = bool(get("enabled", False))
-        self.uri = get("uri")
-        self.experiment = get("experiment") or "l2d-bench"
-        self.artifact_location = get("artifact_location")
+        self.uri: str | None = get("uri")
+        self.experiment: str = get("experiment") or "l2d-bench"
+        self.artifact_location: str | None = get("artifact_location")
 
     def prepare(self) -> str | None:
         """Reach the store, create (and migrate) it and the experiment once, under a lock.
@@ -181,7 +181,8 @@ class Tracker:
         """The experiment's id, creating the store and the experiment if needed (once per
         process); raises ``TrackingUnavailable`` when the store cannot be reached."""
         known = _EXPERIMENTS.get((self.uri, self.experiment))
-        if known is not None and (local_store(self.uri) is None or local_store(self.uri).is_file()):
+        store = local_store(self.uri)
+        if known is not None and (store is None or store.is_file()):
             return known
         if self.uri in _UNAVAILABLE:
             raise TrackingUnavailable(_UNAVAILABLE[self.uri])
@@ -199,9 +200,9 @@ class Tracker:
             if experiment is None:
                 location = None
                 if self.artifact_location:  # else an SQLite store's artifacts go to ./mlruns
-                    location = Path(self.artifact_location)
-                    location.mkdir(parents=True, exist_ok=True)
-                    location = location.resolve().as_uri()
+                    folder = Path(self.artifact_location)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    location = folder.resolve().as_uri()
                 try:
                     experiment_id = client.create_experiment(
                         self.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
@@ -321,8 +322,9 @@ def _log_cell(client, run_id: str, record: ResultRecord, cell: CellConfig) -> No
     for epoch, metrics in enumerate(history):
         values += [(f"train/{k}", v, epoch) for k, v in metrics.items()]
     tags = {"status": record["status"], **{k: str(v) for k, v in record["cell"].items()}}
-    if record.get("error"):
-        tags["error"] = record["error"]
+    error = record.get("error")
+    if error:
+        tags["error"] = error
     client.log_batch(
         run_id,
         metrics=[Metric(name, float(value), now, step) for name, value, step in values

@@ -15,10 +15,11 @@ import collections
 import dataclasses
 import functools
 import json
+import operator
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +31,17 @@ from jax.sharding import PartitionSpec as P
 
 from benchmark.config import PRECISIONS, TrainConfig
 from core.files import read_cache, write_cache
+from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 from datasets.device import DeviceSplit, device_batch, epoch_rows, put_split
 from datasets.source import ArraySplit, LoaderConfig
 from methods.nets import set_compute_dtype
-from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 
 
 def use_compilation_cache(path: Path | None) -> None:
     """Keep compiled programs under ``path`` (JAX's persistent cache), so that other
     processes (later runs, parallel launchers' jobs, tests) load them instead of compiling
     again; None leaves the setting as it is. Entries cut short earlier are removed first."""
-    if path is not None and jax.config.jax_compilation_cache_dir != str(path):
+    if path is not None and jax.config.values["jax_compilation_cache_dir"] != str(path):
         removed = remove_truncated_entries(Path(path))
         if removed:
             print(f"[l2d-bench] removed {len(removed)} truncated entries of the JAX compilation "
@@ -152,7 +153,8 @@ def train_step_seeds(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """``train_step`` of S seeds as one program (``vmap``): ``state``, ``batch`` and the
     returned metrics carry a leading seed axis; ``inputs`` (progress, bounds) are shared."""
-    step = functools.partial(train_step.__wrapped__, method, graphdef, optim)
+    # jax.jit's wrapper keeps the function as __wrapped__; JitWrapped's type omits it
+    step = functools.partial(train_step.__wrapped__, method, graphdef, optim)  # type: ignore[attr-defined]
     return jax.vmap(step, in_axes=(0, 0, None))(state, batch, inputs)
 
 
@@ -296,11 +298,18 @@ def restore_trained(method: Method, model: Any, path: Path) -> "TrainedModel | N
     leaves, meta = found
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
     model.eval()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_params(model)
     return TrainedModel(method, graphdef, params, rest, meta["train_seconds"], meta["compile_seconds"],
                         meta["samples_seen"], num_devices=meta["num_devices"],
                         seeds_in_program=meta.get("seeds_in_program", 1),
                         history=meta.get("history", []))
+
+
+def split_params(model: Any) -> tuple[nnx.GraphDef[Any], nnx.State, nnx.State]:
+    """``(graphdef, params, rest)`` of an NNX model: its ``nnx.Param`` variables and the rest."""
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    (rest,) = others  # two filters: two states
+    return graphdef, params, rest
 
 
 def train_inputs(method: Method, bounds: WorkloadBounds | None, progress: float) -> TrainInputs:
@@ -370,7 +379,8 @@ def train_chunk(
     """
     seeds = None if rows.ndim == 2 else rows.shape[0]
     steps_per_epoch = rows.shape[-2]
-    take_step = functools.partial(train_step.__wrapped__, method, graphdef, optim)
+    # jax.jit's wrapper keeps the function as __wrapped__; JitWrapped's type omits it
+    take_step = functools.partial(train_step.__wrapped__, method, graphdef, optim)  # type: ignore[attr-defined]
 
     def make_batch(split, rows, key, step):
         own_rows = jax.lax.dynamic_index_in_dim(rows, step % steps_per_epoch, keepdims=False)
@@ -378,7 +388,8 @@ def train_chunk(
 
     if seeds is not None:
         image_axis = None if split.images.ndim == 4 else 0
-        make_batch = jax.vmap(make_batch, in_axes=(DeviceSplit(image_axis, 0, 0), 0, 0, None))
+        split_axes: tuple[Any, Any, Any] = (image_axis, 0, 0)  # in_axes: a DeviceSplit of axes
+        make_batch = jax.vmap(make_batch, in_axes=(DeviceSplit(*split_axes), 0, 0, None))
         take_step = jax.vmap(take_step, in_axes=(0, 0, None))
 
     def body(carry, _):
@@ -421,14 +432,14 @@ def fit(
     seeds = len(models)
     for model in models:
         model.train()
-    splits = [nnx.split(model, nnx.Param, ...) for model in models]
+    splits = [split_params(model) for model in models]
     graphdef = splits[0][0]
     states = [TrainState(params, rest, make_optimizer(optim).init(params)) for _, params, rest in splits]
     state = states[0] if seeds == 1 else jax.tree.map(lambda *a: jnp.stack(a), *states)
     run = _EpochRunner(method, graphdef, optim, train_inputs(method, bounds, 0.0), seeds)
     run.state = state  # what fit returns when there is no epoch
-    loop = run.on_device if isinstance(data, DeviceEpochs) else run.from_host
-    epoch_loop = loop(state, data, epochs)
+    epoch_loop = (run.on_device(state, data, epochs) if isinstance(data, DeviceEpochs)
+                  else run.from_host(state, data, epochs))
     history: list[list[dict[str, float]]] = [[] for _ in range(seeds)]
     for epoch in range(epochs):
         epoch_metrics = next(epoch_loop)
@@ -445,10 +456,10 @@ def fit(
     state = jax.device_put(run.state, jax.devices()[0])  # evaluation runs on one device
     trained = []
     for i in range(seeds):
-        own = state if seeds == 1 else jax.tree.map(lambda a: a[i], state)
+        own = state if seeds == 1 else jax.tree.map(operator.itemgetter(i), state)
         model = nnx.merge(graphdef, own.params, own.rest)
         model.eval()
-        eval_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        eval_graphdef, params, rest = split_params(model)
         trained.append(TrainedModel(
             method, eval_graphdef, params, rest, run.train_seconds / seeds,
             run.compile_seconds / seeds, run.seen, history[i], num_devices=run.num_devices,
@@ -535,9 +546,11 @@ class _EpochRunner:
             epoch_metrics: list[dict[str, jax.Array]] = []
             start = time.perf_counter()
             parts = zip(*(batches(epoch) for batches in data), strict=True)
-            stacked = (p[0] if seeds == 1 else Batch(*(np.stack(a) for a in zip(*p))) for p in parts)
+            # host arrays in the device pytrees' places: jit takes NumPy arguments as they are
+            stacked = (p[0] if seeds == 1 else Batch(*(cast(jax.Array, np.stack(a)) for a in zip(*p)))
+                       for p in parts)
             for batch in prefetch(stacked, put):
-                inputs = TrainInputs(np.float32(step / total_steps), self.fixed.lo, self.fixed.hi)
+                inputs = TrainInputs(cast(jax.Array, np.float32(step / total_steps)), self.fixed.lo, self.fixed.hi)
                 state, metrics = step_fn(self.method, self.graphdef, self.optim, state, batch, inputs)
                 if step == 0:
                     jax.block_until_ready(state.params)

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from methods import METHODS
-from methods.common import (Constant, ReferenceRowBase, Networks, expert_accuracies, human_scores,
-                            require_experts)
+from methods.common import Constant, Networks, ReferenceRowBase, expert_accuracies, human_scores, require_experts
 
 
 @METHODS.register("best_expert")

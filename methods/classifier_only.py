@@ -18,8 +18,17 @@ import numpy as np
 
 from core.spec import TaskSpec
 from methods import METHODS
-from methods.common import (CE_CLASSIFIER, TIE_BREAK_SCALE, Constant, ReferenceRowBase, Networks,
-                            cross_entropy, expert_accuracies, human_scores, sample_uniform)
+from methods.common import (
+    CE_CLASSIFIER,
+    TIE_BREAK_SCALE,
+    Constant,
+    Networks,
+    ReferenceRowBase,
+    cross_entropy,
+    expert_accuracies,
+    human_scores,
+    sample_uniform,
+)
 from methods.nets import Network
 
 HUMAN_SCALE = 1e-3  # humans' scores: their training accuracy, scaled below any confidence gap

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,6 @@ from flax import nnx
 
 from core.spec import MISSING, Batch, TrainInputs
 from methods.nets import Network
-
 
 
 class MethodConfigError(ValueError):
@@ -31,7 +30,15 @@ class MethodBase:
 
     name: ClassVar[str] = ""  # set by METHODS.register
     trains: ClassVar[bool] = True
-    workload_in_training: ClassVar[bool] = False
+    if TYPE_CHECKING:  # a class attribute, or a property where an option decides it (prob_l2d)
+        @property
+        def workload_in_training(self) -> bool: ...
+
+        def classify(self, model: Any, x: jax.Array) -> jax.Array:
+            """Every method defines it (``core.spec.Method``); the defaults below call it."""
+            ...
+    else:
+        workload_in_training = False
     missing_policies: ClassVar[tuple[str, ...]] = ()
     training_problem: ClassVar[str | None] = None
 

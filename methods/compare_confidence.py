@@ -13,8 +13,8 @@ import dataclasses
 
 from methods import METHODS
 from methods.common import MethodBase, Networks, cross_entropy, require_experts
-from methods.surrogates import correctness_loss, deferral_scores_correctness
 from methods.nets import Network
+from methods.surrogates import correctness_loss, deferral_scores_correctness
 
 
 @METHODS.register("compare_confidence")

@@ -40,8 +40,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from core.spec import MISSING
-from methods.projection import (GRADIENT_FRACTIONS, MAX_BACKTRACKS, MAX_STEP, MIN_PROB, MIN_TARGET,
-                                NUM_ITERS, SNAP_EPS, ZERO_EPS, check_loop)
+from methods.projection import (
+    GRADIENT_FRACTIONS,
+    MAX_BACKTRACKS,
+    MAX_STEP,
+    MIN_PROB,
+    MIN_TARGET,
+    NUM_ITERS,
+    SNAP_EPS,
+    ZERO_EPS,
+    check_loop,
+)
 
 TILE_ELEMENTS = 4096  # E-step tile: rows * padded agents * padded classes per program
 CHUNK_ROWS = 512  # projection: rows held (or streamed) per pass

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 
 from core.spec import tunable
 from methods import METHODS
-from methods.common import (MethodBase, Networks, after_stage, check_stage_fraction,
-                            require_experts)
-from methods.surrogates import annotator_loss, deferral_scores_softmax, softmax_deferral_loss
+from methods.common import MethodBase, Networks, after_stage, check_stage_fraction, require_experts
 from methods.nets import Network, NetworkStack
+from methods.surrogates import annotator_loss, deferral_scores_softmax, softmax_deferral_loss
 
 
 @METHODS.register("impute_then_defer")

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from core.spec import MISSING
-from methods.projection import constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, Networks, cross_entropy, require_experts
-from methods.surrogates import cross_entropy as soft_cross_entropy
 from methods.nets import Network
+from methods.projection import constrain_posterior
+from methods.surrogates import cross_entropy as soft_cross_entropy
 
 
 def em_posterior(class_logits, gate_logits, y, t, policy: str, label_noise: float):

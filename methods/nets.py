@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -156,12 +156,13 @@ def _native_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> j
     return lax.conv_general_dilated(x, kernel, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-CONV_FUNCTIONS = {"native": _native_conv, "matmul": conv_as_matmul, "gemm": conv_gemm}
+ConvFunction = Callable[[jax.Array, jax.Array, tuple[int, int]], jax.Array]  # (x, kernel, strides) -> y
+CONV_FUNCTIONS: dict[str, ConvFunction] = {"native": _native_conv, "matmul": conv_as_matmul, "gemm": conv_gemm}
 _TIMED_CHOICES: dict[str, str] = {}  # auto's choices in this process
 
 
 def _choices_file() -> Path | None:
-    cache = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    cache = jax.config.values["jax_compilation_cache_dir"] or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     return Path(cache) / "l2d_conv_choices.json" if cache else None
 
 
@@ -234,19 +235,28 @@ def time_convolutions(x_shape, kernel_shape, strides, dtype, names, rounds: int 
     return best
 
 
+def _pair(strides: int | Sequence[int] | None) -> tuple[int, int]:
+    """A 2-D convolution's strides as (height, width); None means 1, as in ``nnx.Conv``."""
+    if isinstance(strides, Sequence):
+        height, width = strides
+        return height, width
+    return (1, 1) if strides is None else (strides, strides)
+
+
 class Conv(nnx.Conv):
     """``nnx.Conv`` (same parameters, same results) computed by the implementation
     ``conv_implementation`` names for its shapes (SAME padding without dilation or groups;
     other configurations take the native path). Computes in ``self.dtype`` when it is set
     (``set_compute_dtype``): input and kernel cast to it, float32 accumulation."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """``nnx.Conv``'s call; an ``out_sharding`` takes the native path."""
         simple = (self.padding == "SAME" and self.feature_group_count == 1
                   and self.kernel_dilation in (1, (1, 1), None) and self.input_dilation in (1, (1, 1), None)
-                  and x.ndim == 4)
+                  and x.ndim == 4 and out_sharding is None)
         if not simple:
-            return super().__call__(x)
-        strides = tuple(self.strides) if isinstance(self.strides, Sequence) else (self.strides,) * 2
+            return super().__call__(x, out_sharding)
+        strides = _pair(self.strides)
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
         implementation = conv_implementation(x.shape, kernel.shape, strides, x.dtype)

@@ -14,8 +14,7 @@ import dataclasses
 import numpy as np
 
 from methods import METHODS
-from methods.common import (CE_CLASSIFIER, ReferenceRowBase, Networks, classifier_confidence_scores,
-                            cross_entropy)
+from methods.common import CE_CLASSIFIER, Networks, ReferenceRowBase, classifier_confidence_scores, cross_entropy
 from methods.nets import Network
 
 TIE_BREAK = 1e-3

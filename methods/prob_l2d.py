@@ -10,8 +10,8 @@ and the M-step takes one optimiser step on
 ``CE(gating, q'(z)) + sum_j CE(annotator_j, q(t_j)) + CE(classifier, y)``.
 
 ``networks``: ``shared`` (default: one backbone with a gating head and E+1 class heads,
-about E+2 times cheaper; the compute the baselines get) or ``separate`` (the reference: independent networks for the gating, every
-annotator and the classifier, evaluated together).
+about E+2 times cheaper; the compute the baselines get) or ``separate`` (the reference:
+independent networks for the gating, every annotator and the classifier, evaluated together).
 
 ``train_with_workload``: True (default, the paper's method) constrains ``q(z)`` to the
 workload bounds in every E-step, so the model is trained once per workload; False trains
@@ -32,12 +32,12 @@ import optax
 from flax import nnx
 
 from core.spec import TaskSpec
-from methods.fused_estep import fused_exact_constrained
-from methods.projection import NUM_ITERS, PROJECTION_LOOPS, constrain_posterior
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError
 from methods.estep import ESTEP_KINDS, estep
+from methods.fused_estep import fused_exact_constrained
 from methods.nets import BACKBONES, Network, NetworkStack
+from methods.projection import NUM_ITERS, PROJECTION_LOOPS, constrain_posterior
 
 NETWORKS = ("separate", "shared")
 PROJECTIONS = ("auto", *PROJECTION_LOOPS, "fused")

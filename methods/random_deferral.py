@@ -22,8 +22,16 @@ import numpy as np
 
 from core.spec import target_count
 from methods import METHODS
-from methods.common import (CE_CLASSIFIER, Constant, ReferenceRowBase, MethodConfigError, Networks,
-                            cross_entropy, require_experts, sample_uniform)
+from methods.common import (
+    CE_CLASSIFIER,
+    Constant,
+    MethodConfigError,
+    Networks,
+    ReferenceRowBase,
+    cross_entropy,
+    require_experts,
+    sample_uniform,
+)
 from methods.nets import Network
 
 

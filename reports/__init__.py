@@ -13,11 +13,13 @@ or from a shell: ``python -m reports <run dir> [--out DIR] [--primary-metric acc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from core.files import atomic_write_text
+from core.spec import ResultRecord
 from reports.columns import write_columns
 from reports.coverage import (
     AREA_SENTENCE,
@@ -33,6 +35,7 @@ from reports.figures import COVERAGE_FIGURE, MadeFigure, all_figures, critical_d
 from reports.frames import (
     RECORD_NAME,
     NoRecordsError,
+    Record,
     aggregate,
     bounds_frame,
     correct_frame,
@@ -64,7 +67,7 @@ __all__ = [
 ]
 
 
-def _records_or_raise(run_dir: str | Path) -> list[dict]:
+def _records_or_raise(run_dir: str | Path) -> list[ResultRecord]:
     records = load_records(run_dir)
     if not records:
         raise NoRecordsError(f"no {RECORD_NAME} records found under {run_dir}")
@@ -81,7 +84,7 @@ class Analysis:
     roles: dict[str, str]
 
 
-def analyse(records: list[dict], primary_metric: str = "accuracy",
+def analyse(records: Sequence[Record], primary_metric: str = "accuracy",
             decision: str = "constrained") -> Analysis:
     """Aggregate, intervals, ranks, roles and ties of loaded records."""
     tidy_frame, correct, roles = tidy(records), correct_frame(records), method_roles(records)
@@ -97,7 +100,7 @@ def analyse(records: list[dict], primary_metric: str = "accuracy",
     )
 
 
-def leaderboard_from_records(records: list[dict], primary_metric: str = "accuracy",
+def leaderboard_from_records(records: Sequence[Record], primary_metric: str = "accuracy",
                              decision: str = "constrained") -> pd.DataFrame:
     """The compact leaderboard table (see ``leaderboard_table``) of loaded records."""
     return analyse(records, primary_metric, decision).table
@@ -133,7 +136,7 @@ def coverage_section(area: pd.DataFrame, targets: pd.DataFrame,
                          figures=figures, headline=True)
 
 
-def write_report(records: list[dict], out_dir: str | Path, primary_metric: str = "accuracy",
+def write_report(records: Sequence[Record], out_dir: str | Path, primary_metric: str = "accuracy",
                  decision: str = "constrained") -> dict[str, Path]:
     """Write every report file for ``records`` into ``out_dir``.
 
@@ -161,7 +164,7 @@ def write_report(records: list[dict], out_dir: str | Path, primary_metric: str =
             "the records are intact: please report this with them") from error
 
 
-def _write_report(records: list[dict], out_dir: Path, primary_metric: str,
+def _write_report(records: Sequence[Record], out_dir: Path, primary_metric: str,
                   decision: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis = analyse(records, primary_metric, decision)
@@ -174,8 +177,8 @@ def _write_report(records: list[dict], out_dir: Path, primary_metric: str,
     points = coverage_points(records)
     # a coverage sweep's cells are drawn in the headline figure only, not one panel per target
     swept = set(points[CELL]) if not points.empty else set()
-    others = [frame[~frame["workload"].isin(swept)]
-              for frame in (agg, curves_frame(records), bounds_frame(records))]
+    other_agg, other_curves, other_bounds = (frame[~frame["workload"].isin(swept)]
+                                             for frame in (agg, curves_frame(records), bounds_frame(records)))
     targets = area = None
     if not points.empty:
         area, targets = area_table(points, analysis.roles), target_table(points, analysis.roles)
@@ -183,7 +186,7 @@ def _write_report(records: list[dict], out_dir: Path, primary_metric: str,
         paths["coverage_targets.csv"] = write_csv(targets, out_dir / "coverage_targets.csv")
         csv_tables.update({"coverage_auc.csv": area, "coverage_targets.csv": targets})
     paths["columns.md"] = write_columns(csv_tables, out_dir / "columns.md")
-    figures = all_figures(*others, analysis.roles, primary_metric, decision, targets)
+    figures = all_figures(other_agg, other_curves, other_bounds, analysis.roles, primary_metric, decision, targets)
     sections: list[ReportSection] = []
     if area is not None:
         sections.append(coverage_section(area, targets, tuple(

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from core.labels import variant_label
-from reports.frames import cell_of, natural_order, ok_records
+from reports.frames import Record, cell_of, natural_order, ok_records
 from reports.uncertainty import (
     GROUP,
     LEVEL,
@@ -75,7 +75,7 @@ AREA_COLUMNS = [*GROUP, "method", "role", "auc", "auc_lo", "auc_hi", "vs_best", 
                 "tied_with_best"]
 
 
-def target_of(record: dict) -> tuple[str, float] | None:
+def target_of(record: Record) -> tuple[str, float] | None:
     """(workload family, coverage target) of a coverage-sweep record, else None."""
     changes = dict((record.get("variant") or {}).get("workload") or {})
     target = changes.pop(TARGET, None)
@@ -89,7 +89,7 @@ def _outcomes(flags: str | None) -> np.ndarray | None:
     return None if not flags else np.frombuffer(flags.encode(), np.uint8) - ord("0")
 
 
-def coverage_points(records: Iterable[dict], decision: str = "constrained") -> pd.DataFrame:
+def coverage_points(records: Iterable[Record], decision: str = "constrained") -> pd.DataFrame:
     """One row per coverage-sweep record: group, method, seed, target, the cell's workload
     label, realised coverage, accuracy under ``decision`` and ``correct`` (0/1 per test
     sample, None if absent). Records without that decision's accuracy are left out."""

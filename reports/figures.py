@@ -14,11 +14,12 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -35,11 +36,15 @@ COVERAGE_FIGURE = "accuracy_at_coverage_"  # name prefix of the headline figures
 WORKLOAD_PREFIX = "workload/"
 
 
-def _styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
+_Params = ParamSpec("_Params")
+_Drawn = TypeVar("_Drawn")
+
+
+def _styled(plot: Callable[_Params, _Drawn]) -> Callable[_Params, _Drawn]:
     """Run a plot function under the report's seaborn style without touching global rcParams."""
 
     @functools.wraps(plot)
-    def wrapper(*args, **kwargs) -> Figure:
+    def wrapper(*args: _Params.args, **kwargs: _Params.kwargs) -> _Drawn:
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
             return plot(*args, **kwargs)
 
@@ -178,7 +183,7 @@ def _figure_legend(figure: Figure, handles: list, labels: list[str]) -> None:
 def _all_handles(axes, order: Iterable[str]) -> tuple[list, list[str]]:
     """Legend entries of every panel (a method may be absent from some) in ``order`` (the
     styles' order: learned methods, then references)."""
-    entries = {}
+    entries: dict[str, Artist] = {}
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         entries.update(zip(labels, handles))
@@ -331,7 +336,7 @@ def plot_workload_shares(agg: pd.DataFrame, bounds: pd.DataFrame, dataset: str |
         ax.set_xticks(range(len(agents)), agents, rotation=30, ha="right")
         ax.set(title=f"workload: {workload}", ylim=(0, 1.05))
     axes[0].set_ylabel(f"{decision} workload share")
-    legend = {}
+    legend: dict[str, Artist] = {}
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         legend.update(zip(labels, handles))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -63,8 +64,10 @@ def natural_order(column: pd.Series) -> pd.Series:
 
 # ---------------------------------------------------------------------------- records
 
+Record = Mapping[str, Any]  # one result record as read (core.spec.ResultRecord)
 
-def cell_of(record: dict) -> dict:
+
+def cell_of(record: Record) -> dict:
     """The grid cell of a record with normalised types (missing_rate float, seed int)."""
     cell = record["cell"]
     return {
@@ -76,9 +79,9 @@ def cell_of(record: dict) -> dict:
     }
 
 
-def ok_records(records: Iterable[dict]) -> list[dict]:
+def ok_records(records: Iterable[Record]) -> list[Record]:
     """Successful records, one per cell (a repeated cell keeps its last record, with a warning)."""
-    by_cell: dict[tuple, dict] = {}
+    by_cell: dict[tuple, Record] = {}
     for record in records:
         if record.get("status") != "ok":
             continue
@@ -93,14 +96,17 @@ def ok_records(records: Iterable[dict]) -> list[dict]:
     return list(by_cell.values())
 
 
-def _is_present(value: object) -> bool:
+_T = TypeVar("_T")
+
+
+def _is_present(value: _T | None) -> TypeGuard[_T]:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 # ---------------------------------------------------------------------------- frames
 
 
-def tidy(records: Iterable[dict]) -> pd.DataFrame:
+def tidy(records: Iterable[Record]) -> pd.DataFrame:
     """Long frame of every metric value of the successful records.
 
     Columns: dataset, method, missing_rate, workload, seed, decision, metric, value.
@@ -131,7 +137,7 @@ def tidy(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
-def num_test_samples(record: dict) -> int | None:
+def num_test_samples(record: Record) -> int | None:
     """Number of test samples of a record (from its per-sample outcomes), None if unknown."""
     for flags in (record.get("correct") or {}).values():
         if flags:
@@ -139,7 +145,7 @@ def num_test_samples(record: dict) -> int | None:
     return None
 
 
-def violation_beyond_rounding(record: dict, decision: str) -> float | None:
+def violation_beyond_rounding(record: Record, decision: str) -> float | None:
     """``workload_violation`` of a record's ``decision`` without the rounding of a target.
 
     A target share c (an agent with lo = hi, e.g. a coverage target) is met by exactly
@@ -156,10 +162,11 @@ def violation_beyond_rounding(record: dict, decision: str) -> float | None:
             lo == hi for lo, hi in zip(bounds.get("lo") or [], bounds.get("hi") or [])):
         return recorded
     shares = [metrics.get(f"workload/{agent}") for agent in agents]
-    if any(not _is_present(share) for share in shares) or len(bounds.get("lo") or []) != len(agents):
+    present = [share for share in shares if _is_present(share)]
+    if len(present) != len(shares) or len(bounds.get("lo") or []) != len(agents):
         return recorded
     worst = 0.0
-    for share, lo, hi in zip(shares, bounds["lo"], bounds["hi"]):
+    for share, lo, hi in zip(present, bounds["lo"], bounds["hi"]):
         if lo == hi:  # a target: compare whole numbers of samples
             allowed = target_count(lo, size)
             worst = max(worst, abs(round(share * size) - allowed) / size)
@@ -168,7 +175,7 @@ def violation_beyond_rounding(record: dict, decision: str) -> float | None:
     return float(worst)
 
 
-def failures(records: Iterable[dict]) -> pd.DataFrame:
+def failures(records: Iterable[Record]) -> pd.DataFrame:
     """One row per failed cell: dataset, method, missing_rate, workload, seed, error, path."""
     rows = [
         {**cell_of(record), "error": str(record.get("error") or "(no error message)"),
@@ -179,7 +186,7 @@ def failures(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "error", "path"])
 
 
-def curves_frame(records: Iterable[dict]) -> pd.DataFrame:
+def curves_frame(records: Iterable[Record]) -> pd.DataFrame:
     """Long frame of accuracy-coverage curve points of the successful records.
 
     Columns: dataset, method, missing_rate, workload, seed, point, coverage, accuracy.
@@ -199,7 +206,7 @@ def curves_frame(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "point", "coverage", "accuracy"])
 
 
-def correct_frame(records: Iterable[dict]) -> pd.DataFrame:
+def correct_frame(records: Iterable[Record]) -> pd.DataFrame:
     """Per-sample outcomes of the successful records: dataset, method, missing_rate,
     workload, seed, decision, ``correct`` (an int8 array of 0/1 per test sample)."""
     rows = []
@@ -210,12 +217,12 @@ def correct_frame(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "decision", "correct"])
 
 
-def method_roles(records: Iterable[dict]) -> dict[str, str]:
+def method_roles(records: Iterable[Record]) -> dict[str, str]:
     """Method label -> role ("method", or "reference" for the reference rows)."""
     return {str(record["cell"]["method"]): str(record["role"]) for record in records if record.get("role")}
 
 
-def bounds_frame(records: Iterable[dict]) -> pd.DataFrame:
+def bounds_frame(records: Iterable[Record]) -> pd.DataFrame:
     """Workload bounds per (dataset, workload, agent): columns dataset, workload, agent, lo, hi."""
     rows = []
     for record in records:
@@ -229,7 +236,7 @@ def bounds_frame(records: Iterable[dict]) -> pd.DataFrame:
     return frame.drop_duplicates(["dataset", "workload", "agent"]).reset_index(drop=True)
 
 
-def record_test_set(record: dict) -> str | None:
+def record_test_set(record: Record) -> str | None:
     """A fingerprint of a record's test set: the hashes of its test ground-truth manifest
     and of its test images (``provenance``), None when the record has neither."""
     provenance = record.get("provenance") or {}
@@ -240,7 +247,7 @@ def record_test_set(record: dict) -> str | None:
     return f"manifest {manifest}, images {images}"
 
 
-def dataset_test_sets(records: Iterable[dict]) -> dict[str, str]:
+def dataset_test_sets(records: Iterable[Record]) -> dict[str, str]:
     """Dataset label -> fingerprint of its test set (``record_test_set``) for the labels whose
     records name one. Labels with one fingerprint share a test set: e.g. the missing-seed
     variants of a dataset, which differ in training annotations only."""
@@ -252,7 +259,7 @@ def dataset_test_sets(records: Iterable[dict]) -> dict[str, str]:
     return {label: " | ".join(sorted(prints)) for label, prints in found.items()}
 
 
-def provenance_frame(records: Iterable[dict]) -> pd.DataFrame:
+def provenance_frame(records: Iterable[Record]) -> pd.DataFrame:
     """One row per record: the cell, status, git_sha, backend, devices, versions, mlflow_run_id."""
     rows = []
     for record in records:

@@ -467,7 +467,9 @@ def fitted_text_table(rows: list[list[str]], header: list[str], keys: int = 2,
             for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     base = sum(widths[:keys]) + 2 * keys
-    parts, current, used = [], [], base
+    parts: list[list[int]] = []
+    current: list[int] = []
+    used = base
     for column in range(keys, len(header)):
         if current and used + widths[column] > width:
             parts.append(current)
@@ -475,7 +477,7 @@ def fitted_text_table(rows: list[list[str]], header: list[str], keys: int = 2,
         current.append(column)
         used += widths[column] + 2
     parts.append(current)
-    lines = []
+    lines: list[str] = []
     for part in parts:
         chosen = [*range(keys), *part]
         lines += ([""] if lines else []) + _text_table(
