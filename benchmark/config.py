@@ -400,6 +400,28 @@ def register_configs() -> None:
              ("params", options, result(factory=options))],
         )
         store.store(group="method", name=name, node=node)
+        METHOD_NODES[name] = node
+
+
+METHOD_NODES: dict[str, type] = {}  # method name -> its generated {name, label, params} node
+
+
+def typed_method_node(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with its method node typed again when a launcher's pickled config lost the
+    node's type (submitit, joblib): merged into the registered method's node, so unknown
+    options are still refused and the options are the method's dataclass again."""
+    method = cfg.get("method")
+    if not isinstance(method, DictConfig):
+        return cfg
+    if not METHOD_NODES:  # a launcher's worker process that never ran the entry point's imports
+        register_configs()
+    node = METHOD_NODES.get(str(method.get("name")))
+    if node is None or OmegaConf.get_type(method) is node:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg["method"] = OmegaConf.merge(OmegaConf.structured(node), OmegaConf.to_container(method))
+    return cfg
 
 
 def to_cell(cfg: DictConfig) -> CellConfig:
@@ -409,6 +431,7 @@ def to_cell(cfg: DictConfig) -> CellConfig:
         cfg = cfg.copy()
         with open_dict(cfg):
             del cfg["hydra"]
+    cfg = typed_method_node(cfg)
     check_known_options(cfg)
     cell = OmegaConf.to_object(cfg)
     if not isinstance(cell, CellConfig):
