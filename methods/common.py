@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from core.spec import MISSING, Batch, TrainInputs
+from methods.missing_policy import check_policy
 from methods.nets import Network
 
 
@@ -200,6 +201,18 @@ class ClassifierThenStage(MethodBase):
 
     def classify(self, model, x):
         return model.classifier(x)
+
+
+def check_surrogate(name: str, surrogate: str, policy: str, surrogates) -> None:
+    """Raise ``MethodConfigError`` unless ``surrogate`` is one of ``surrogates`` (by name) and
+    supports the missing-annotation ``policy``."""
+    if surrogate not in surrogates:
+        raise MethodConfigError(f"method {name!r}: surrogate must be one of "
+                                f"{', '.join(surrogates)}, got {surrogate!r}.")
+    try:
+        check_policy(surrogate, policy)
+    except ValueError as err:
+        raise MethodConfigError(f"method {name!r}: {err}") from None
 
 
 def require_experts(name: str, num_experts: int) -> None:

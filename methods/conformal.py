@@ -33,8 +33,7 @@ import jax
 import numpy as np
 
 from methods import METHODS
-from methods.common import DeferralSurrogate, MethodConfigError
-from methods.missing_policy import check_policy
+from methods.common import DeferralSurrogate, MethodConfigError, check_surrogate
 from methods.surrogates import MULTI_EXPERT_SURROGATES as SURROGATES
 
 
@@ -85,13 +84,7 @@ class ConformalL2D(DeferralSurrogate):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.surrogate not in SURROGATES:
-            raise MethodConfigError(f"method {self.name!r}: surrogate must be one of "
-                                    f"{', '.join(SURROGATES)}, got {self.surrogate!r}.")
-        try:
-            check_policy(self.surrogate, self.missing_policy)
-        except ValueError as err:
-            raise MethodConfigError(f"method {self.name!r}: {err}") from None
+        check_surrogate(self.name, self.surrogate, self.missing_policy, SURROGATES)
         if not 0.0 < self.alpha < 1.0:
             raise MethodConfigError(f"method {self.name!r}: alpha must be in (0, 1), got {self.alpha}.")
 

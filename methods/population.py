@@ -50,8 +50,7 @@ from flax import nnx
 
 from core.spec import MISSING
 from methods import METHODS
-from methods.common import MethodBase, MethodConfigError, require_experts
-from methods.missing_policy import check_policy
+from methods.common import MethodBase, MethodConfigError, check_surrogate, require_experts
 from methods.nets import BACKBONES
 from methods.surrogates import MULTI_EXPERT_SURROGATES as SURROGATES
 
@@ -192,13 +191,7 @@ class PopulationL2D(MethodBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.surrogate not in SURROGATES:
-            raise MethodConfigError(f"method {self.name!r}: surrogate must be one of "
-                                    f"{', '.join(SURROGATES)}, got {self.surrogate!r}.")
-        try:
-            check_policy(self.surrogate, self.surrogate_policy)
-        except ValueError as err:
-            raise MethodConfigError(f"method {self.name!r}: {err}") from None
+        check_surrogate(self.name, self.surrogate, self.surrogate_policy, SURROGATES)
         for option in ("context_size", "hidden"):
             if getattr(self, option) < 1:
                 raise MethodConfigError(f"method {self.name!r}: {option} must be >= 1, "
