@@ -17,9 +17,10 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from app.console import error_paragraph, print_cell
+from app.console import print_cell
 from app.interrupt import PROGRESS
 from app.launchers import register_ray_launcher_config
+from app.preflight import stop_writing
 from app.tuning import objective_value
 from benchmark.config import ConfigError, register_configs, to_cell
 from benchmark.runner import run_cell
@@ -66,14 +67,10 @@ def run_reporting_faults() -> None:
     except CompactHydraException as err:  # a usage error (override syntax, unknown preset...)
         print(f"{err}" + (f"\n{err.__cause__}" if err.__cause__ else ""), file=sys.stderr)
         sys.exit(1)
-    except OSError as err:
-        done, total = PROGRESS["done"], PROGRESS["total"]
-        what = f"the sweep stopped after {done} of {total} cells" if total else "the run stopped"
-        print("l2d-bench: " + error_paragraph(
-            f"{what}: {err.filename or 'a file under ' + str(PROGRESS['output_dir'])} cannot be written "
-            f"({err.strerror or err}). The finished cells' records are intact; free some space "
-            "(or fix the folder) and re-run the same command to resume."), file=sys.stderr)
-        sys.exit(1)
+    except OSError as err:  # Hydra's own writes: a job folder on a full or read-only disk
+        where = err.filename or f"a file under {PROGRESS['output_dir']}"
+        stop_writing(f"{where} cannot be written ({err.strerror or err}); free some space or fix the "
+                     "folder.", PROGRESS["done"], PROGRESS["total"])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from app.tuning import write_tuned_preset
 from benchmark.config import resolve_path
 from benchmark.provenance import REPO_ROOT
 from benchmark.tracking import StoreNeedsRepair, Tracker, import_mlflow, local_store
-from core.records import NoRecordsError, load_records, read_outcome, read_outcomes, write_outcome
+from core.records import NoRecordsError, clear_outcomes, load_records, read_outcome, read_outcomes, write_outcome
 from core.spec import RECORD_NAME, Outcome, Status
 from reports import ReportError, build_report
 
@@ -131,6 +131,7 @@ class SweepCallback(Callback):
             self.preparing.start()
         else:  # a server: find out before any job whether it answers (3 s at most)
             self._prepare_tracking(tracker)
+        clear_outcomes(config.hydra.sweep.dir)
         PROGRESS.update(done=0, total=sweep_size(config), sweep_dir=Path(config.hydra.sweep.dir),
                         output_dir=resolve_path(config.output_dir, REPO_ROOT))
         # a live bar in a terminal; in a log file (not a TTY) one plain line per cell instead

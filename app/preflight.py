@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from omegaconf import DictConfig
 
@@ -80,12 +81,19 @@ def check_before_writing(config: DictConfig, hydra_dir: tuple[str, str]) -> None
         sys.exit(PREFLIGHT_FAILED)
 
 
+def stop_writing(problem: str, done: int, total: int | None) -> NoReturn:
+    """End a run whose output can no longer be written: one paragraph (how far it got, the
+    problem, that finished records are intact and how to resume), status 1."""
+    what = f"the sweep stopped after {done} of {total or '?'} cells" if total or done else "the run stopped"
+    print("l2d-bench: " + error_paragraph(
+        f"{what}: {problem} The finished cells' records are intact; re-run the same command to "
+        "resume."), file=sys.stderr, flush=True)
+    sys.exit(PREFLIGHT_FAILED)
+
+
 def stop_if_unwritable(config: DictConfig, done: int, total: int | None) -> None:
     """After a sweep's job, before the next (Hydra writes the job's folder first): end the
     sweep with one paragraph when its output folder filled up or became read-only."""
     problem = folder_problem(resolve_path(config.output_dir, REPO_ROOT), "output_dir")
     if problem:
-        print(f"l2d-bench: the sweep stopped after {done} of {total or '?'} cells. "
-              f"{error_paragraph(problem)}\nThe finished cells' records are intact; re-run the "
-              "same command to resume.", file=sys.stderr, flush=True)
-        sys.exit(PREFLIGHT_FAILED)
+        stop_writing(problem, done, total)

@@ -60,6 +60,13 @@ def write_outcome(job_dir: str | Path, outcome: Outcome) -> None:
     atomic_write_text(Path(job_dir) / OUTCOME_NAME, json.dumps(dataclasses.asdict(outcome), default=str))
 
 
+def clear_outcomes(sweep_dir: str | Path) -> None:
+    """Remove the outcomes an earlier sweep left in ``sweep_dir`` (a fixed ``hydra.sweep.dir``
+    reused), so a sweep counts and summarises its own jobs only."""
+    for path in Path(sweep_dir).glob(f"*/{OUTCOME_NAME}"):
+        path.unlink(missing_ok=True)
+
+
 def read_outcome(job_dir: str | Path) -> Outcome | None:
     """The outcome a job wrote into its folder; None when it wrote none (or half of one)."""
     try:

@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from app.callbacks import SweepCallback, summary_lines
-from core.records import read_outcome, read_outcomes, write_outcome
+from core.records import clear_outcomes, read_outcome, read_outcomes, write_outcome
 from core.spec import Outcome, Status
 
 
@@ -27,6 +27,8 @@ def test_a_sweep_reads_its_jobs_in_job_order_and_skips_half_written_ones(tmp_pat
     (tmp_path / "11").mkdir()
     (tmp_path / "11" / "outcome.json").write_text('{"status": "ok", "ce')  # killed mid-write
     assert [o.cell["seed"] for o in read_outcomes(tmp_path)] == [0, 1, 2, 10]
+    clear_outcomes(tmp_path)  # a new sweep in the same folder counts its own jobs only
+    assert read_outcomes(tmp_path) == []
 
 
 def test_a_crashed_job_is_written_as_failed_under_its_overrides(tmp_path):
