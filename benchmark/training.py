@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmark.config import PRECISIONS, TrainConfig
+from core.compile import jit
 from core.files import read_cache, write_cache
 from core.spec import Batch, Method, TaskSpec, TrainInputs, WorkloadBounds
 from datasets.device import DeviceSplit, device_batch, epoch_rows, put_split
@@ -128,7 +129,7 @@ class TrainState:
 jax.tree_util.register_dataclass(TrainState, data_fields=["params", "rest", "opt_state"], meta_fields=[])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+@functools.partial(jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
 def train_step(
     method: Method, graphdef: Any, optim: OptimConfig, state: TrainState, batch: Batch,
     inputs: TrainInputs,
@@ -146,7 +147,7 @@ def train_step(
     return TrainState(params, rest, opt_state), {"loss": loss, **metrics}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+@functools.partial(jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
 def train_step_seeds(
     method: Method, graphdef: Any, optim: OptimConfig, state: TrainState, batch: Batch,
     inputs: TrainInputs,
@@ -158,14 +159,14 @@ def train_step_seeds(
     return jax.vmap(step, in_axes=(0, 0, None))(state, batch, inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def predict(method: Method, graphdef: Any, params: Any, rest: Any, x: jax.Array):
     """(logits (B, K), class probabilities (B, K), agent scores (B, E+1)) in evaluation mode."""
     model = nnx.merge(graphdef, params, rest)
     return method.classify(model, x), method.class_probabilities(model, x), method.agent_scores(model, x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def impute_step(method: Method, graphdef: Any, params: Any, rest: Any, batch: Batch,
                 inputs: TrainInputs):
     """(B, E, K) inferred expert-label distribution, or None if the method has none."""
@@ -359,7 +360,7 @@ def steps_per_dispatch(requested: int | None, steps_per_epoch: int) -> int:
     return max(1, min(requested, steps_per_epoch))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6,))
+@functools.partial(jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6,))
 def train_chunk(
     method: Method, graphdef: Any, optim: OptimConfig, loader: LoaderConfig, parallel: "DataParallel",
     length: int, state: TrainState, step: jax.Array, split: DeviceSplit, rows: jax.Array,

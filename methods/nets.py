@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from core.compile import jit
 from core.files import atomic_write_bytes
 from core.registry import Registry
 
@@ -220,7 +221,7 @@ def time_convolutions(x_shape, kernel_shape, strides, dtype, names, rounds: int 
 
         def program(name):
             conv = CONV_FUNCTIONS[name]
-            return jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, strides).astype(jnp.float32) ** 2),
+            return jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, strides).astype(jnp.float32) ** 2),
                                     argnums=(0, 1)))
 
         programs = {name: program(name) for name in names}

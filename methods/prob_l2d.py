@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from core.compile import jit
 from core.spec import TaskSpec
 from methods import METHODS
 from methods.common import MethodBase, MethodConfigError
@@ -70,7 +71,7 @@ class SharedNets(nnx.Module):
         return self.gating(features), self.agents(features).reshape(x.shape[0], *self.shape)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _constrained_estep(method, gating_logits, agent_logits, batch, inputs):
     """``q'(z)`` of ``method.posterior`` as one jitted program (timed by ``diagnostics``)."""
     return method.posterior(gating_logits, agent_logits, batch, inputs)[0]

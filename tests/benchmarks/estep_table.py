@@ -12,8 +12,10 @@ round) of jitted programs (``PIPELINES``):
   ``ProjectedGradient`` defaults, FISTA with backtracking, on the workload dual);
 * ``yardstick``: the earlier yardstick (``reference_estep.yardstick_constrained_estep``:
   O(B E^2 K) mean-field, FISTA stopped on a stricter gradient-mapping test);
-* ``exact``: ``exact_estep`` + ``constrain_posterior`` with the backend's loop (one jitted
-  program), and ``exact_fixed`` / ``exact_early_exit`` with either loop;
+* ``exact``: ``exact_estep`` + ``constrain_posterior`` with the backend's loop (one program
+  compiled as the harness compiles its programs, ``core.compile.jit``), ``exact_fixed`` /
+  ``exact_early_exit`` with either loop, and ``exact_plain_jit`` without the shared compile
+  options (plain ``jax.jit``);
 * ``meanfield``: ``meanfield_estep`` (10 iterations) + ``constrain_posterior``;
 * ``fused``: ``methods.fused_estep.fused_exact_constrained``, the one-kernel version (only in
   the default set on a GPU: on a CPU it runs in Pallas's interpret mode, for tests);
@@ -47,6 +49,7 @@ except ImportError:  # pragma: no cover - only this folder on sys.path
     from original_estep import original_constrained_estep
     from reference_estep import benchmark_bounds, make_problem, yardstick_constrained_estep
 
+from core.compile import jit
 from methods.estep import exact_estep, meanfield_estep
 from methods.fused_estep import fused_exact_constrained
 from methods.projection import constrain_posterior, default_loop
@@ -54,7 +57,7 @@ from methods.projection import constrain_posterior, default_loop
 SHAPES = ((128, 2, 100), (128, 8, 3), (1024, 8, 100), (4096, 8, 10), (16384, 8, 10), (65536, 8, 10))
 
 
-@functools.partial(jax.jit, static_argnames=("loop",))
+@functools.partial(jit, static_argnames=("loop",))
 def exact_constrained(log_p_z, log_p_t, y, t, lo, hi, loop="auto"):
     """Exact E-step followed by the workload projection; returns ``(q_z, q_t, info)``."""
     q_z, q_t = exact_estep(log_p_z, log_p_t, y, t)
@@ -62,7 +65,7 @@ def exact_constrained(log_p_z, log_p_t, y, t, lo, hi, loop="auto"):
     return q_z, q_t, info
 
 
-@jax.jit
+@jit
 def meanfield_constrained(log_p_z, log_p_t, y, t, lo, hi):
     """Mean-field E-step (10 iterations) followed by the workload projection."""
     q_z, q_t = meanfield_estep(log_p_z, log_p_t, y, t)
@@ -76,6 +79,8 @@ PIPELINES = {
     "exact": exact_constrained,
     "exact_fixed": functools.partial(exact_constrained, loop="fixed"),
     "exact_early_exit": functools.partial(exact_constrained, loop="early_exit"),
+    # the same program compiled without core.compile's options (test_compiler_options_pay)
+    "exact_plain_jit": jax.jit(exact_constrained.__wrapped__),  # type: ignore[attr-defined]
     "meanfield": meanfield_constrained,
     "fused": fused_exact_constrained,
 }

@@ -20,6 +20,9 @@ least-disturbed call of each):
 * ``test_speedup_over_original``: exact E-step + projection (the backend's loop) against
   the original port at (1024, 8, 100); at least ``MIN_SPEEDUP``: 100x on a CPU, 5x on a
   GPU (where the table's every shape is the target);
+* ``test_compiler_options_pay``: the exact pipeline compiled with ``core.compile``'s options
+  is no slower (within ``TOLERANCE``) than the same program from a plain ``jax.jit``, at
+  (1024, 8, 100);
 * ``test_default_projection_loop_is_the_faster_choice``: ``loop="auto"``'s pick on this
   backend (early exit on the CPU, the fixed loop on accelerators) is no slower than the other
   loop (within ``TOLERANCE``), at (128, 8, 3), where the projection is most of the time, and
@@ -34,6 +37,7 @@ import jax
 import numpy as np
 import pytest
 
+from core.compile import COMPILER_OPTIONS
 from methods.estep import reference_estep
 from methods.projection import PROJECTION_LOOPS, default_loop
 
@@ -104,6 +108,20 @@ def test_speedup_over_original(benchmark):
     assert ratio >= target, (f"exact + projection only {ratio:.1f}x the original port "
                                   f"({results['exact']['ms']:.3f} ms against "
                                   f"{results['original']['ms']:.1f} ms; {machine_info()['cpu']})")
+
+
+def test_compiler_options_pay(benchmark):
+    """``core.compile.COMPILER_OPTIONS`` make the exact pipeline no slower than a plain
+    ``jax.jit`` of the same function (interleaved, minimum over the calls)."""
+    if benchmark.disabled:
+        pytest.skip("timing ratios only when benchmarks are enabled")
+    results = time_pipelines(cached_inputs(SPEEDUP_SHAPE), repeats=400, rounds=ROUNDS, stat="min",
+                             budget_s=1.0, names=("exact", "exact_plain_jit"))
+    with_options, plain = results["exact"]["ms"], results["exact_plain_jit"]["ms"]
+    benchmark.extra_info.update({"with_options_ms": with_options, "plain_jit_ms": plain,
+                                 "options": COMPILER_OPTIONS, **machine_info()})
+    benchmark(lambda: None)
+    assert with_options <= TOLERANCE * plain, (with_options, plain, machine_info()["cpu"])
 
 
 def test_default_projection_loop_is_the_faster_choice(benchmark):
