@@ -190,12 +190,12 @@ class ExpertCommittee(Protocol):
         ``scores``, calibrated on ``calibration`` = (scores, y, t) of the validation split."""
 
 
-REFERENCE = "reference"  # a record's role: a reference row; "method" otherwise
+LEARNED, REFERENCE = "method", "reference"  # a record's role: a competitor or a reference row
 
 
 def role_of(method: Any) -> str:
     """``"reference"`` for a reference row, ``"method"`` for a competitor."""
-    return REFERENCE if isinstance(method, ReferenceRow) else "method"
+    return REFERENCE if isinstance(method, ReferenceRow) else LEARNED
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -24,9 +24,9 @@ from methods.common import (
     Constant,
     Networks,
     ReferenceRowBase,
-    cross_entropy,
     expert_accuracies,
     human_scores,
+    mean_cross_entropy,
     sample_uniform,
 )
 from methods.nets import Network
@@ -51,7 +51,7 @@ class ClassifierOnly(ReferenceRowBase):
         model.expert_accuracy[...] = jnp.asarray(accuracy, jnp.float32)
 
     def loss(self, model, batch, inputs):
-        return cross_entropy(model.classifier(batch.x), batch.y), {}
+        return mean_cross_entropy(model.classifier(batch.x), batch.y), {}
 
     def classify(self, model, x):
         return model.classifier(x)

@@ -81,8 +81,9 @@ class ReferenceRowBase(MethodBase):
 CE_CLASSIFIER = "cross_entropy_classifier"  # training problem: Networks(classifier=Network) by CE
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy of integer ``labels`` under ``logits``."""
+def mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Batch mean of the cross-entropy of integer ``labels`` under ``logits``
+    (``methods.surrogates.cross_entropy`` is the per-example one)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -194,7 +195,7 @@ class ClassifierThenStage(MethodBase):
 
     def loss(self, model, batch, inputs):
         class_logits = model.classifier(batch.x)
-        classifier = cross_entropy(class_logits, batch.y)
+        classifier = mean_cross_entropy(class_logits, batch.y)
         stage = self.stage_loss(model, batch, class_logits)
         total = classifier + after_stage(inputs, self.first_stage_fraction, stage)
         return total, {"classifier_ce": classifier, self.stage_metric: stage}

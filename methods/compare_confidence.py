@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from methods import METHODS
-from methods.common import MethodBase, Networks, cross_entropy, require_experts
+from methods.common import MethodBase, Networks, mean_cross_entropy, require_experts
 from methods.nets import Network
 from methods.surrogates import correctness_loss, deferral_scores_correctness
 
@@ -32,7 +32,7 @@ class CompareConfidence(MethodBase):
         )
 
     def loss(self, model, batch, inputs):
-        classifier = cross_entropy(model.classifier(batch.x), batch.y)
+        classifier = mean_cross_entropy(model.classifier(batch.x), batch.y)
         correct = correctness_loss(model.correctness(batch.x), batch.y, batch.t, self.missing_policy)
         return classifier + correct, {"classifier_ce": classifier, "correctness_bce": correct}
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from core.spec import MISSING
 from methods import METHODS
-from methods.common import MethodBase, Networks, cross_entropy, require_experts
+from methods.common import MethodBase, Networks, mean_cross_entropy, require_experts
 from methods.nets import Network
 from methods.projection import constrain_posterior
 from methods.surrogates import cross_entropy as soft_cross_entropy
@@ -72,7 +72,7 @@ class L2DEM(MethodBase):
     def loss(self, model, batch, inputs):
         class_logits, gate_logits = model.classifier(batch.x), model.gating(batch.x)
         target, violation = self.gating_target(class_logits, gate_logits, batch, inputs)
-        classifier = cross_entropy(class_logits, batch.y)
+        classifier = mean_cross_entropy(class_logits, batch.y)
         gating = soft_cross_entropy(gate_logits, target).mean()
         metrics = {"classifier_ce": classifier, "gating_ce": gating, "target_violation": violation,
                    "target_coverage": target[:, -1].mean()}

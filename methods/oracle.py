@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from methods import METHODS
-from methods.common import CE_CLASSIFIER, Networks, ReferenceRowBase, classifier_confidence_scores, cross_entropy
+from methods.common import CE_CLASSIFIER, Networks, ReferenceRowBase, classifier_confidence_scores, mean_cross_entropy
 from methods.nets import Network
 
 TIE_BREAK = 1e-3
@@ -32,7 +32,7 @@ class Oracle(ReferenceRowBase):
                                            rngs=rngs))
 
     def loss(self, model, batch, inputs):
-        return cross_entropy(model.classifier(batch.x), batch.y), {}
+        return mean_cross_entropy(model.classifier(batch.x), batch.y), {}
 
     def classify(self, model, x):
         return model.classifier(x)

@@ -28,7 +28,7 @@ from methods.common import (
     MethodConfigError,
     Networks,
     ReferenceRowBase,
-    cross_entropy,
+    mean_cross_entropy,
     require_experts,
     sample_uniform,
 )
@@ -54,7 +54,7 @@ class RandomDeferral(ReferenceRowBase):
         return Networks(classifier=classifier, seed=Constant(seed))
 
     def loss(self, model, batch, inputs):
-        return cross_entropy(model.classifier(batch.x), batch.y), {}
+        return mean_cross_entropy(model.classifier(batch.x), batch.y), {}
 
     def classify(self, model, x):
         return model.classifier(x)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from core.labels import variant_label
+from core.spec import REFERENCE
 from reports.frames import Record, cell_of, natural_order, ok_records
 from reports.uncertainty import (
     GROUP,
@@ -216,7 +217,7 @@ def _in_group(frame: pd.DataFrame, key: tuple) -> np.ndarray:
 def _reference_label(methods: Iterable[str], name: str, roles: dict[str, str]) -> str | None:
     """The label of reference row ``name`` among ``methods`` (the plain name first, else its
     only variant), None when absent or ambiguous."""
-    references = [m for m in methods if roles.get(m) == "reference"]
+    references = [m for m in methods if roles.get(m) == REFERENCE]
     if name in references:
         return name
     variants = [m for m in references if m.split("[", 1)[0] == name]

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
 from core.files import atomic_write_bytes
+from core.spec import LEARNED, REFERENCE
 from methods import METHODS, load_all
 from reports.frames import natural_key, natural_sorted
 from reports.metrics import direction
@@ -109,8 +110,8 @@ def method_styles(methods: Iterable[str], roles: dict[str, str] | None = None) -
     roles = roles or {}
 
     def is_reference(label: str) -> bool:
-        return roles.get(label, "reference" if registered_name(label) in reference_names
-                         else "method") == "reference"
+        return roles.get(label, REFERENCE if registered_name(label) in reference_names
+                         else LEARNED) == REFERENCE
 
     def slots(names: tuple[str, ...], present: list[str]) -> dict[str, int]:
         bases = dict.fromkeys(registered_name(label) for label in present)

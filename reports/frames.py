@@ -25,8 +25,8 @@ from reports.uncertainty import accuracy_intervals, seed_interval
 CELL_KEYS = list(SPEC_CELL_KEYS)
 RUN_DECISION = "run"  # the "decision" of metrics that belong to the run, not a decision rule
 TIDY_COLUMNS = [*CELL_KEYS, "decision", "metric", "value"]
-GROUP_KEYS = ["dataset", "method", "missing_rate", "workload", "decision", "metric"]
-AGGREGATE_COLUMNS = [*GROUP_KEYS, "mean", "std", "lo", "hi", "n"]
+AGGREGATE_KEYS = ["dataset", "method", "missing_rate", "workload", "decision", "metric"]
+AGGREGATE_COLUMNS = [*AGGREGATE_KEYS, "mean", "std", "lo", "hi", "n"]
 # metrics of the trained model, the same under every decision rule: one column each, filed
 # under the run's metrics (the record repeats them per decision rule)
 DECISION_FREE = tuple(name for name, spec in METRICS.items() if spec.decision_free)
@@ -286,9 +286,9 @@ def seed_intervals(tidy_frame: pd.DataFrame) -> pd.DataFrame:
     """Bootstrap-over-seeds interval (``lo``, ``hi``) of every group's mean, clipped to the
     metric's range; NaN for a single seed (see ``reports.uncertainty``)."""
     rows = []
-    for key, part in tidy_frame.groupby(GROUP_KEYS, sort=True):
+    for key, part in tidy_frame.groupby(AGGREGATE_KEYS, sort=True):
         rows.append([*key, *seed_interval(part["value"].to_numpy(), key[-1], *key)])
-    return pd.DataFrame(rows, columns=[*GROUP_KEYS, "lo", "hi"])
+    return pd.DataFrame(rows, columns=[*AGGREGATE_KEYS, "lo", "hi"])
 
 
 def aggregate(tidy_frame: pd.DataFrame, correct: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -301,12 +301,12 @@ def aggregate(tidy_frame: pd.DataFrame, correct: pd.DataFrame | None = None) -> 
     """
     if tidy_frame.empty:
         return pd.DataFrame(columns=AGGREGATE_COLUMNS)
-    grouped = tidy_frame.groupby(GROUP_KEYS, sort=True)["value"]
+    grouped = tidy_frame.groupby(AGGREGATE_KEYS, sort=True)["value"]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
-    out = out.merge(seed_intervals(tidy_frame), on=GROUP_KEYS, how="left")
+    out = out.merge(seed_intervals(tidy_frame), on=AGGREGATE_KEYS, how="left")
     if correct is not None and not correct.empty:
         sampled = accuracy_intervals(correct).assign(metric="accuracy")
-        out = out.merge(sampled, on=GROUP_KEYS, how="left", suffixes=("", "_sampled"))
+        out = out.merge(sampled, on=AGGREGATE_KEYS, how="left", suffixes=("", "_sampled"))
         has = out["lo_sampled"].notna()
         out.loc[has, "lo"] = out.loc[has, "lo_sampled"]
         out.loc[has, "hi"] = out.loc[has, "hi_sampled"]

@@ -24,12 +24,13 @@ from typing import NamedTuple
 import pandas as pd
 
 from core.files import atomic_write_text
+from core.spec import LEARNED, REFERENCE
 from reports.frames import RUN_DECISION, natural_order
 from reports.metrics import LOWER, METRIC_DIRECTIONS, direction
 from reports.uncertainty import ties_with_best
 
 ROW_KEYS = ["dataset", "method", "missing_rate", "workload"]
-GROUP_KEYS = ["dataset", "missing_rate", "workload"]
+TABLE_KEYS = ["dataset", "missing_rate", "workload"]
 # metrics shown per primary decision rule, beside argmax and constrained accuracy
 DECISION_METRICS = ["coverage", "workload_violation", "human_workload_cv", "cost_aware_accuracy"]
 # metrics of the trained model or the run: one column each (no decision rule changes them)
@@ -37,7 +38,6 @@ RUN_METRICS = ["deferral_auc", "classifier_ece", "imputation_accuracy", "train_s
                "estep_ms", "expert_set_size"]
 CONSOLE_WIDTH = 100
 MISSING_TEXT = "–"
-LEARNED, REFERENCE = "method", "reference"  # the roles of a row
 RANK_DECIMALS = 12
 CSV_FLOAT_FORMAT = "%.10g"
 VS_BEST = "vs_best"
@@ -85,16 +85,16 @@ def rank_methods(agg: pd.DataFrame, metric: str = "accuracy", decision: str = "c
         raise ValueError(
             f"no values of {metric!r} under decision {decision!r}; available: {', '.join(available)}"
         )
-    rows = rows[[*GROUP_KEYS, "method", "mean", "lo", "hi", "n"]].copy()
+    rows = rows[[*TABLE_KEYS, "method", "mean", "lo", "hi", "n"]].copy()
     rows.insert(4, "role", rows["method"].map(lambda m: (roles or {}).get(m, LEARNED)))
     # round away float noise so that equal results tie instead of ranking by the last bit
     score = rows["mean"].round(RANK_DECIMALS).where(rows["role"] == LEARNED)
     rows["rank"] = (
-        score.groupby([rows[key] for key in GROUP_KEYS])
+        score.groupby([rows[key] for key in TABLE_KEYS])
         .rank(method="min", ascending=(better == LOWER))
         .astype("Int64")
     )
-    return _sorted(rows, [*GROUP_KEYS, "rank", "method"])
+    return _sorted(rows, [*TABLE_KEYS, "rank", "method"])
 
 
 def _sorted(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -118,7 +118,7 @@ def tied_with_best(agg: pd.DataFrame, tidy_frame: pd.DataFrame, metric: str = "a
     decision = resolve_decision(agg, metric, decision)
     ranked = rank_methods(agg, metric, decision, roles)
     learned = ranked[ranked["role"] == LEARNED]
-    best = learned[learned["rank"] == 1].drop_duplicates(GROUP_KEYS)
+    best = learned[learned["rank"] == 1].drop_duplicates(TABLE_KEYS)
     higher = direction(metric) != LOWER
     if metric == "accuracy" and correct is not None and not correct.empty:
         outcomes = correct[(correct["decision"] == decision)
@@ -210,7 +210,7 @@ def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str
     primary = column_name(decision, metric)
     if primary in table.columns:  # signed difference from the group's best learned method
         best = table[primary].where((table["role"] == LEARNED) & (table["rank"] == 1))
-        table[VS_BEST] = table[primary] - best.groupby([table[k] for k in GROUP_KEYS]).transform("max")
+        table[VS_BEST] = table[primary] - best.groupby([table[k] for k in TABLE_KEYS]).transform("max")
     if compact:  # leave out what says nothing: constant or mostly empty columns
         for name in [c for c in list(table.columns) if f"{c}_lo" in table.columns and c != primary]:
             values = table[name]
@@ -218,9 +218,9 @@ def leaderboard_table(agg: pd.DataFrame, metric: str = "accuracy", decision: str
                 table = table.drop(columns=[name, f"{name}_lo", f"{name}_hi"])
     fixed = [*ROW_KEYS, "role", "rank", "tied_with_best", "n"]
     metric_columns = [c for c in table.columns if c not in fixed]
-    table = table[[*GROUP_KEYS, "role", "rank", "method", "tied_with_best", *metric_columns, "n"]]
+    table = table[[*TABLE_KEYS, "role", "rank", "method", "tied_with_best", *metric_columns, "n"]]
     table = _sorted(table.assign(_reference=table["role"] == REFERENCE),
-                    [*GROUP_KEYS, "_reference", "rank", "method"]).drop(columns="_reference")
+                    [*TABLE_KEYS, "_reference", "rank", "method"]).drop(columns="_reference")
     table.attrs.update(primary_metric=metric, primary_decision=decision,
                        primary_column=column_name(decision, metric))
     return table
