@@ -86,6 +86,24 @@ def tiny_overrides(root: Path, output_dir: Path) -> list[str]:
     ]
 
 
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=1"
+
+
+def pytest_configure(config):
+    """Compile at LLVM optimisation level 1 instead of 3 (``XLA_FLAGS``, read when the
+    backend starts, so before any test runs; the app runs the tests start inherit it). Most
+    of the suite's time is XLA compiling small programs that then run for milliseconds:
+    level 1 compiles them about a third faster and computes the same values (no fast-math
+    either way). Never while benchmarks are timed (``--benchmark-enable``); off with
+    ``L2D_TEST_XLA_OPT=default``."""
+    timed = config.getoption("benchmark_enable", False) or not config.getoption("benchmark_disable", True)
+    if timed or os.environ.get("L2D_TEST_XLA_OPT") == "default":
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False,
                      help="also run the tests marked slow (minutes each)")
@@ -99,3 +117,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+

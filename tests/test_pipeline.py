@@ -37,7 +37,12 @@ def cell_records(run_dir) -> dict[tuple, dict]:
 
 
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    """``python -m app args``; ``env`` adds to this process's environment (its XLA_FLAGS
+    after this process's own, so the test session's compiler flags stay)."""
+    env = dict(env or {})
+    if "XLA_FLAGS" in env:
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {env['XLA_FLAGS']}".strip()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
