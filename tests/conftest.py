@@ -118,3 +118,21 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords:
             item.add_marker(skip)
 
+
+DIGITS_SMOKE_METHODS = ("two_stage", "team_allocation", "post_hoc", "l2d_pop", "conformal_l2d",
+                        "two_stage_cost", "random")
+
+
+@pytest.fixture(scope="session")
+def digits_coverage_smoke(tmp_path_factory) -> Path:
+    """``experiment=coverage_smoke`` on the embedded digits dataset (its 8 epochs and the
+    tuned presets, one seed) at coverage targets 0 and 0.5, for the newest methods and random
+    deferral: one run shared by the tests that compare them with random deferral
+    (test_coverage, test_population). Returns the output folder."""
+    from tests.test_pipeline import run_cli
+
+    out = tmp_path_factory.mktemp("digits_coverage_smoke")
+    result = run_cli("experiment=coverage_smoke", "tracking=none", f"output_dir={out}",
+                     "method=" + ",".join(DIGITS_SMOKE_METHODS), "workload.coverage=0,0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

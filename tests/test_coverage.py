@@ -321,18 +321,13 @@ def test_coverage_smoke_puts_every_method_at_every_target(tiny_root, tmp_path):
     assert len([n for n in cached if n.startswith("multi_l2d_ova-")]) == 1
 
 
-def test_the_newest_baselines_beat_random_deferral_at_equal_coverage_on_digits(tmp_path):
+def test_the_newest_baselines_beat_random_deferral_at_equal_coverage_on_digits(digits_coverage_smoke):
     """A digits smoke (the embedded dataset, coverage_smoke's 8 epochs and the tuned presets,
-    one seed, two coverage targets below 1): each of two_stage, team_allocation and post_hoc
-    is more accurate than random deferral at the same coverage. (At coverage 1 there is no
+    one seed, two coverage targets below 1; the run conftest's ``digits_coverage_smoke``
+    shares with test_population): each of two_stage, team_allocation and post_hoc is more
+    accurate than random deferral at the same coverage. (At coverage 1 there is no
     deferral: every method is its classifier.)"""
-    from tests.test_pipeline import run_cli
-
-    result = run_cli("experiment=coverage_smoke", "tracking=none", f"output_dir={tmp_path}",
-                     "method=two_stage,team_allocation,post_hoc,random",
-                     "workload.coverage=0,0.5")
-    assert result.returncode == 0, result.stderr[-3000:]
-    targets = pd.read_csv(tmp_path / "runs/coverage_smoke/report/coverage_targets.csv")
+    targets = pd.read_csv(digits_coverage_smoke / "runs/coverage_smoke/report/coverage_targets.csv")
     accuracy = targets.pivot_table(index="target", columns="method", values="accuracy")
     for method in ("two_stage", "team_allocation", "post_hoc"):
         assert (accuracy[method] > accuracy["random"]).all(), accuracy

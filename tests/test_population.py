@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from flax import nnx
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -20,7 +21,7 @@ from core.spec import MISSING, TaskSpec
 from datasets.source import ArraySplit
 from methods.population import attend, batch_context, context_accuracy
 from tests.conftest import REPO_ROOT, tiny_overrides
-from tests.test_pipeline import compose_cfg, run_cli
+from tests.test_pipeline import compose_cfg
 
 K = 4
 SPEC = TaskSpec(num_classes=K, num_experts=2, input_shape=(8, 8, 1))
@@ -113,22 +114,23 @@ def test_scores_follow_the_context_set_so_a_new_expert_needs_no_training():
     expert 1's 0 of 2 (1/6): expert 0 is chosen. Give the same model other context sets
     (the experts' answers swapped, as for two new experts) and the choice swaps."""
     method, model = constructed_model()
+    scores_of = nnx.jit(method.agent_scores)  # as predictions run it; reads the memory each call
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)
-    scores = np.asarray(method.agent_scores(model, x))
+    scores = np.asarray(scores_of(model, x))
     np.testing.assert_allclose(scores[:, :2], [[5 / 6, 1 / 6]] * 3, atol=1e-4)
     assert (scores[:, :2].argmax(axis=1) == 0).all()
     model.memory_t[...] = model.memory_t[...][::-1]
-    scores = np.asarray(method.agent_scores(model, x))
+    scores = np.asarray(scores_of(model, x))
     np.testing.assert_allclose(scores[:, :2], [[1 / 6, 5 / 6]] * 3, atol=1e-4)
     # and an expert with no context reads its accuracy as unknown: (0 + 1) / (0 + 2) = 1/2
     model.memory_filled[...] = jnp.array([0, 4])
-    np.testing.assert_allclose(np.asarray(method.agent_scores(model, x))[:, 0], 0.5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(scores_of(model, x))[:, 0], 0.5, atol=1e-4)
 
 
 def test_softmax_scores_rank_the_experts_the_same_way():
     method, model = constructed_model("softmax")
     x = jnp.zeros((2, 8, 8, 1))
-    assert (np.asarray(method.agent_scores(model, x))[:, :2].argmax(axis=1) == 0).all()
+    assert (np.asarray(nnx.jit(method.agent_scores)(model, x))[:, :2].argmax(axis=1) == 0).all()
 
 
 @pytest.mark.parametrize("params,message", [
@@ -219,21 +221,18 @@ def test_held_out_expert_experiment_is_its_own_report_group(tiny_root, tmp_path)
 # ----------------------------------------------------------------------------- digits smoke
 
 
-def test_the_three_new_methods_beat_random_deferral_at_equal_coverage_on_digits(tmp_path):
+def test_the_three_new_methods_beat_random_deferral_at_equal_coverage_on_digits(digits_coverage_smoke):
     """A digits smoke (the embedded dataset, coverage_smoke's 8 epochs and the tuned presets,
-    one seed, two coverage targets below 1): l2d_pop, conformal_l2d and two_stage_cost are
-    each more accurate than random deferral at the same coverage, and the conformal method
-    records its mean set size."""
+    one seed, two coverage targets below 1; the run conftest's ``digits_coverage_smoke``
+    shares with test_coverage): l2d_pop, conformal_l2d and two_stage_cost are each more
+    accurate than random deferral at the same coverage, and the conformal method records
+    its mean set size."""
     from core.records import load_records
 
-    result = run_cli("experiment=coverage_smoke", "tracking=none", f"output_dir={tmp_path}",
-                     "method=l2d_pop,conformal_l2d,two_stage_cost,random",
-                     "workload.coverage=0,0.5")
-    assert result.returncode == 0, result.stderr[-3000:]
-    targets = pd.read_csv(tmp_path / "runs/coverage_smoke/report/coverage_targets.csv")
+    targets = pd.read_csv(digits_coverage_smoke / "runs/coverage_smoke/report/coverage_targets.csv")
     accuracy = targets.pivot_table(index="target", columns="method", values="accuracy")
     for method in ("l2d_pop", "conformal_l2d", "two_stage_cost"):
         assert (accuracy[method] > accuracy["random"]).all(), accuracy
-    sizes = [r["run_metrics"]["expert_set_size"] for r in load_records(tmp_path / "runs/coverage_smoke")
-             if r["method_name"] == "conformal_l2d"]
+    records = load_records(digits_coverage_smoke / "runs/coverage_smoke")
+    sizes = [r["run_metrics"]["expert_set_size"] for r in records if r["method_name"] == "conformal_l2d"]
     assert len(sizes) == 2 and all(1.0 <= size <= 3.0 for size in sizes)
