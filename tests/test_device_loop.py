@@ -106,15 +106,21 @@ def host_batches(split, loader, seed):
     return lambda epoch: epoch_batches(split, loader, seed=seed, epoch=epoch)
 
 
-def train(name, data, seeds, epochs=3):
+def train(name, data, seeds, epochs=3, total_steps=None):
+    """``epochs`` of 5 steps; the schedule spans ``total_steps`` (default: those epochs)."""
     method = build_method(name, {}, SPEC)
     models = [training.init_model(method, SPEC, seed) for seed in seeds]
-    optim = training.OptimConfig(learning_rate=0.05, total_steps=epochs * 5)
+    optim = training.OptimConfig(learning_rate=0.05, total_steps=total_steps or epochs * 5)
     return training.fit(method, models, data, epochs=epochs, optim=optim, bounds=BOUNDS)
 
 
-@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
-@pytest.mark.parametrize("name", ["classifier_only", "prob_l2d"])
+@pytest.mark.parametrize("name,seeds", [
+    ("classifier_only", (0,)), ("prob_l2d", (0, 1)),
+    # the other two pairs: the seeds' path (vmap over a seed axis or not) does not depend on
+    # the method, and each method's loss runs in the cases above
+    pytest.param("classifier_only", (0, 1), marks=pytest.mark.slow),
+    pytest.param("prob_l2d", (0,), marks=pytest.mark.slow),
+])
 def test_device_loop_trains_as_the_host_loop(name, seeds):
     splits = tuple(make_split(seed=seed) for seed in seeds)  # each seed its own labels
     host = train(name, [host_batches(split, PLAIN, seed) for split, seed in zip(splits, seeds)], seeds)
@@ -173,9 +179,10 @@ def test_an_epoch_is_a_fixed_number_of_dispatches_with_explicit_copies_only(
         monkeypatch.setattr(jax, "device_put", lambda *a, **k: puts.append(1) or real_put(*a, **k))
         monkeypatch.setattr(jax, "device_get", lambda *a, **k: gets.append(1) or real_get(*a, **k))
         monkeypatch.setattr(training, "train_step", StepNotCalled())
-        # the epochs themselves run under jax.transfer_guard("disallow"): an implicit copy fails
+        # the epochs themselves run under jax.transfer_guard("disallow"): an implicit copy fails;
+        # one schedule for both runs, so the second reuses the first's compiled programs
         (trained,) = train("prob_l2d", training.DeviceEpochs((split,), augmented, (0,), per_dispatch),
-                           (0,), epochs=epochs)
+                           (0,), epochs=epochs, total_steps=15)
         monkeypatch.undo()
         assert len(trained.history) == epochs
         counts[epochs] = (len(calls), len(puts), len(gets))

@@ -474,8 +474,9 @@ def test_post_hoc_defers_by_the_bayes_rule_on_the_base_model():
     method = build("post_hoc")
     model = training.init_model(method, SPEC, 0)
     batch = make_batch(size=8)
-    early, _ = method.loss(model, batch, TrainInputs(jnp.float32(0.2)))
-    late, metrics = method.loss(model, batch, TrainInputs(jnp.float32(0.8)))
+    loss = nnx.jit(method.loss)  # jitted as the trainer runs it (eagerly every op compiles)
+    early, _ = loss(model, batch, TrainInputs(jnp.float32(0.2)))
+    late, metrics = loss(model, batch, TrainInputs(jnp.float32(0.8)))
     assert float(late) == pytest.approx(float(early) + float(metrics["correctness_bce"]), rel=1e-5)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -483,9 +484,9 @@ def test_post_hoc_defers_by_the_bayes_rule_on_the_base_model():
         merged = nnx.merge(graphdef, params, rest)
         return method.loss(merged, batch, TrainInputs(jnp.float32(0.8)))[1]["correctness_bce"]
 
-    grads = jax.grad(estimator_loss)(params)
+    grads = jax.jit(jax.grad(estimator_loss))(params)
     classifier_grads = jax.tree.leaves(grads["classifier"]) if "classifier" in grads else []
     assert classifier_grads and all(float(jnp.abs(g).max()) == 0.0 for g in classifier_grads)
-    scores = np.asarray(method.agent_scores(model, batch.x))
-    class_probs = np.asarray(jax.nn.softmax(method.classify(model, batch.x), axis=-1))
+    scores = np.asarray(nnx.jit(method.agent_scores)(model, batch.x))
+    class_probs = np.asarray(jax.nn.softmax(nnx.jit(method.classify)(model, batch.x), axis=-1))
     np.testing.assert_allclose(scores[:, -1], class_probs.max(axis=1), rtol=1e-5)

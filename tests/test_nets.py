@@ -124,8 +124,12 @@ def test_convolution_timing_runs_inside_a_trace():
     assert float(seconds) > 0
 
 
-@pytest.mark.parametrize("backbone,size", [("small_cnn", 16), ("preact_resnet18", 8)])
-@pytest.mark.parametrize("implementation", ["matmul", "gemm"])
+@pytest.mark.parametrize("implementation,backbone,size", [
+    ("matmul", "small_cnn", 16), ("gemm", "small_cnn", 16), ("gemm", "preact_resnet18", 8),
+    # matmul on the ResNets' convolutions (3x3 at strides 1 and 2, the 1x1 stride-2 shortcut,
+    # the 7x7 stem): test_conv_module_equals_the_native_one; this pair eagerly costs ~8 s
+    pytest.param("matmul", "preact_resnet18", 8, marks=pytest.mark.slow),
+])
 def test_backbones_agree_across_implementations(monkeypatch, backbone, size, implementation):
     network = Network(backbone, 3, 4, rngs=nnx.Rngs(0))
     network.eval()
@@ -145,8 +149,9 @@ def test_small_cnn_slices_give_the_unsliced_features_and_gradients(monkeypatch):
     whole = network.backbone.features_of(x)
     np.testing.assert_allclose(network.backbone(x), whole, rtol=1e-5, atol=1e-6)
 
-    def grads(features):
-        return nnx.grad(lambda net: jnp.sum(jnp.sin(net.head(features(net.backbone, x)))))(network)
+    def grads(features):  # jitted, as training runs it (eagerly each op compiles: 4x slower)
+        loss = lambda net: jnp.sum(jnp.sin(net.head(features(net.backbone, x))))  # noqa: E731
+        return nnx.jit(nnx.grad(loss))(network)
 
     sliced, unsliced = grads(lambda b, x: b(x)), grads(lambda b, x: b.features_of(x))
     for a, b in zip(jax.tree.leaves(nnx.state(sliced)), jax.tree.leaves(nnx.state(unsliced))):

@@ -145,7 +145,7 @@ def test_tune_searches_on_validation_and_writes_a_preset(tiny_root, tmp_path):
 
     from tests.test_pipeline import run_cli
 
-    result = run_cli("experiment=tune", "method=impute_then_defer", "hydra.sweeper.n_trials=3",
+    result = run_cli("experiment=tune", "method=impute_then_defer", "hydra.sweeper.n_trials=2",
                      *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
                      f"tuned_dir={tmp_path / 'tuned'}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_tune_searches_on_validation_and_writes_a_preset(tiny_root, tmp_path):
     assert 0.005 <= preset["train"]["learning_rate"] <= 0.2
     # the chosen trial is the one with the best validation accuracy (test is not read)
     trials = [json.loads(p.read_text()) for p in (tmp_path / "runs/tune").rglob("result.json")]
-    assert len(trials) == 3
+    assert len(trials) == 2
     def validation(record):
         return record["validation"]["constrained"]["accuracy"]
 
@@ -213,6 +213,11 @@ def test_policies_experiment_gives_one_row_per_supported_policy(tiny_root, tmp_p
 
 
 def test_estep_experiment_compares_the_three_e_steps(tiny_root, tmp_path):
+    """The three E-steps of prob_l2d, each its own record and leaderboard row, labelled by
+    the option that differs from the default (method.params variants never overwrite each
+    other; test_pipeline's test_every_setting_keeps_its_own_row checks train.* and workload.*)."""
+    import pandas as pd
+
     from tests.test_pipeline import run_cli
 
     result = run_cli("experiment=estep", *tiny_overrides(tiny_root, tmp_path), "train.epochs=1",
@@ -221,6 +226,10 @@ def test_estep_experiment_compares_the_three_e_steps(tiny_root, tmp_path):
     records = load_records_under(tmp_path / "runs/estep")
     estep = sorted(r["variant"]["method"].get("estep", "exact") for r in records)
     assert estep == ["exact", "meanfield", "reference"]
+    labels = set(pd.read_csv(tmp_path / "runs/estep/report/leaderboard.csv")["method"])
+    extra = "train.batch_size=16,train.epochs=1"
+    assert labels == {f"prob_l2d[{extra}]", f"prob_l2d[estep=meanfield,{extra}]",
+                      f"prob_l2d[estep=reference,{extra}]"}
     for record in records:
         assert 0.0 <= record["run_metrics"]["imputation_accuracy"] <= 1.0
         assert record["run_metrics"]["estep_ms"] > 0.0

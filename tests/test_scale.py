@@ -129,8 +129,16 @@ def test_ray_launcher_runs_the_grid_like_the_basic_one(basic_grid, tmp_path, mon
     assert "Leaderboard" in launched.stdout
 
 
+@pytest.mark.slow
 def test_tracking_to_an_mlflow_server(tiny_root, tmp_path):
-    """A real `mlflow server` on 127.0.0.1: one run per cell, replaced (not added) on force."""
+    """A real `mlflow server` on 127.0.0.1: one run per cell, replaced (not added) on force.
+    Slow (~25 s: the server's start and two sweeps). Tracker's logging, one run per cell,
+    force and the sweep's parent are the same calls for a local store, checked fast
+    (test_pipeline's test_force_replaces_the_cells_mlflow_run, test_integrity's
+    test_a_cell_run_has_epochs_bounds_record_and_config_and_the_sweep_has_the_report); the
+    server's own branches (the /health check, no store lock, requests that get no answer)
+    run fast against fake servers (test_tracking: answering /health then hanging;
+    test_integrity: unreachable). Only a real server's successful answers are left here."""
     import socket
     import subprocess
     import sys
@@ -156,7 +164,7 @@ def test_tracking_to_an_mlflow_server(tiny_root, tmp_path):
                 time.sleep(0.5)
         overrides = [o for o in tiny_overrides(tiny_root, tmp_path) if o != "tracking=none"]
         uri = f"tracking.uri=http://127.0.0.1:{port}"
-        grid = ["experiment=smoke", *overrides, "train.epochs=1", "method=classifier_only",
+        grid = ["experiment=smoke", *overrides, "method=best_expert",  # nothing to train
                 "workload=none,paper", uri]
         for extra in ([], ["force=true"]):
             result = run_cli(*grid, *extra)
