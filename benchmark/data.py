@@ -168,7 +168,12 @@ def derive_missing_manifests(dataset: DatasetConfig, missing_rate: float, cache_
     Written once under ``cache_dir/missing/<key>/``, where the key hashes the content of the
     ground truth and of every source expert manifest with the rate and the seed, so an
     edited source derives a new file and nothing is ever written in the dataset root.
+    ``dataset.missing_seed`` must be resolved (``RunConfig.build`` sets it from the run seed
+    when the preset leaves it null): an unseeded draw cannot be cached.
     """
+    if dataset.missing_seed is None:
+        raise ValueError("derive_missing_manifests needs dataset.missing_seed (None would cache an "
+                         "unreproducible draw); RunConfig.build resolves it from the run seed.")
     root, experts = root_of(dataset), dataset.train.experts
     sources = [root / dataset.train.ground_truth, *(root / name for name in experts)]
     key = stable_hash({"sources": [file_sha256(path) for path in sources],

@@ -261,7 +261,7 @@ def test_cifar10h_preset_composes_and_validates(cifar10h_root, tmp_path):
     from benchmark.data import dataset_files
 
     overrides = ["dataset=cifar10h", "experiment=single", f"dataset.root={cifar10h_root}",
-                 f"dataset.builder_args.limit={CIFAR10H_LIMIT}"]
+                 f"dataset.builder_args.limit={CIFAR10H_LIMIT}", "dataset.missing_seed=0"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     assert cfg.dataset.builder == "cifar10h" and cfg.dataset.num_classes == 10

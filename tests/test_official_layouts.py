@@ -76,10 +76,18 @@ def test_published_missing_rates_are_read_as_published(chaoyang_root, tmp_path, 
 
 
 def test_another_rate_is_drawn_from_the_complete_files(chaoyang_root, tmp_path):
-    files = dataset_files(chaoyang(chaoyang_root), 0.4, tmp_path / "cache")
+    files = dataset_files(chaoyang(chaoyang_root, "dataset.missing_seed=0"), 0.4, tmp_path / "cache")
     assert files.missing_source == "drawn"
     assert files.complete_experts == ("annotations_3/label_A_train.json",
                                       "annotations_3/label_B_train.json")
+
+
+def test_an_unseeded_draw_is_refused_before_anything_is_cached(chaoyang_root, tmp_path):
+    # RunConfig.build resolves a null missing_seed from the run seed; a direct call must not
+    # cache a draw nobody can reproduce
+    with pytest.raises(ValueError, match="needs dataset.missing_seed"):
+        dataset_files(chaoyang(chaoyang_root), 0.4, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_drawn_rate_on_already_missing_annotations_is_refused(chaoyang_root, tmp_path):
